@@ -1,0 +1,311 @@
+"""GFP-GAN (GFPGANv1Clean-compatible): U-Net encoder + StyleGAN2 decoder with channel-split SFT.
+
+Paper: Wang et al., "Towards Real-World Blind Face Restoration with Generative Facial Prior", CVPR 2021.
+Upstream: https://github.com/TencentARC/GFPGAN (``gfpgan/archs/gfpganv1_clean_arch.py``), Apache-2.0.
+Weights: GFPGANv1.3.pth / GFPGANv1.4.pth (``params_ema``) load into ``gfpgan_v1_clean()`` with strict=True.
+
+This is an independent implementation with the upstream parameter names and shapes. What differs is
+how the modulated convolution runs: upstream builds a per-sample weight and a grouped convolution
+(``groups=batch``), which defeats cuDNN's batched kernels. Here (``impl="batched"``) the style scales the
+input activations, one shared-weight convolution runs over the whole batch, and the demodulation
+coefficients scale its output. The two are algebraically identical::
+
+    conv(x, w * s) * d  ==  conv(x * s, w) * d,   d = rsqrt(sum_{i,k} (w * s)^2 + eps)
+
+Demodulation is computed in fp32 whatever the activation dtype: the upstream epsilon (1e-8) is 0 in
+fp16 and the sum over in_channels*k*k squared weights can overflow it. 1x1 to-RGB layers (no
+demodulation) use one batched matmul with per-sample weights, cheaper than scaling every input pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ModConvImpl = Literal["batched", "grouped"]
+
+# The production configuration of GFPGANv1.2/1.3/1.4 (same architecture and constructor).
+GFPGAN_V1_CLEAN_512 = dict(
+    out_size=512, num_style_feat=512, channel_multiplier=2, num_mlp=8, narrow=1.0, sft_half=True, different_w=True
+)
+
+
+def _channels(narrow: float, channel_multiplier: int) -> dict[int, int]:
+    return {
+        4: int(512 * narrow), 8: int(512 * narrow), 16: int(512 * narrow), 32: int(512 * narrow),
+        64: int(256 * channel_multiplier * narrow), 128: int(128 * channel_multiplier * narrow),
+        256: int(64 * channel_multiplier * narrow), 512: int(32 * channel_multiplier * narrow),
+        1024: int(16 * channel_multiplier * narrow),
+    }
+
+
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2)
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2 modulated convolution (no bias). ``impl`` picks the formulation; results are equal."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, num_style_feat, demodulate=True, upsample=False,
+                 eps=1e-8):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.demodulate, self.upsample, self.eps = demodulate, upsample, eps
+        self.modulation = nn.Linear(num_style_feat, in_channels, bias=True)
+        self.weight = nn.Parameter(torch.randn(1, out_channels, in_channels, kernel_size, kernel_size)
+                                   / math.sqrt(in_channels * kernel_size**2))
+        self.padding = kernel_size // 2
+        self.impl: ModConvImpl = "batched"
+
+    def _demod(self, style: torch.Tensor) -> torch.Tensor:
+        """(b, out) demodulation coefficients, accumulated in fp32."""
+        w2 = self.weight[0].float().pow(2).sum(dim=(2, 3))          # (out, in)
+        return torch.rsqrt(style.float().pow(2) @ w2.t() + self.eps)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        style = self.modulation(style)                              # (b, in)
+        if self.impl == "grouped":
+            return self._forward_grouped(x, style)
+        if self.kernel_size == 1 and not self.demodulate and not self.upsample:
+            w = self.weight[0, :, :, 0, 0].unsqueeze(0) * style.unsqueeze(1)   # (b, out, in)
+            out = torch.bmm(w, x.reshape(b, c, -1))
+            return out.view(b, self.out_channels, *x.shape[2:])
+        x = x * style.view(b, c, 1, 1).to(x.dtype)
+        if self.upsample:  # bilinear upsampling is per channel, so it commutes with the channel scaling
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        out = F.conv2d(x, self.weight[0].to(x.dtype), padding=self.padding)
+        if self.demodulate:
+            out = out * self._demod(style).to(out.dtype).view(b, self.out_channels, 1, 1)
+        return out
+
+    def _forward_grouped(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """The upstream formulation: one weight per sample, grouped convolution."""
+        b, c = x.shape[:2]
+        weight = self.weight * style.view(b, 1, c, 1, 1)
+        if self.demodulate:
+            demod = torch.rsqrt(weight.float().pow(2).sum([2, 3, 4]) + self.eps).to(weight.dtype)
+            weight = weight * demod.view(b, self.out_channels, 1, 1, 1)
+        weight = weight.view(b * self.out_channels, c, self.kernel_size, self.kernel_size)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        h, w = x.shape[2:]
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight.to(x.dtype), padding=self.padding, groups=b)
+        return out.view(b, self.out_channels, *out.shape[2:])
+
+
+class StyleConv(nn.Module):
+    def __init__(self, in_channels, out_channels, num_style_feat, upsample=False):
+        super().__init__()
+        self.modulated_conv = ModulatedConv2d(in_channels, out_channels, 3, num_style_feat, upsample=upsample)
+        self.weight = nn.Parameter(torch.zeros(1))  # noise strength
+        self.bias = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+
+    def forward(self, x, style, noise):
+        out = self.modulated_conv(x, style) * 2**0.5
+        if noise is None:
+            noise = out.new_empty(out.shape[0], 1, *out.shape[2:]).normal_()
+        return _lrelu(out + self.weight * noise.to(out.dtype) + self.bias)
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_channels, num_style_feat, upsample=True):
+        super().__init__()
+        self.upsample = upsample
+        self.modulated_conv = ModulatedConv2d(in_channels, 3, 1, num_style_feat, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x, style, skip=None):
+        out = self.modulated_conv(x, style) + self.bias
+        if skip is not None:
+            if self.upsample:
+                skip = F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
+            out = out + skip
+        return out
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, num_channel, size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, num_channel, size, size))
+
+    def forward(self, batch):
+        return self.weight.expand(batch, -1, -1, -1)
+
+
+class NormStyleCode(nn.Module):
+    def forward(self, x):
+        return x * torch.rsqrt(torch.mean(x**2, dim=1, keepdim=True) + 1e-8)
+
+
+class StyleGAN2GeneratorCSFT(nn.Module):
+    """StyleGAN2 generator whose features are modulated by spatial (scale, shift) conditions."""
+
+    def __init__(self, out_size, num_style_feat=512, num_mlp=8, channel_multiplier=2, narrow=1.0, sft_half=False):
+        super().__init__()
+        self.num_style_feat, self.sft_half = num_style_feat, sft_half
+        mlp: list[nn.Module] = [NormStyleCode()]
+        for _ in range(num_mlp):  # unused when the encoder gives latents directly; kept for weight loading
+            mlp += [nn.Linear(num_style_feat, num_style_feat), nn.LeakyReLU(0.2)]
+        self.style_mlp = nn.Sequential(*mlp)
+        ch = _channels(narrow, channel_multiplier)
+        self.constant_input = ConstantInput(ch[4], 4)
+        self.style_conv1 = StyleConv(ch[4], ch[4], num_style_feat)
+        self.to_rgb1 = ToRGB(ch[4], num_style_feat, upsample=False)
+        self.log_size = int(math.log2(out_size))
+        self.num_layers = (self.log_size - 2) * 2 + 1
+        self.style_convs, self.to_rgbs, self.noises = nn.ModuleList(), nn.ModuleList(), nn.Module()
+        for idx in range(self.num_layers):
+            res = 2 ** ((idx + 5) // 2)
+            self.noises.register_buffer(f"noise{idx}", torch.randn(1, 1, res, res))
+        in_ch = ch[4]
+        for i in range(3, self.log_size + 1):
+            out_ch = ch[2**i]
+            self.style_convs.append(StyleConv(in_ch, out_ch, num_style_feat, upsample=True))
+            self.style_convs.append(StyleConv(out_ch, out_ch, num_style_feat))
+            self.to_rgbs.append(ToRGB(out_ch, num_style_feat))
+            in_ch = out_ch
+
+    def forward(self, latent: torch.Tensor, conditions: list[torch.Tensor], randomize_noise: bool = False):
+        """``latent``: (b, num_latent, num_style_feat); ``conditions``: [scale, shift] per resolution."""
+        noise = [None if randomize_noise else getattr(self.noises, f"noise{i}") for i in range(self.num_layers)]
+        out = self.constant_input(latent.shape[0])
+        out = self.style_conv1(out, latent[:, 0], noise[0])
+        skip = self.to_rgb1(out, latent[:, 1])
+        i = 1
+        for conv1, conv2, n1, n2, to_rgb in zip(self.style_convs[::2], self.style_convs[1::2], noise[1::2],
+                                                noise[2::2], self.to_rgbs):
+            out = conv1(out, latent[:, i], n1)
+            if i < len(conditions):
+                scale, shift = conditions[i - 1], conditions[i]
+                if self.sft_half:  # SFT on the second half of the channels only
+                    same, sft = torch.split(out, out.size(1) // 2, dim=1)
+                    out = torch.cat([same, sft * scale + shift], dim=1)
+                else:
+                    out = out * scale + shift
+            out = conv2(out, latent[:, i + 1], n2)
+            skip = to_rgb(out, latent[:, i + 2], skip)
+            i += 2
+        return skip
+
+
+class ResBlock(nn.Module):
+    """Residual block with bilinear down- (x0.5) or up-sampling (x2)."""
+
+    def __init__(self, in_channels, out_channels, mode):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, 1, 1)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.scale_factor = 0.5 if mode == "down" else 2.0
+
+    def forward(self, x):
+        out = _lrelu(self.conv1(x))
+        out = F.interpolate(out, scale_factor=self.scale_factor, mode="bilinear", align_corners=False)
+        out = _lrelu(self.conv2(out))
+        x = F.interpolate(x, scale_factor=self.scale_factor, mode="bilinear", align_corners=False)
+        return out + self.skip(x)
+
+
+def _sft_branch(ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(ch, ch, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(ch, out_ch, 3, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class GFPGANv1Clean(nn.Module):
+    """GFP-GAN v1 "clean" (no custom CUDA ops). Input and output: (b, 3, S, S) RGB in [-1, 1]."""
+
+    def __init__(self, out_size=512, num_style_feat=512, channel_multiplier=2, num_mlp=8, narrow=1.0,
+                 sft_half=True, different_w=True):
+        super().__init__()
+        if not different_w:
+            raise ValueError("only different_w=True (the released GFPGANv1.2-1.4 configuration) is supported")
+        self.num_style_feat = num_style_feat
+        ch = _channels(narrow * 0.5, channel_multiplier)  # the U-Net is half as wide as the decoder
+        self.log_size = int(math.log2(out_size))
+        self.out_size = out_size
+        self.conv_body_first = nn.Conv2d(3, ch[out_size], 1)
+        in_ch = ch[out_size]
+        self.conv_body_down = nn.ModuleList()
+        for i in range(self.log_size, 2, -1):
+            self.conv_body_down.append(ResBlock(in_ch, ch[2 ** (i - 1)], "down"))
+            in_ch = ch[2 ** (i - 1)]
+        self.final_conv = nn.Conv2d(in_ch, ch[4], 3, 1, 1)
+        in_ch = ch[4]
+        self.conv_body_up = nn.ModuleList()
+        for i in range(3, self.log_size + 1):
+            self.conv_body_up.append(ResBlock(in_ch, ch[2**i], "up"))
+            in_ch = ch[2**i]
+        # Intermediate RGB heads are a training-time loss; kept so official checkpoints load strictly.
+        self.toRGB = nn.ModuleList(nn.Conv2d(ch[2**i], 3, 1) for i in range(3, self.log_size + 1))
+        self.final_linear = nn.Linear(ch[4] * 16, (self.log_size * 2 - 2) * num_style_feat)
+        self.stylegan_decoder = StyleGAN2GeneratorCSFT(out_size, num_style_feat, num_mlp, channel_multiplier,
+                                                       narrow, sft_half)
+        self.condition_scale, self.condition_shift = nn.ModuleList(), nn.ModuleList()
+        for i in range(3, self.log_size + 1):
+            c = ch[2**i]
+            self.condition_scale.append(_sft_branch(c, c if sft_half else 2 * c))
+            self.condition_shift.append(_sft_branch(c, c if sft_half else 2 * c))
+
+    def set_modconv_impl(self, impl: ModConvImpl) -> "GFPGANv1Clean":
+        for m in self.modules():
+            if isinstance(m, ModulatedConv2d):
+                m.impl = impl
+        return self
+
+    def forward(self, x: torch.Tensor, randomize_noise: bool = False) -> torch.Tensor:
+        feat = _lrelu(self.conv_body_first(x))
+        skips = []
+        for block in self.conv_body_down:
+            feat = block(feat)
+            skips.insert(0, feat)
+        feat = _lrelu(self.final_conv(feat))
+        latent = self.final_linear(feat.flatten(1)).view(feat.size(0), -1, self.num_style_feat)
+        conditions = []
+        for i, block in enumerate(self.conv_body_up):
+            feat = block(feat + skips[i])
+            conditions += [self.condition_scale[i](feat), self.condition_shift[i](feat)]
+        return self.stylegan_decoder(latent, conditions, randomize_noise=randomize_noise)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def checkpoint_filter_fn(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """Official checkpoints: ``{'params_ema': sd}`` (else ``params``), possibly with ``module.`` prefixes."""
+    sd = checkpoint
+    for key in ("params_ema", "params"):
+        if isinstance(checkpoint, dict) and key in checkpoint:
+            sd = checkpoint[key]
+            break
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load with strict=True, but say which keys and shapes disagree (the usual error hides them)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        def few(xs):
+            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        parts = [f"{name} {few(xs)}" for name, xs in
+                 (("missing:", missing), ("unexpected:", unexpected), ("shape mismatch:", mismatched)) if xs]
+        raise ValueError(f"{source} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def gfpgan_v1_clean(**overrides) -> GFPGANv1Clean:
+    """The released GFPGANv1.3/v1.4 architecture; ``overrides`` change it (e.g. narrow for tests)."""
+    return GFPGANv1Clean(**{**GFPGAN_V1_CLEAN_512, **overrides})

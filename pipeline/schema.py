@@ -1,0 +1,62 @@
+"""Row schemas: the manifest, the result ledger, and the closed set of image statuses."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pyarrow as pa
+
+
+class Status(str, Enum):
+    OK = "ok"                          # faces restored, derivative written
+    NO_FACE = "no_face"                # decoded, no face above threshold; nothing written by default
+    READ_ERROR = "read_error"          # bytes could not be fetched (missing object, network)
+    DECODE_ERROR = "decode_error"      # bytes are not an image we can decode
+    TOO_LARGE = "too_large"            # pixel count above input.max_pixels (checked from the header)
+    DETECT_ERROR = "detect_error"      # the detector failed on this image
+    RESTORE_ERROR = "restore_error"    # the restoration network failed for this image's faces
+    WRITE_ERROR = "write_error"        # the derivative could not be encoded or written
+
+
+# Re-trying these cannot change the outcome for the same bytes and settings; a result row with one
+# of them marks the image done. The others may be passing faults (storage, GPU) and are retried.
+FINAL_STATUSES = frozenset({Status.OK, Status.NO_FACE, Status.DECODE_ERROR, Status.TOO_LARGE})
+ERROR_STATUSES = frozenset(set(Status) - {Status.OK, Status.NO_FACE})
+
+FACE_TYPE = pa.struct(
+    [
+        ("bbox", pa.list_(pa.float32(), 4)),          # x1, y1, x2, y2 in master pixels
+        ("score", pa.float32()),
+        ("landmarks", pa.list_(pa.float32(), 10)),    # eyes, nose, mouth corners: x, y pairs
+        ("identity_similarity", pa.float32()),        # cosine(input face, restored face); null if not scored
+        ("qa", pa.string()),                          # pass | flag
+        ("action", pa.string()),                      # restored | kept_original
+    ]
+)
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("output_uri", pa.string()),
+        ("src_sha256", pa.string()),
+        ("out_sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("n_faces", pa.int32()),
+        ("faces", pa.list_(FACE_TYPE)),
+        ("fingerprint", pa.string()),
+        ("run_id", pa.string()),
+        ("untrained", pa.bool_()),
+        ("decode_s", pa.float32()),
+        ("detect_s", pa.float32()),
+        ("restore_s", pa.float32()),
+        ("compose_s", pa.float32()),
+        ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+# Columns the manifest reader produces for every row; other manifest columns pass through to results.
+MANIFEST_COLUMNS = ("image_id", "uri", "output_key")

@@ -60,3 +60,38 @@ RESULT_SCHEMA = pa.schema(
 
 # Columns the manifest reader produces for every row; other manifest columns pass through to results.
 MANIFEST_COLUMNS = ("image_id", "uri", "output_key")
+
+# Between stages: one row per image. The original travels as its encoded bytes (decoded again in
+# Compose), faces as JSON (bbox, landmarks, alignment matrices, QA), crops as packed uint8 arrays.
+WORK_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("output_key", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("src_bytes", pa.large_binary()),
+        ("src_sha256", pa.string()),
+        ("src_format", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("n_faces", pa.int32()),
+        ("faces_json", pa.string()),
+        ("crops", pa.large_binary()),       # n_faces x 512 x 512 x 3 uint8 BGR, input to Restore
+        ("restored", pa.large_binary()),    # same layout, output of Restore
+        ("decode_s", pa.float32()),
+        ("detect_s", pa.float32()),
+        ("restore_s", pa.float32()),
+    ]
+)
+
+
+def with_passthrough(schema: pa.Schema, passthrough: pa.Schema | None) -> pa.Schema:
+    """``schema`` plus the manifest's extra columns, which every stage carries along unchanged."""
+    if passthrough is None:
+        return schema
+    return pa.schema(list(schema) + [f for f in passthrough if f.name not in schema.names])
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)

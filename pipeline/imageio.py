@@ -1,0 +1,135 @@
+"""Bytes <-> pixels. Decoding reads the header first (pixel-count guard, EXIF orientation) with Pillow,
+then the pixels with OpenCV at their native depth and channels; encoding writes the derivative.
+
+Pixels are OpenCV-ordered: (H, W) grey, (H, W, 3) BGR or (H, W, 4) BGRA, uint8 or uint16.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# Formats we decode, by Pillow's format name, and the extension used for "same format" output.
+FORMATS = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp"}
+EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
+              ".webp": "WEBP", ".bmp": "BMP"}
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image we can decode; the message says why, for the result row."""
+
+
+class TooLargeError(DecodeError):
+    pass
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray
+    format: str                 # Pillow format name: JPEG, PNG, ...
+    orientation: int            # EXIF orientation that was applied (1 = none)
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.pixels.ndim == 2 else self.pixels.shape[2]
+
+
+def _apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation 1-8 -> upright pixels (the transforms of Pillow's ImageOps.exif_transpose)."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: a.swapaxes(0, 1)[::-1],
+    }
+    return np.ascontiguousarray(ops[orientation](img)) if orientation in ops else img
+
+
+def _jpeg_truncated(data: bytes) -> bool:
+    # libjpeg fills a truncated scan with grey and only warns; a complete JPEG ends with EOI (FF D9).
+    return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def decode(data: bytes, max_pixels: int) -> Decoded:
+    """Decode ``data``; raise DecodeError (or TooLargeError) with a message a person can act on."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            fmt, (w, h) = im.format, im.size
+            n_frames = getattr(im, "n_frames", 1)
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Image.DecompressionBombError as e:  # Pillow's own guard fires at twice its limit
+        raise TooLargeError(f"image header claims too many pixels ({e})") from None
+    except Exception as e:
+        raise DecodeError(f"not a recognised image ({type(e).__name__}: {e})") from None
+    if fmt not in FORMATS:
+        raise DecodeError(f"unsupported format {fmt}; supported: {', '.join(FORMATS)}")
+    if w * h > max_pixels:
+        raise TooLargeError(f"{w}x{h} = {w * h / 1e6:.0f} MP exceeds input.max_pixels = {max_pixels / 1e6:.0f} MP")
+    if fmt == "JPEG" and _jpeg_truncated(data):
+        raise DecodeError("truncated JPEG (no end-of-image marker): the file was cut short; re-copy it")
+    if n_frames > 1 and fmt != "TIFF":
+        raise DecodeError(f"animated {fmt} with {n_frames} frames is not a photograph")
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise DecodeError(f"{fmt} data is corrupt (OpenCV could not decode it)")
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise DecodeError(f"unsupported sample type {pixels.dtype} (8- and 16-bit integers are supported)")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    return Decoded(_apply_orientation(pixels, orientation), fmt, orientation)
+
+
+def to_bgr8(pixels: np.ndarray) -> np.ndarray:
+    """The 8-bit BGR view that detection and restoration work on."""
+    if pixels.dtype == np.uint16:
+        pixels = (pixels.astype(np.uint32) * 255 + 32767) // 65535
+        pixels = pixels.astype(np.uint8)
+    if pixels.ndim == 2:
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
+    if pixels.shape[2] == 4:
+        return np.ascontiguousarray(pixels[:, :, :3])
+    return pixels
+
+
+def output_extension(src_format: str, policy: str) -> str:
+    if policy == "same":
+        return FORMATS[src_format]
+    return {"jpeg": ".jpg", "png": ".png", "tiff": ".tif", "webp": ".webp"}[policy]
+
+
+def encode(pixels: np.ndarray, ext: str, jpeg_quality: int = 95, webp_quality: int = 95) -> bytes:
+    """Encode for ``ext``; formats without 16-bit or alpha support get 8-bit / no alpha."""
+    ext = ext.lower()
+    params: list[int] = []
+    if ext in (".jpg", ".jpeg", ".webp", ".bmp"):
+        if pixels.dtype == np.uint16:
+            pixels = to_bgr8(pixels) if pixels.ndim == 3 else ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        if ext in (".jpg", ".jpeg") and pixels.ndim == 3 and pixels.shape[2] == 4:
+            pixels = pixels[:, :, :3]
+    if ext in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+    elif ext == ".webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, webp_quality]
+    elif ext in (".tif", ".tiff"):
+        params = [cv2.IMWRITE_TIFF_COMPRESSION, 5]  # LZW: lossless, widely readable
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(pixels), params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode {pixels.shape} {pixels.dtype} as {ext}")
+    return buf.tobytes()

@@ -1,0 +1,123 @@
+"""Manifests: read (Parquet/CSV/JSONL, a file or a folder of files, local or s3://), validate, give every
+row a stable ``image_id``, and build one by listing a prefix."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from . import storage
+from .config import RunConfig, StorageConfig
+from .errors import ManifestError
+from .imageio import EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Manifest:
+    table: pa.Table              # image_id, uri, then pass-through columns; one row per distinct image_id
+    root: str                    # output keys are relative to this prefix
+    passthrough: pa.Schema       # the extra columns carried into results
+    rows_read: int
+    duplicates: int
+    without_uri: int
+
+
+def image_id_for(uri: str) -> str:
+    """Stable id of an image without one in the manifest: a hash of its normalised location."""
+    return hashlib.blake2b(uri.encode(), digest_size=12).hexdigest()
+
+
+def _read_table(uri: str, cfg: StorageConfig) -> pa.Table:
+    fs, path = storage.get_arrow_fs(uri, cfg)
+    lower = uri.lower()
+    try:
+        if lower.endswith((".csv", ".csv.gz")):
+            with fs.open_input_stream(path, compression="detect") as f:
+                # Strings stay strings: an id column of digits must not turn into integers.
+                return pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        if lower.endswith((".jsonl", ".json", ".ndjson")):
+            with fs.open_input_stream(path) as f:
+                return pajson.read_json(f)
+        return pq.read_table(path, filesystem=fs)  # a Parquet file or a folder of them
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {uri!r} not found") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ManifestError(f"manifest {uri!r} cannot be read as Parquet/CSV/JSONL: {e}") from None
+
+
+def read_manifest(cfg: RunConfig) -> Manifest:
+    uri = cfg.input.manifest
+    if not uri:
+        raise ManifestError("no manifest: pass --manifest (Parquet, CSV or JSONL with a 'uri' column)")
+    table = _read_table(uri, cfg.storage)
+    col, id_col = cfg.input.uri_column, cfg.input.id_column
+    if col not in table.column_names:
+        raise ManifestError(f"manifest {uri!r} has no {col!r} column (columns: {', '.join(table.column_names)}); "
+                            "set input.uri_column")
+    rows_read = table.num_rows
+    uris = pc.cast(table[col], pa.string())
+    keep = pc.and_(pc.is_valid(uris), pc.not_equal(pc.utf8_trim_whitespace(uris), ""))
+    without_uri = rows_read - pc.sum(keep).as_py() if rows_read else 0
+    if without_uri:
+        log.warning("manifest: %d rows without a %r value are ignored", without_uri, col)
+        table, uris = table.filter(keep), uris.filter(keep)
+    base = None if storage.is_remote(uri) else os.path.dirname(storage.normalize(uri))
+    # Relative local paths are relative to the manifest, so a job runs the same from any working dir.
+    norm = [u if storage.is_remote(u) else storage.normalize(os.path.join(base or "", u)) for u in uris.to_pylist()]
+    if id_col in table.column_names:
+        given = pc.cast(table[id_col], pa.string()).to_pylist()
+        ids = [g if g else image_id_for(u) for g, u in zip(given, norm)]
+    else:
+        ids = [image_id_for(u) for u in norm]
+    extra = table.drop_columns([c for c in (col, id_col) if c in table.column_names])
+    extra = extra.drop_columns([c for c in extra.column_names if c in ("image_id", "uri", "output_key")])
+    out = pa.table({"image_id": pa.array(ids, pa.string()), "uri": pa.array(norm, pa.string())})
+    for name in extra.column_names:
+        out = out.append_column(name, extra[name])
+    before = out.num_rows
+    if before and pc.count_distinct(out["image_id"]).as_py() < before:
+        firsts = out.append_column("_i", pa.array(range(before), pa.int64())).group_by(
+            "image_id", use_threads=False).aggregate([("_i", "min")])["_i_min"]
+        out = out.take(pc.take(firsts, pc.sort_indices(firsts)))  # first occurrence, manifest order
+    duplicates = before - out.num_rows
+    if duplicates:
+        log.warning("manifest: %d duplicate rows (same image_id) are processed once", duplicates)
+    root = storage.normalize(cfg.input.root).rstrip("/") + "/" if cfg.input.root else storage.common_root(norm)
+    return Manifest(out, root, extra.schema, rows_read, duplicates, without_uri)
+
+
+def list_images(prefix: str, cfg: StorageConfig) -> list[str]:
+    """Every image below ``prefix`` (recursive; extensions matched case-insensitively), sorted."""
+    fs, path = storage.get_fs(prefix, cfg)
+    if not fs.exists(path):
+        raise ManifestError(f"{prefix!r} does not exist")
+    found = fs.find(path)
+    proto = prefix.split("://", 1)[0] + "://" if storage.is_remote(prefix) else ""
+    return sorted(proto + p for p in found
+                  if os.path.splitext(p)[1].lower() in EXTENSIONS and not os.path.basename(p).startswith("."))
+
+
+def build_manifest(prefix: str, out: str, cfg: StorageConfig) -> int:
+    uris = list_images(prefix, cfg)
+    if not uris:
+        raise ManifestError(f"no images ({', '.join(sorted(EXTENSIONS))}) found below {prefix!r}")
+    table = pa.table({"uri": uris, "image_id": [image_id_for(storage.normalize(u)) for u in uris]})
+    fs, path = storage.get_arrow_fs(out, cfg)
+    if not storage.is_remote(out):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if out.lower().endswith(".csv"):
+        with fs.open_output_stream(path) as f:
+            pacsv.write_csv(table, f)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+    return len(uris)

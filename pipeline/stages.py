@@ -1,0 +1,219 @@
+"""The three stage callables. Plain classes, no Ray: ``__init__`` loads models once,
+``__call__(batch) -> pyarrow.Table`` handles one batch of images. Batches are Arrow tables in the job
+(nested and nullable columns survive exactly; numpy batches turn a null int into NaN) or dicts of numpy
+arrays when a test builds one by hand.
+
+Anything that goes wrong with one image becomes that row's ``status`` and ``error``; only
+configuration and programmer errors raise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Union
+
+import numpy as np
+import pyarrow as pa
+
+from . import imageio, storage, weights
+from .config import RunConfig
+from .faces import FACE_SIZE, FaceDetector, align_matrix, paste_face, warp_face
+from .identity import arcface_matrix
+from .restorer import FaceRestorer
+from .schema import RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
+
+log = logging.getLogger(__name__)
+
+
+def _value(x):
+    """numpy scalar -> Python value; NaN (how numpy batches spell a null) -> None."""
+    x = x.item() if isinstance(x, np.generic) else x
+    return None if isinstance(x, float) and x != x else x
+
+
+Batch = Union[pa.Table, dict[str, np.ndarray]]
+
+
+def _rows(batch) -> list[dict]:
+    """Rows of a batch. The job passes Arrow batches (exact types and nulls); tests may pass numpy dicts."""
+    if isinstance(batch, pa.Table):
+        return batch.to_pylist()
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: _value(v[i]) for k, v in batch.items()} for i in range(n)]
+
+
+def _error(row: dict, status: Status, message: str) -> dict:
+    log.info("%s %s: %s", row.get("image_id"), status.value, message)
+    row.update(status=status.value, error=message)
+    return row
+
+
+class DecodeDetect:
+    """Fetch, hash, decode, detect faces, align crops. CPU actor."""
+
+    def __init__(self, cfg: RunConfig, root: str, passthrough: pa.Schema | None = None):
+        self.cfg, self.root = cfg, root
+        self.schema = with_passthrough(WORK_SCHEMA, passthrough)
+        self.detector = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        return rows_to_table([self.process(row) for row in _rows(batch)], self.schema)
+
+    def process(self, row: dict) -> dict:
+        row.update(status=Status.OK.value, error=None, n_faces=0)
+        row["output_key"] = storage.output_key(row["uri"], self.root, row["image_id"])
+        t0 = time.perf_counter()
+        try:
+            data = storage.read_bytes(row["uri"], self.cfg.storage)
+        except FileNotFoundError:
+            return _error(row, Status.READ_ERROR, "file not found: check the manifest's uri")
+        except (IsADirectoryError, PermissionError, OSError) as e:
+            return _error(row, Status.READ_ERROR, f"cannot read: {type(e).__name__}: {e}")
+        row["src_sha256"] = hashlib.sha256(data).hexdigest()
+        try:
+            img = imageio.decode(data, self.cfg.input.max_pixels)
+        except imageio.TooLargeError as e:
+            return _error(row, Status.TOO_LARGE, str(e))
+        except imageio.DecodeError as e:
+            return _error(row, Status.DECODE_ERROR, str(e))
+        row.update(src_format=img.format, width=img.width, height=img.height)
+        t1 = time.perf_counter()
+        row["decode_s"] = t1 - t0
+        try:
+            bgr = imageio.to_bgr8(img.pixels)
+            faces, too_small = self.detector.detect(bgr)
+            crops, records = [], []
+            for f in faces:
+                affine = align_matrix(f.landmarks)
+                lm_crop = np.c_[f.landmarks, np.ones(5)] @ affine.T
+                crops.append(warp_face(bgr, affine))
+                records.append({"bbox": f.bbox.tolist(), "score": f.score, "landmarks": f.landmarks.ravel().tolist(),
+                                "affine": affine.ravel().tolist(),
+                                "arcface": arcface_matrix(lm_crop).ravel().tolist()})
+        except Exception as e:  # a detector failure on odd pixels must not stop the batch
+            log.exception("detection failed for %s", row["image_id"])
+            return _error(row, Status.DETECT_ERROR, f"face detection failed: {type(e).__name__}: {e}")
+        row["detect_s"] = time.perf_counter() - t1
+        row["n_faces"] = len(records)
+        row["faces_json"] = json.dumps({"faces": records, "too_small": too_small})
+        if records:
+            row["crops"] = np.stack(crops).tobytes()
+        else:
+            row["status"] = Status.NO_FACE.value
+        if records or self.cfg.output.copy_no_face:
+            row["src_bytes"] = data  # carried compressed; Compose decodes again
+        return row
+
+
+class Restore:
+    """GFP-GAN on every face of the batch's images at once, plus identity QA. One actor per GPU."""
+
+    def __init__(self, cfg: RunConfig, passthrough: pa.Schema | None = None, device: str | None = None):
+        self.cfg = cfg
+        self.schema = with_passthrough(WORK_SCHEMA, passthrough)
+        self.restorer = FaceRestorer(cfg, device)
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        rows = _rows(batch)
+        todo = [r for r in rows if r["status"] == Status.OK.value and r["n_faces"]]
+        if todo:
+            self._restore(todo)
+        for r in rows:
+            r["crops"] = None  # the input crops are not needed downstream
+        return rows_to_table(rows, self.schema)
+
+    def _restore(self, rows: list[dict]) -> None:
+        counts = [r["n_faces"] for r in rows]
+        crops = np.empty((sum(counts), FACE_SIZE, FACE_SIZE, 3), np.uint8)
+        start = 0
+        for r, n in zip(rows, counts):
+            crops[start:start + n] = np.frombuffer(r["crops"], np.uint8).reshape(n, FACE_SIZE, FACE_SIZE, 3)
+            start += n
+        faces = [json.loads(r["faces_json"]) for r in rows]
+        mats = np.array([f["arcface"] for fs in faces for f in fs["faces"]], np.float32).reshape(-1, 2, 3)
+        t0 = time.perf_counter()
+        try:
+            out = self.restorer.restore(crops, mats)
+        except Exception as e:
+            log.exception("restoration failed for a batch of %d images", len(rows))
+            for r in rows:
+                _error(r, Status.RESTORE_ERROR, f"restoration failed: {type(e).__name__}: {e}")
+            return
+        per_face = (time.perf_counter() - t0) / max(1, len(crops))
+        qa = self.cfg.qa
+        start = 0
+        for r, fs, n in zip(rows, faces, counts):
+            sl = slice(start, start + n)
+            start += n
+            for f, sim, fb in zip(fs["faces"], out.similarity[sl], out.fp32_fallback[sl]):
+                scored = bool(np.isfinite(sim)) and not self.restorer.untrained
+                f["identity_similarity"] = float(sim) if np.isfinite(sim) else None
+                f["qa"] = ("flag" if sim < qa.min_identity_similarity else "pass") if scored else None
+                f["action"] = "kept_original" if f["qa"] == "flag" and qa.on_low_identity == "keep_original" \
+                    else "restored"
+                f["fp32_fallback"] = bool(fb)
+            r["faces_json"] = json.dumps(fs)
+            r["restored"] = out.faces[sl].tobytes()
+            r["restore_s"] = per_face * n
+
+
+class Compose:
+    """Paste restored faces back, encode, write the derivative, and emit the result row. CPU task."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, fingerprint: str, untrained: bool,
+                 passthrough: pa.Schema | None = None):
+        self.cfg, self.run_id, self.fingerprint, self.untrained = cfg, run_id, fingerprint, untrained
+        self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
+        self.images_root = storage.join(cfg.output.root, "images")
+
+    def __call__(self, batch: Batch) -> pa.Table:
+        return rows_to_table([self.process(r) for r in _rows(batch)], self.schema)
+
+    def _out_uri(self, row: dict, ext: str) -> str:
+        key = row["output_key"]
+        stem, dot, old = key.rpartition(".")
+        if not dot or "/" in old:
+            stem = key
+        return storage.join(self.images_root, f"{stem}{ext}")
+
+    def process(self, row: dict) -> dict:
+        t0 = time.perf_counter()
+        info = json.loads(row["faces_json"]) if row.get("faces_json") else {"faces": []}
+        faces = info["faces"]
+        try:
+            if row["status"] == Status.OK.value:
+                self._write_restored(row, faces)
+            elif row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face:
+                uri = self._out_uri(row, imageio.output_extension(row["src_format"], "same"))
+                storage.write_bytes(uri, row["src_bytes"], self.cfg.storage)
+                row.update(output_uri=uri, out_sha256=row["src_sha256"])
+        except imageio.DecodeError as e:
+            _error(row, Status.DECODE_ERROR, str(e))
+        except (OSError, ValueError) as e:
+            _error(row, Status.WRITE_ERROR, f"cannot write derivative: {type(e).__name__}: {e}")
+        row["faces"] = [{k: f.get(k) for k in ("bbox", "score", "landmarks", "identity_similarity", "qa", "action")}
+                        for f in faces]
+        row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
+                   compose_s=time.perf_counter() - t0, finished_at=datetime.now(timezone.utc))
+        return row
+
+    def _write_restored(self, row: dict, faces: list[dict]) -> None:
+        master = imageio.decode(row["src_bytes"], self.cfg.input.max_pixels).pixels.copy()
+        restored = np.frombuffer(row["restored"], np.uint8).reshape(-1, FACE_SIZE, FACE_SIZE, 3)
+        for f, face in zip(faces, restored):
+            if f.get("action") == "restored":
+                paste_face(master, face, np.array(f["affine"], np.float64).reshape(2, 3))
+        ext = imageio.output_extension(row["src_format"], self.cfg.output.format)
+        data = imageio.encode(master, ext, self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
+        uri = self._out_uri(row, ext)
+        storage.write_bytes(uri, data, self.cfg.storage)
+        row.update(output_uri=uri, out_sha256=hashlib.sha256(data).hexdigest())
+
+
+def compose_batch(batch: Batch, **kwargs) -> pa.Table:
+    """Function form of Compose for Ray tasks (Compose loads no model, so an actor buys nothing)."""
+    return Compose(**kwargs)(batch)

@@ -98,11 +98,12 @@ def _face_to_master(face_bgr: np.ndarray, master: np.ndarray) -> np.ndarray:
     return f
 
 
-def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray) -> None:
+def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray) -> tuple[slice, slice, np.ndarray]:
     """Blend ``face_bgr`` (512x512 restored crop) into ``master`` in place, through the inverse of ``affine``.
 
     Mask: the crop's footprint eroded by 2 px, then shrunk and Gaussian-feathered by 1/20 of its size
     (facexlib's square mask). Pixels where the mask is 0 are not touched; alpha is never touched.
+    Returns the region of interest and the boolean mask of the pixels changed within it.
     """
     h, w = master.shape[:2]
     inv = cv2.invertAffineTransform(affine)
@@ -112,7 +113,7 @@ def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray) -> 
     x1, y1 = np.ceil(pts.max(0)).astype(int) + 3
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if x1 <= x0 or y1 <= y0:
-        return
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), bool)
     roi_inv = inv.copy()
     roi_inv[:, 2] -= (x0, y0)
     size = (x1 - x0, y1 - y0)
@@ -134,5 +135,5 @@ def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray) -> 
         region[touched] = out[touched]
     else:
         sel = np.broadcast_to(touched, colour.shape)
-        colour[sel] = out[sel]
-        region[:, :, :3] = colour
+        colour[sel] = out[sel]  # a view into master
+    return slice(y0, y1), slice(x0, x1), touched.reshape(touched.shape[:2])

@@ -77,6 +77,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     except Image.DecompressionBombError as e:  # Pillow's own guard fires at twice its limit
         raise TooLargeError(f"image header claims too many pixels ({e})") from None
     except Exception as e:
+        if "truncated" in str(e).lower():
+            raise DecodeError("truncated file (cut short inside its header): re-copy it from the source") from None
         raise DecodeError(f"not a recognised image ({type(e).__name__}: {e})") from None
     if fmt not in FORMATS:
         raise DecodeError(f"unsupported format {fmt}; supported: {', '.join(FORMATS)}")

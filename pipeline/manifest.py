@@ -37,14 +37,16 @@ def image_id_for(uri: str) -> str:
     return hashlib.blake2b(uri.encode(), digest_size=12).hexdigest()
 
 
-def _read_table(uri: str, cfg: StorageConfig) -> pa.Table:
+def _read_table(uri: str, cfg: StorageConfig, string_columns: tuple[str, ...]) -> pa.Table:
     fs, path = storage.get_arrow_fs(uri, cfg)
     lower = uri.lower()
     try:
         if lower.endswith((".csv", ".csv.gz")):
             with fs.open_input_stream(path, compression="detect") as f:
-                # Strings stay strings: an id column of digits must not turn into integers.
-                return pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+                # Ids and URIs stay strings: an id column of digits must not turn "007" into 7.
+                types = {c: pa.string() for c in string_columns}
+                return pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types,
+                                                                              strings_can_be_null=True))
         if lower.endswith((".jsonl", ".json", ".ndjson")):
             with fs.open_input_stream(path) as f:
                 return pajson.read_json(f)
@@ -59,8 +61,8 @@ def read_manifest(cfg: RunConfig) -> Manifest:
     uri = cfg.input.manifest
     if not uri:
         raise ManifestError("no manifest: pass --manifest (Parquet, CSV or JSONL with a 'uri' column)")
-    table = _read_table(uri, cfg.storage)
     col, id_col = cfg.input.uri_column, cfg.input.id_column
+    table = _read_table(uri, cfg.storage, (col, id_col))
     if col not in table.column_names:
         raise ManifestError(f"manifest {uri!r} has no {col!r} column (columns: {', '.join(table.column_names)}); "
                             "set input.uri_column")

@@ -111,7 +111,7 @@ def _verify(path: Path, spec: WeightSpec) -> str:
     return digest
 
 
-def _download(url: str, dest: Path) -> None:
+def download(url: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
     with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
@@ -152,7 +152,7 @@ def resolve(name: str, cfg: RunConfig) -> Resolved:
         dest = cache_dir() / spec.filename
         try:
             log.info("downloading %s from %s", spec.filename, spec.url)
-            _download(spec.url, dest)
+            download(spec.url, dest)
             return Resolved(spec, dest, _verify(dest, spec))
         except OSError as e:
             looked.append(f"{spec.url} ({type(e).__name__}: {e})")

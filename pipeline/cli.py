@@ -1,0 +1,301 @@
+"""``archive-restore``: a thin click layer over the library. PipelineError -> one line on stderr, exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+
+import click
+
+from .errors import ConfigError, PipelineError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+log = logging.getLogger("pipeline")
+
+
+def _clean_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. restore.precision=fp32")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="archive-restore")
+def cli(verbose: int) -> None:
+    """Restore faces in photo archives with GFP-GAN, on Ray.
+
+    \b
+    Example:
+      archive-restore demo
+      archive-restore run --manifest scans.parquet --output s3://museum/restored/
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(min(level, logging.INFO))
+
+
+def _run_options(fn):
+    opts = [
+        click.option("--manifest", "-m", help="Parquet/CSV/JSONL manifest with a 'uri' column (local or s3://)."),
+        click.option("--output", "-o", help="Output folder or s3:// prefix (never inside the input)."),
+        click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                     help="YAML config file (sections: input, detect, restore, qa, output, storage, cluster)."),
+        click.option("--weights-dir", help="Folder or s3:// prefix with the model files [env ARCHIVE_RESTORE_WEIGHTS_DIR]."),
+        click.option("--untrained", is_flag=True, default=None,
+                     help="SMOKE TESTS ONLY: seeded random weights for missing model files."),
+        click.option("--reprocess", type=click.Choice(["missing", "outdated", "failed", "all"]),
+                     help="Which images to process: missing (default), outdated (other settings/weights), failed, all."),
+        click.option("--detector", type=click.Choice(["retinaface_resnet50", "retinaface_mobile0.25"]),
+                     help="Face detector (resnet50: official quality; mobile0.25: much cheaper on CPU)."),
+        click.option("--precision", type=click.Choice(["auto", "fp16", "bf16", "fp32"]),
+                     help="GFP-GAN precision (auto: fp16 on CUDA, fp32 on CPU)."),
+        click.option("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+        click.option("--s3-endpoint-url", help="S3-compatible endpoint URL (MinIO, Ceph, ...)."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Any setting by dotted name, e.g. --set restore.micro_batch=32. Repeatable."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _config(manifest=None, output=None, config_path=None, weights_dir=None, untrained=None, reprocess=None,
+            detector=None, precision=None, ray_address=None, s3_endpoint_url=None, sets=()):
+    from .config import load_config
+
+    overrides = {"input.manifest": manifest, "output.root": output, "weights_dir": weights_dir,
+                 "untrained": untrained, "reprocess": reprocess, "detect.model": detector,
+                 "restore.precision": precision, "cluster.address": ray_address,
+                 "storage.s3_endpoint_url": s3_endpoint_url, **_parse_sets(sets)}
+    return load_config(config_path, overrides)
+
+
+def _echo_summary(record: dict) -> None:
+    s = record["summary"]
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(s["by_status"].items())) or "none"
+    click.echo(f"run {record['run_id']}: {s['images']} images processed ({statuses}); {s['faces']} faces; "
+               f"{record['plan']['skipped']} skipped as done")
+    click.echo(f"throughput: {s['images_per_s']} images/s, {s['faces_per_s']} faces/s over {s['elapsed_s']} s")
+    if record.get("untrained"):
+        click.echo("WARNING: untrained weights were used; derivatives are NOT restorations.", err=True)
+    click.echo(f"results: {record['results']}  derivatives: {record['output']}/images/")
+
+
+@cli.command(context_settings=CONTEXT)
+@_run_options
+@_clean_errors
+def run(**kwargs) -> None:
+    """Restore the faces of every image in a manifest; re-running resumes.
+
+    \b
+    Example:
+      archive-restore run -m s3://museum/manifests/scans.parquet -o s3://museum/restored/ -c jobs/museum.yaml
+    """
+    from . import job
+
+    record = job.run(_config(**kwargs))
+    _echo_summary(record)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("prefix")
+@click.option("--output", "-o", required=True, help="Manifest to write (.parquet or .csv), local or s3://.")
+@click.option("--s3-endpoint-url", help="S3-compatible endpoint URL.")
+@_clean_errors
+def manifest(prefix: str, output: str, s3_endpoint_url: str | None) -> None:
+    """List the images below PREFIX (recursive, case-insensitive extensions) into a manifest.
+
+    \b
+    Example:
+      archive-restore manifest s3://museum/scans/ -o s3://museum/manifests/scans.parquet
+    """
+    from .config import StorageConfig
+    from .manifest import build_manifest
+
+    n = build_manifest(prefix, output, StorageConfig(s3_endpoint_url=s3_endpoint_url))
+    click.echo(f"{n} images listed into {output}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("output")
+@click.option("--manifest", "-m", help="Also count current/outdated/failed/missing against this manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--s3-endpoint-url", help="S3-compatible endpoint URL.")
+@_clean_errors
+def status(output: str, manifest: str | None, as_json: bool, s3_endpoint_url: str | None) -> None:
+    """Progress of an output folder: images by status, faces, runs.
+
+    \b
+    Example:
+      archive-restore status s3://museum/restored/ -m s3://museum/manifests/scans.parquet
+    """
+    from . import report
+    from .manifest import read_manifest
+
+    cfg = _config(manifest=manifest, s3_endpoint_url=s3_endpoint_url)
+    table = read_manifest(cfg).table if manifest else None
+    st = report.status(output, cfg.storage, table)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    click.echo(f"{output}: {st['images']} images, {st['faces']} faces, {len(st['runs'])} runs")
+    for k, v in st["by_status"].items():
+        click.echo(f"  {k:<14}{v}")
+    if "against_manifest" in st:
+        click.echo("  against manifest: " + ", ".join(f"{k} {v}" for k, v in st["against_manifest"].items()))
+    for r in st["runs"][-5:]:
+        s = r.get("summary") or {}
+        click.echo(f"  run {r['run_id']} {r['state']}: {s.get('images', '?')} images, {s.get('images_per_s', '?')} img/s")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("output")
+@click.option("--s3-endpoint-url", help="S3-compatible endpoint URL.")
+@_clean_errors
+def report(output: str, s3_endpoint_url: str | None) -> None:
+    """Write OUTPUT/report/index.html: statistics, runs, faces flagged by identity QA.
+
+    \b
+    Example:
+      archive-restore report s3://museum/restored/
+    """
+    from . import report as rep
+    from .config import StorageConfig
+
+    click.echo(rep.write_report(output, StorageConfig(s3_endpoint_url=s3_endpoint_url)))
+
+
+@cli.group(context_settings=CONTEXT)
+def models() -> None:
+    """List, download and verify model files.
+
+    \b
+    Example:
+      archive-restore models list
+    """
+
+
+@models.command("list", context_settings=CONTEXT)
+def models_list() -> None:
+    """Every model the pipeline can use, with file name, licence and source.
+
+    \b
+    Example:
+      archive-restore models list
+    """
+    from .weights import REGISTRY
+
+    for s in REGISTRY.values():
+        click.echo(f"{s.name:<24}{s.filename:<38}{s.licence:<36}{s.url or s.note or '-'}")
+
+
+@models.command("download", context_settings=CONTEXT)
+@click.option("--dest", required=True, type=click.Path(file_okay=False), help="Folder to download into.")
+@click.argument("names", nargs=-1)
+@_clean_errors
+def models_download(dest: str, names: tuple[str, ...]) -> None:
+    """Download model files from their official URLs (needs network).
+
+    \b
+    Example:
+      archive-restore models download --dest weights/ GFPGANv1.4 retinaface_resnet50 arcface_ir_se50
+    """
+    from pathlib import Path
+
+    from . import weights
+    from .errors import WeightsError
+
+    os.makedirs(dest, exist_ok=True)
+    for name in names or ("GFPGANv1.4", "retinaface_resnet50", "arcface_ir_se50"):
+        spec = weights.spec_for(name)
+        if not spec.url:
+            raise WeightsError(f"{name} has no download URL; {spec.note or 'stage it by hand'}")
+        path = Path(dest) / spec.filename
+        try:
+            weights.download(spec.url, path)
+        except OSError as e:
+            raise WeightsError(f"download of {spec.url} failed: {e}") from None
+        click.echo(f"{path}  sha256 {weights.sha256_file(path)}")
+
+
+@models.command("verify", context_settings=CONTEXT)
+@click.option("--weights-dir", help="Folder or s3:// prefix with the model files.")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help="YAML config file.")
+@_clean_errors
+def models_verify(weights_dir: str | None, config_path: str | None) -> None:
+    """Resolve and hash every model file the settings need (what a run's preflight does).
+
+    \b
+    Example:
+      archive-restore models verify --weights-dir s3://museum/models/
+    """
+    from . import weights
+
+    cfg = _config(config_path=config_path, weights_dir=weights_dir, sets=("allow_download=false",))
+    for name, r in weights.resolve_all(cfg).items():
+        click.echo(f"{name:<24}{r.path}  sha256 {r.sha256}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--output", "-o", default="demo-output", show_default=True, help="Folder for the archive and results.")
+@click.option("--weights-dir", help="Folder with model files [env ARCHIVE_RESTORE_WEIGHTS_DIR].")
+@_clean_errors
+def demo(output: str, weights_dir: str | None) -> None:
+    """Build a small sample archive and restore it on a local Ray.
+
+    Uses the real models when they can be found or downloaded; otherwise says so loudly and runs
+    with seeded random weights so the pipeline itself can still be seen working.
+
+    \b
+    Example:
+      archive-restore demo -o /tmp/demo
+    """
+    from . import job, weights
+    from .errors import WeightsError
+    from .manifest import build_manifest
+    from .samples import build_sample_archive
+    from .config import StorageConfig
+
+    archive = os.path.join(output, "archive")
+    paths = build_sample_archive(archive)
+    manifest_path = os.path.join(output, "manifest.parquet")
+    build_manifest(archive, manifest_path, StorageConfig())
+    click.echo(f"sample archive: {len(paths)} images in {archive}")
+    cfg = _config(manifest=manifest_path, output=os.path.join(output, "restored"), weights_dir=weights_dir,
+                  detector="retinaface_mobile0.25")
+    try:
+        weights.resolve_all(cfg)
+    except WeightsError as e:
+        click.echo(f"WARNING: {e}\nThe demo goes on with seeded random weights for the missing files: the "
+                   "pipeline runs end to end, but its derivatives are NOT restorations.", err=True)
+        cfg = cfg.model_copy(update={"untrained": True})
+    _echo_summary(job.run(cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="archive-restore")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Shared fixtures: real images, weights and fixtures from ../shared, a local Ray with a logical GPU,
+and a real S3 endpoint (moto's server mode) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ARCHIVE_RESTORE_SHARED", REPO.parent / "shared"))
+IMAGES = SHARED / "images"
+MODELS = SHARED / "models"
+FIXTURES = SHARED / "fixtures" / "gfpgan"
+
+# Credentials for the local S3 endpoint. Set before any Ray starts so that its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# Images with few faces, so an end-to-end job on CPU stays fast; the crowd photos are used elsewhere.
+E2E_IMAGES = ["whole/codeformer_00.jpg", "whole/codeformer_02.png", "whole/codeformer_04.jpg",
+              "whole/facexlib_test.jpg", "whole/gfpgan_Blake_Lively.jpg", "old/old_a.png", "old/old_b.png",
+              "old/old_d.png"]
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared is provided by the workplace and CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Path:
+    """Real detector and identity weights, and the tiny seeded GFP-GAN checkpoint as GFPGAN-tiny.pth."""
+    d = tmp_path_factory.mktemp("weights")
+    for name in ("detection_mobilenet0.25_Final.pth", "identity_mobilefacenet_arcface.onnx"):
+        os.symlink(need(MODELS / name), d / name)
+    os.symlink(need(FIXTURES / "gfpgan_tiny_a_checkpoint.pth"), d / "GFPGAN-tiny.pth")
+    return d
+
+
+def test_overrides(weights_dir: Path, out: Path, manifest: Path | str | None = None, **extra) -> dict:
+    """Settings for a fast CPU job: real mobile0.25 detector, tiny seeded GFP-GAN, untrained ArcFace."""
+    o = {"weights_dir": str(weights_dir), "allow_download": False, "untrained": True,
+         "detect.model": "retinaface_mobile0.25", "restore.model": "GFPGAN-tiny", "output.root": str(out),
+         "input.manifest": str(manifest) if manifest else None, "cluster.rows_per_block": 2,
+         "cluster.restore_batch_size": 4}
+    o.update(extra)
+    return o
+
+
+test_overrides.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs and 1 logical GPU: the GPU actor path is scheduled as on a cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto in server mode, in its own process: a real HTTP S3 endpoint on 127.0.0.1."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3fs_client(s3_endpoint):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    return fs
+
+
+@pytest.fixture
+def archive(tmp_path) -> Path:
+    """A small archive folder with real photographs (copied: originals are never written)."""
+    root = tmp_path / "archive"
+    for rel in E2E_IMAGES:
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(need(IMAGES / rel), dst)
+    return root

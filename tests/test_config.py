@@ -1,0 +1,43 @@
+import pytest
+
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
+
+
+def test_precedence_defaults_yaml_env_flags(tmp_path):
+    y = tmp_path / "job.yaml"
+    y.write_text("restore:\n  micro_batch: 8\n  precision: bf16\ndetect:\n  threshold: 0.9\n")
+    env = {"ARCHIVE_RESTORE_RESTORE__MICRO_BATCH": "32", "ARCHIVE_RESTORE_WEIGHTS_DIR": "/w"}
+    cfg = load_config(y, {"restore.precision": "fp32"}, environ=env)
+    assert cfg.restore.micro_batch == 32          # env over YAML
+    assert cfg.restore.precision == "fp32"        # flag over YAML
+    assert cfg.detect.threshold == 0.9            # YAML over default
+    assert cfg.weights_dir == "/w"
+    assert cfg.detect.model == "retinaface_resnet50"
+
+
+def test_bad_values_name_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match="restore.precision"):
+        load_config(None, {"restore.precision": "fp8"}, environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", environ={})
+    with pytest.raises(ConfigError, match="detect.nonsense"):
+        load_config(None, {"detect.nonsense": 1}, environ={})
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(Exception):
+        cfg.restore.micro_batch = 3
+
+
+def test_fingerprint_tracks_output_affecting_settings_only():
+    base = RunConfig()
+    w = {"GFPGANv1.4": "aa"}
+    fp = base.fingerprint(w)
+    assert fp == RunConfig().fingerprint(dict(w))
+    assert base.model_copy(update={"cluster": base.cluster.model_copy(update={"rows_per_block": 99})}).fingerprint(w) == fp
+    assert base.model_copy(update={"restore": base.restore.model_copy(update={"micro_batch": 3})}).fingerprint(w) == fp
+    assert base.model_copy(update={"output": base.output.model_copy(update={"jpeg_quality": 80})}).fingerprint(w) != fp
+    assert base.model_copy(update={"detect": base.detect.model_copy(update={"threshold": 0.9})}).fingerprint(w) != fp
+    assert base.fingerprint({"GFPGANv1.4": "bb"}) != fp

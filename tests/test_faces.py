@@ -1,0 +1,111 @@
+import cv2
+import numpy as np
+import pytest
+
+from pipeline import imageio, weights
+from pipeline.config import DetectConfig, RunConfig
+from pipeline.faces import FFHQ_TEMPLATE_512, FaceDetector, align_matrix, paste_face, warp_face
+
+from conftest import IMAGES, need
+
+# Faces per image found by the official facexlib code path (mobile0.25, threshold 0.97, native size),
+# from ../shared/models/README.md.
+EXPECTED = {"whole/codeformer_00.jpg": 4, "whole/codeformer_01.jpg": 4, "whole/codeformer_02.png": 4,
+            "whole/codeformer_03.jpg": 1, "whole/codeformer_04.jpg": 1, "whole/codeformer_05.jpg": 1,
+            "whole/codeformer_06.png": 2, "whole/facexlib_test.jpg": 1, "whole/facexlib_test2.jpg": 1,
+            "whole/gfpgan_00.jpg": 2, "whole/gfpgan_10045.png": 3, "whole/gfpgan_Blake_Lively.jpg": 2,
+            "old/old_a.png": 1, "old/old_b.png": 1, "old/old_c.png": 1, "old/old_d.png": 0}
+
+
+@pytest.fixture(scope="module")
+def detector(weights_dir):
+    def make(**kw):
+        cfg = RunConfig(weights_dir=str(weights_dir), allow_download=False,
+                        detect=DetectConfig(model="retinaface_mobile0.25", **kw))
+        return FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
+    return make
+
+
+def _load(rel):
+    return imageio.to_bgr8(imageio.decode(need(IMAGES / rel).read_bytes(), 10**9).pixels)
+
+
+@pytest.mark.parametrize("long_side", [None, 1600])
+def test_detects_the_faces_a_person_sees(detector, long_side):
+    det = detector(long_side=long_side)
+    for rel, n in EXPECTED.items():
+        img = _load(rel)
+        faces, _ = det.detect(img)
+        assert len(faces) == n, rel
+        for f in faces:
+            x1, y1, x2, y2 = f.bbox
+            lm = f.landmarks
+            assert f.score >= 0.97
+            assert (lm[:, 0] > x1 - 5).all() and (lm[:, 0] < x2 + 5).all(), rel
+            assert (lm[:, 1] > y1 - 5).all() and (lm[:, 1] < y2 + 5).all(), rel
+            eyes_y, mouth_y = lm[:2, 1].mean(), lm[3:, 1].mean()
+            assert eyes_y < lm[2, 1] < mouth_y, f"{rel}: eyes, nose, mouth out of order"
+
+
+def test_crowd_is_capped_and_small_faces_counted(detector):
+    img = _load("whole/crowd_sample.jpg")
+    faces, _ = detector(max_faces=10).detect(img)
+    assert len(faces) == 10
+    assert [f.score for f in faces] == sorted((f.score for f in faces), reverse=True)
+    big, too_small = detector(min_eye_dist=12).detect(img)
+    assert too_small > 0 and all(f.eye_dist >= 12 for f in big)
+
+
+def test_alignment_puts_landmarks_on_the_ffhq_template(detector):
+    img = _load("whole/facexlib_test.jpg")
+    (face,), _ = detector().detect(img)
+    m = align_matrix(face.landmarks)
+    mapped = np.c_[face.landmarks, np.ones(5)] @ m.T
+    err = np.linalg.norm(mapped - FFHQ_TEMPLATE_512, axis=1)
+    # LMEDS (as facexlib) fits the robust majority: eyes and mouth corners land on the template; the
+    # nose of a turned head may be left as an outlier.
+    assert err[[0, 1, 3, 4]].max() < 4 and err[2] < 25
+    crop = warp_face(img, m)
+    assert crop.shape == (512, 512, 3) and crop.dtype == np.uint8
+
+
+def _round_trip(master, bgr, faces):
+    """Paste each face's own crop back (an identity "restoration"); return the result and changed pixels."""
+    out = master.copy()
+    changed = np.zeros(master.shape[:2], bool)
+    footprints = np.zeros(master.shape[:2], bool)
+    for f in faces:
+        m = align_matrix(f.landmarks)
+        ys, xs, touched = paste_face(out, warp_face(bgr, m), m)
+        changed[ys, xs] |= touched
+        footprints |= cv2.warpAffine(np.ones((512, 512), np.float32), cv2.invertAffineTransform(m),
+                                     master.shape[1::-1]) > 0
+    footprints = cv2.dilate(footprints.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    assert not (changed & ~footprints).any(), "paste touched pixels outside the crop's footprint"
+    return out, changed
+
+
+@pytest.mark.parametrize("rel", ["whole/gfpgan_Blake_Lively.jpg", "old/old_b.png", "whole/codeformer_02.png"])
+def test_paste_back_of_an_identity_restoration_returns_the_input(detector, rel):
+    master = imageio.decode(need(IMAGES / rel).read_bytes(), 10**9).pixels
+    bgr = imageio.to_bgr8(master)
+    faces, _ = detector().detect(bgr)
+    assert faces
+    out, touched = _round_trip(master, bgr, faces)
+    assert np.array_equal(out[~touched], master[~touched]), "pixels outside the face masks changed"
+    interior = cv2.erode(touched.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
+    diff = np.abs(out[..., :3].astype(int) - master[..., :3].astype(int))[interior]
+    assert diff.mean() < 3.0 and np.percentile(diff, 99) < 30
+    if master.ndim == 3 and master.shape[2] == 4:
+        assert np.array_equal(out[..., 3], master[..., 3]), "alpha must be untouched"
+
+
+def test_paste_keeps_grey_and_16_bit_masters(detector):
+    bgr = _load("whole/gfpgan_Blake_Lively.jpg")
+    faces, _ = detector().detect(bgr)
+    grey16 = (cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257)
+    out, touched = _round_trip(grey16, bgr, faces)
+    assert out.dtype == np.uint16 and out.ndim == 2
+    assert np.array_equal(out[~touched], grey16[~touched])
+    interior = cv2.erode(touched.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
+    assert np.abs(out.astype(int) - grey16.astype(int))[interior].mean() < 3 * 257

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.models.gfpgan import (ModulatedConv2d, checkpoint_filter_fn, gfpgan_v1_clean,
+                                    load_state_dict_strict)
+
+from conftest import FIXTURES, need
+
+
+def test_production_config_has_exactly_the_official_keys_and_shapes():
+    shapes = json.loads(need(FIXTURES / "gfpganv1.4_state_dict_shapes.json").read_text())
+    sd = gfpgan_v1_clean().state_dict()
+    assert sorted(sd) == sorted(shapes)
+    assert {k: list(v.shape) for k, v in sd.items()} == shapes
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = json.loads(need(FIXTURES / "gfpgan_tiny_a_config.json").read_text())
+    model = gfpgan_v1_clean(num_style_feat=cfg["num_style_feat"], narrow=cfg["narrow"]).eval()
+    ckpt = torch.load(FIXTURES / "gfpgan_tiny_a_checkpoint.pth", weights_only=True)
+    load_state_dict_strict(model, checkpoint_filter_fn(ckpt), "tiny")
+    io = torch.load(FIXTURES / "gfpgan_tiny_a_io.pth", weights_only=True)
+    return model, io
+
+
+@pytest.mark.parametrize("impl", ["batched", "grouped"])
+def test_reproduces_the_official_golden_output(tiny, impl):
+    model, io = tiny
+    model.set_modconv_impl(impl)
+    with torch.inference_mode():
+        out = model(io["input"])
+        single = model(io["input"][1:])
+    assert (out - io["output"]).abs().max().item() < 1e-3
+    assert (single - io["output"][1:]).abs().max().item() < 1e-3  # batch composition does not change a face
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("kind", ["conv3x3", "upsample", "to_rgb"])
+def test_batched_modulated_conv_equals_grouped(kind, batch):
+    torch.manual_seed(batch)
+    cin, cout, k, demod, up = {"conv3x3": (24, 16, 3, True, False), "upsample": (24, 16, 3, True, True),
+                               "to_rgb": (24, 3, 1, False, False)}[kind]
+    layer = ModulatedConv2d(cin, cout, k, num_style_feat=32, demodulate=demod, upsample=up)
+    with torch.no_grad():
+        layer.modulation.bias.uniform_(0.5, 1.5)
+    x, style = torch.randn(batch, cin, 8, 8), torch.randn(batch, 32)
+    layer.impl = "grouped"
+    ref = layer(x, style)
+    layer.impl = "batched"
+    got = layer(x, style)
+    assert got.shape == ref.shape == (batch, cout, 16 if up else 8, 16 if up else 8)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_strict_load_names_the_offending_keys():
+    model = gfpgan_v1_clean(num_style_feat=128, narrow=0.125)
+    sd = dict(model.state_dict())
+    sd.pop("final_conv.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["final_linear.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError) as e:
+        load_state_dict_strict(model, sd, "ckpt.pth")
+    msg = str(e.value)
+    assert "missing: final_conv.weight" in msg and "unexpected: extra.weight" in msg
+    assert "final_linear.bias: file (3,)" in msg
+
+
+def test_checkpoint_filter_prefers_params_ema_and_strips_module():
+    a, b = torch.ones(1), torch.zeros(1)
+    assert checkpoint_filter_fn({"params_ema": {"module.x": a}, "params": {"x": b}}) == {"x": a}
+    assert checkpoint_filter_fn({"params": {"module.x": b}}) == {"x": b}
+    assert checkpoint_filter_fn({"x": a}) == {"x": a}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_matches_fp32_on_cuda(tiny):
+    model, io = tiny
+    model = model.cuda().set_modconv_impl("batched")
+    x = io["input"].cuda()
+    with torch.inference_mode():
+        ref = model(x)
+        half = model.half()(x.half()).float()
+    model.float()
+    assert torch.isfinite(half).all()
+    assert (half - ref).abs().max().item() < 0.05

@@ -1,0 +1,57 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import RunConfig, InputConfig, StorageConfig
+from pipeline.errors import ManifestError
+from pipeline.manifest import build_manifest, image_id_for, list_images, read_manifest
+
+
+def _cfg(path, **kw):
+    return RunConfig(input=InputConfig(manifest=str(path), **kw))
+
+
+def test_csv_with_relative_paths_ids_and_passthrough(tmp_path):
+    (tmp_path / "m.csv").write_text("uri,image_id,collection\nphotos/a.jpg,007,A\nphotos/b.jpg,,B\nphotos/a.jpg,007,A\n,,C\n")
+    m = read_manifest(_cfg(tmp_path / "m.csv"))
+    t = m.table
+    assert t["uri"].to_pylist() == [str(tmp_path / "photos/a.jpg"), str(tmp_path / "photos/b.jpg")]
+    assert t["image_id"].to_pylist()[0] == "007"  # kept as a string, not the integer 7
+    assert t["image_id"].to_pylist()[1] == image_id_for(str(tmp_path / "photos/b.jpg"))
+    assert t["collection"].to_pylist() == ["A", "B"]
+    assert (m.rows_read, m.duplicates, m.without_uri) == (4, 1, 1)
+    assert m.root == str(tmp_path / "photos") + "/"
+    assert m.passthrough.names == ["collection"]
+
+
+def test_parquet_folder_and_jsonl(tmp_path):
+    d = tmp_path / "parts"
+    d.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"uri": [f"/x/{i}.jpg"], "n": [i]}), d / f"p{i}.parquet")
+    assert read_manifest(_cfg(d)).table.num_rows == 3
+    (tmp_path / "m.jsonl").write_text('{"uri": "/x/1.jpg"}\n{"uri": "/x/2.jpg"}\n')
+    assert read_manifest(_cfg(tmp_path / "m.jsonl")).table.num_rows == 2
+
+
+def test_errors_name_the_problem(tmp_path):
+    pq.write_table(pa.table({"path": ["/a.jpg"]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match="no 'uri' column .*path"):
+        read_manifest(_cfg(tmp_path / "m.parquet"))
+    assert read_manifest(_cfg(tmp_path / "m.parquet", uri_column="path")).table.num_rows == 1
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(_cfg(tmp_path / "nope.parquet"))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ManifestError, match="cannot be read"):
+        read_manifest(_cfg(tmp_path / "bad.parquet"))
+
+
+def test_listing_is_recursive_and_case_insensitive(tmp_path):
+    for rel in ["a/X.JPG", "a/b/y.Png", "z.tiff", "notes.txt", ".hidden.jpg"]:
+        p = tmp_path / "in" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    found = list_images(str(tmp_path / "in"), StorageConfig())
+    assert [f.split("/in/")[1] for f in found] == ["a/X.JPG", "a/b/y.Png", "z.tiff"]
+    n = build_manifest(str(tmp_path / "in"), str(tmp_path / "m.parquet"), StorageConfig())
+    assert n == 3 and pq.read_table(tmp_path / "m.parquet").num_rows == 3

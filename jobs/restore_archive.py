@@ -5,8 +5,12 @@
 """
 
 import sys
+from pathlib import Path
 
-from pipeline.cli import main
+# With --working-dir the package travels as source: make it importable when it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main(["-v", "run", *sys.argv[1:]])

@@ -59,7 +59,10 @@ def plan_resources(resources: dict[str, float], cc: ClusterConfig) -> ResourcePl
     decode_max = max(1, int((cpus - actors * rc - cc_cpus) / dc + 1e-9))
     if cc.decode_actors_max:
         decode_max = min(decode_max, cc.decode_actors_max)
-    return ResourcePlan(actors, 1.0 if gpus else 0.0, round(rc, 4), 1, decode_max, round(dc, 4), round(cc_cpus, 4))
+    def down(x: float) -> float:  # rounding down keeps the sum within the cluster
+        return math.floor(x * 1e4) / 1e4
+
+    return ResourcePlan(actors, 1.0 if gpus else 0.0, down(rc), 1, decode_max, down(dc), down(cc_cpus))
 
 
 @dataclass
@@ -143,7 +146,11 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str) -> Non
                                   "untrained": pre.untrained, "passthrough": passthrough},
         batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus)
     fs, path = storage.get_arrow_fs(resume.results_dir(cfg.output.root), cfg.storage)
-    ds.write_parquet(f"{path}/run={run_id}", filesystem=fs)
+    # The write must ask for exactly what Compose asks for, so Ray fuses the two into one task. A
+    # separate write operator wants 1 CPU by default; on a small node whose CPUs are held by the actor
+    # pools it is starved until the actors exit, and every result row waits in memory to the very end
+    # (measured: all Parquet files of a run appeared in its last 200 ms), so a killed run kept nothing.
+    ds.write_parquet(f"{path}/run={run_id}", filesystem=fs, ray_remote_args={"num_cpus": rp.compose_cpus})
 
 
 def summarize(results: pa.Table, elapsed_s: float) -> dict:

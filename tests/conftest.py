@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Weights fetched from s3:// are cached here, not in the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="archive-restore-test-cache-")
 
 # Images with few faces, so an end-to-end job on CPU stays fast; the crowd photos are used elsewhere.
 E2E_IMAGES = ["whole/codeformer_00.jpg", "whole/codeformer_02.png", "whole/codeformer_04.jpg",

@@ -1,0 +1,170 @@
+"""The whole job on a real local Ray with a logical GPU: every row and derivative, resume, kill-and-resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pytest
+
+from pipeline import imageio, job, resume
+from pipeline.config import ClusterConfig, StorageConfig, load_config
+
+from conftest import E2E_IMAGES, REPO, test_overrides
+from test_faces import EXPECTED
+
+
+@pytest.mark.parametrize("resources,expect", [
+    ({"CPU": 2, "GPU": 1}, dict(restore_actors=1, restore_gpus=1.0, decode_max=1)),
+    ({"CPU": 64, "GPU": 4}, dict(restore_actors=4, restore_gpus=1.0, decode_max=59, restore_cpus=1.0)),
+    ({"CPU": 16}, dict(restore_actors=1, restore_gpus=0.0, decode_max=14)),
+    ({"CPU": 1, "GPU": 1}, dict(restore_actors=1, decode_max=1)),
+])
+def test_pools_follow_cluster_resources(resources, expect):
+    rp = job.plan_resources(resources, ClusterConfig())
+    for k, v in expect.items():
+        assert getattr(rp, k) == v, k
+    # everything that must run at once fits in the cluster's CPUs
+    need = rp.restore_actors * rp.restore_cpus + rp.decode_min * rp.decode_cpus + rp.compose_cpus
+    assert need <= resources["CPU"] + 1e-6
+    assert rp.restore_actors * rp.restore_cpus + rp.decode_max * rp.decode_cpus + rp.compose_cpus \
+        <= resources["CPU"] + 1e-6
+
+
+def test_decode_pool_cap():
+    assert job.plan_resources({"CPU": 64, "GPU": 1}, ClusterConfig(decode_actors_max=8)).decode_max == 8
+
+
+def _archive_manifest(archive, tmp_path):
+    """CSV manifest over the archive plus broken inputs, with a pass-through column."""
+    bad = archive / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("this is not an image")
+    uris = [str(archive / r) for r in E2E_IMAGES] + [str(bad / "empty.jpg"), str(bad / "text.png"),
+                                                     str(archive / "gone.jpg")]
+    m = tmp_path / "manifest.csv"
+    pacsv.write_csv(pa.table({"uri": uris, "box": [f"box-{i}" for i in range(len(uris))]}), m)
+    return m, uris
+
+
+def _results(out):
+    return resume.load_results(str(out), StorageConfig())
+
+
+@pytest.mark.slow
+def test_end_to_end_job_on_local_ray(ray_local, weights_dir, archive, tmp_path):
+    manifest, uris = _archive_manifest(archive, tmp_path)
+    out = tmp_path / "out"
+    cfg = load_config(None, test_overrides(weights_dir, out, manifest), environ={})
+    before = {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()}  # the inputs, broken ones too
+
+    record = job.run(cfg)
+
+    res = _results(out).to_pylist()
+    assert len(res) == len(uris) and len({r["image_id"] for r in res}) == len(uris)
+    by_uri = {r["uri"]: r for r in res}
+    for rel in E2E_IMAGES:
+        r = by_uri[str(archive / rel)]
+        n = EXPECTED[rel]
+        assert r["n_faces"] == n and len(r["faces"]) == n, rel
+        assert r["status"] == ("ok" if n else "no_face"), rel
+        assert r["fingerprint"] == record["fingerprint"] and r["run_id"] == record["run_id"]
+        assert r["untrained"] is True and r["box"].startswith("box-")
+        assert len(r["src_sha256"]) == 64 and r["decode_s"] > 0
+        if n:
+            assert r["output_uri"] == str(out / "images" / rel)  # same key, same format
+            data = open(r["output_uri"], "rb").read()
+            assert imageio.decode(data, 10**9).pixels.shape == \
+                imageio.decode((archive / rel).read_bytes(), 10**9).pixels.shape
+            import hashlib
+            assert hashlib.sha256(data).hexdigest() == r["out_sha256"]
+            for f in r["faces"]:
+                assert len(f["bbox"]) == 4 and len(f["landmarks"]) == 10 and f["action"] == "restored"
+                assert -1 <= f["identity_similarity"] <= 1
+        else:
+            assert r["output_uri"] is None and not (out / "images" / rel).exists()
+    assert by_uri[uris[-3]]["status"] == "decode_error" and "empty" in by_uri[uris[-3]]["error"]
+    assert by_uri[uris[-2]]["status"] == "decode_error" and "not a recognised image" in by_uri[uris[-2]]["error"]
+    assert by_uri[uris[-1]]["status"] == "read_error" and "not found" in by_uri[uris[-1]]["error"]
+    # inputs untouched; run record complete
+    assert {p: p.read_bytes() for p in archive.rglob("*") if p.is_file()} == before
+    rec = json.loads((out / "_runs" / f"{record['run_id']}.json").read_text())
+    assert rec["state"] == "finished" and rec["untrained"] is True
+    assert rec["weights"]["retinaface_mobile0.25"]["sha256"].startswith("38ec7bb3")
+    assert rec["weights"]["arcface_ir_se50"]["untrained"] is True
+    with_faces = sum(1 for r in E2E_IMAGES if EXPECTED[r])
+    assert rec["summary"]["by_status"] == {"ok": with_faces, "no_face": len(E2E_IMAGES) - with_faces,
+                                           "decode_error": 2, "read_error": 1}
+    assert rec["summary"]["faces"] == sum(EXPECTED[r] for r in E2E_IMAGES)
+
+    # Re-run: only the passing failure (read_error) is tried again; no derivative is rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*") if p.is_file()}
+    again = job.run(cfg)
+    assert again["plan"]["todo"] == 1 and again["plan"]["skipped"] == len(uris) - 1
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*") if p.is_file()} == mtimes
+
+    # Changing a setting that changes output bytes makes results outdated, but only --reprocess outdated redoes them.
+    changed = load_config(None, test_overrides(weights_dir, out, manifest, **{"output.jpeg_quality": 80}),
+                          environ={})
+    assert job.run(changed)["plan"]["todo"] == 1
+    redo = job.run(changed.model_copy(update={"reprocess": "outdated"}))
+    assert redo["plan"]["todo"] == len(uris) and redo["summary"]["images"] == len(uris)
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path):
+    src = tmp_path / "archive"
+    from conftest import IMAGES
+    rels = ["whole/codeformer_03.jpg", "whole/codeformer_04.jpg", "whole/codeformer_05.jpg",
+            "whole/facexlib_test.jpg", "whole/facexlib_test2.jpg", "old/old_a.png", "old/old_d.png"]
+    for copy in range(5):
+        for rel in rels:
+            dst = src / f"box{copy}" / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(IMAGES / rel, dst)
+    manifest = tmp_path / "m.parquet"
+    from pipeline.manifest import build_manifest
+    n = build_manifest(str(src), str(manifest), StorageConfig())
+    out = tmp_path / "out"
+    args = ["run", "-m", str(manifest), "-o", str(out), "--weights-dir", str(weights_dir), "--untrained",
+            "--detector", "retinaface_mobile0.25", "--set", "restore.model=GFPGAN-tiny",
+            "--set", "allow_download=false", "--set", "cluster.num_cpus=2", "--set", "cluster.num_gpus=1",
+            "--set", "cluster.rows_per_block=2", "--set", "cluster.restore_batch_size=4"]
+    proc = _cli(*args, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if list(out.glob("_results/run=*/*.parquet")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _results(out)
+    assert 0 < partial.num_rows < n, "kill should land mid-run"
+
+    resumed = _cli(*args)
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    res = _results(out)
+    ids = res["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == n, "every image exactly once across the killed and the resumed run"
+    assert set(pc.unique(res["run_id"]).to_pylist()).__len__() == 2
+    ok = res.filter(pc.equal(res["status"], "ok"))
+    assert ok.num_rows == n - 5  # old_d has no face, once per copy
+    for uri in ok["output_uri"].to_pylist():
+        imageio.decode(open(uri, "rb").read(), 10**9)  # every derivative is whole
+    assert f"{partial.num_rows} skipped as done" in log

@@ -1,0 +1,110 @@
+"""The stage callables, called directly on hand-built batches (no Ray)."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import imageio
+from pipeline.config import load_config
+from pipeline.stages import Compose, DecodeDetect, Restore
+
+from conftest import IMAGES, need, test_overrides
+
+
+@pytest.fixture(scope="module")
+def cfg(weights_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    return load_config(None, test_overrides(weights_dir, out), environ={})
+
+
+@pytest.fixture(scope="module")
+def detected(cfg, tmp_path_factory):
+    src = tmp_path_factory.mktemp("in")
+    shutil.copy(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"), src / "blake.jpg")
+    shutil.copy(need(IMAGES / "whole/codeformer_02.png"), src / "four faces.png")
+    shutil.copy(need(IMAGES / "old/old_d.png"), src / "noface.png")
+    (src / "text.jpg").write_text("not an image")
+    names = ["blake.jpg", "four faces.png", "noface.png", "text.jpg", "missing.jpg"]
+    batch = {"image_id": np.array([f"id{i}" for i in range(5)], object),
+             "uri": np.array([str(src / n) for n in names], object),
+             "shelf": np.array([10, 11, 12, 13, 14])}
+    passthrough = pa.schema([("shelf", pa.int64())])
+    return DecodeDetect(cfg, root=str(src) + "/", passthrough=passthrough)(batch), passthrough
+
+
+def _numpy(table):
+    return {k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}
+
+
+def test_decode_detect_rows(detected):
+    t, _ = detected
+    rows = t.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "no_face", "decode_error", "read_error"]
+    assert [r["n_faces"] for r in rows] == [2, 4, 0, 0, 0]
+    assert rows[1]["output_key"] == "four faces.png"
+    assert "not a recognised image" in rows[3]["error"] and "not found" in rows[4]["error"]
+    assert [r["shelf"] for r in rows] == [10, 11, 12, 13, 14]
+    assert len(rows[1]["crops"]) == 4 * 512 * 512 * 3
+    assert rows[2]["src_bytes"] is None  # no face, not copied: the original is not carried along
+    assert len(rows[0]["src_sha256"]) == 64 and rows[3]["src_sha256"] and rows[4]["src_sha256"] is None
+
+
+def test_restore_is_independent_of_micro_batching(cfg, detected):
+    t, pt = detected
+    a = Restore(cfg, pt)(t)
+    small = cfg.model_copy(update={"restore": cfg.restore.model_copy(update={"micro_batch": 1})})
+    b = Restore(small, pt)(_numpy(t))  # numpy batches work too
+    for ra, rb in zip(a.to_pylist(), b.to_pylist()):
+        assert ra["crops"] is None and ra["status"] == rb["status"]
+        if ra["n_faces"]:
+            fa, fb = np.frombuffer(ra["restored"], np.uint8), np.frombuffer(rb["restored"], np.uint8)
+            assert np.abs(fa.astype(int) - fb.astype(int)).max() <= 1
+            faces = json.loads(ra["faces_json"])["faces"]
+            assert all(-1 <= f["identity_similarity"] <= 1 for f in faces)
+            assert all(f["qa"] is None for f in faces)  # untrained ArcFace: no QA verdicts
+            assert ra["restore_s"] > 0
+
+
+def test_restore_with_no_faces_at_all(cfg, detected):
+    t, pt = detected
+    out = Restore(cfg, pt)(t.slice(2, 3))
+    assert out.num_rows == 3 and out["restored"].null_count == 3
+
+
+def test_compose_writes_derivatives_and_result_rows(cfg, detected):
+    t, pt = detected
+    restored = Restore(cfg, pt)(t)
+    res = Compose(cfg, "run-x", "fp-x", True, pt)(restored).to_pylist()
+    assert [r["status"] for r in res] == ["ok", "ok", "no_face", "decode_error", "read_error"]
+    ok = res[1]
+    assert ok["output_uri"].endswith("/images/four faces.png") and ok["fingerprint"] == "fp-x"
+    assert ok["untrained"] is True and ok["run_id"] == "run-x" and ok["shelf"] == 11
+    assert len(ok["faces"]) == 4 and all(f["action"] == "restored" for f in ok["faces"])
+    master = imageio.decode(restored.to_pylist()[1]["src_bytes"], 10**9).pixels
+    out = imageio.decode(open(ok["output_uri"], "rb").read(), 10**9).pixels
+    assert out.shape == master.shape and out.dtype == master.dtype
+    changed = (out != master).any(axis=2)
+    assert changed.any(), "the restored faces were pasted"
+    for f in ok["faces"]:  # every change lies near a detected face
+        x1, y1, x2, y2 = f["bbox"]
+        w, h = x2 - x1, y2 - y1
+        changed[int(max(0, y1 - h)):int(y2 + h), int(max(0, x1 - w)):int(x2 + w)] = False
+    assert not changed.any(), "pixels far from every face changed"
+    assert np.array_equal(out[..., 3], master[..., 3])  # alpha untouched
+    assert all(r["output_uri"] is None for r in res[2:])
+
+
+def test_keep_original_policy_pastes_nothing(cfg, detected):
+    t, pt = detected
+    restored = Restore(cfg, pt)(t.slice(1, 1)).to_pylist()
+    faces = json.loads(restored[0]["faces_json"])
+    for f in faces["faces"]:
+        f["qa"], f["action"] = "flag", "kept_original"
+    restored[0]["faces_json"] = json.dumps(faces)
+    row = Compose(cfg, "r", "f", True, pt)(pa.Table.from_pylist(restored)).to_pylist()[0]
+    master = imageio.decode(restored[0]["src_bytes"], 10**9).pixels
+    assert np.array_equal(imageio.decode(open(row["output_uri"], "rb").read(), 10**9).pixels, master)
+    assert [f["action"] for f in row["faces"]] == ["kept_original"] * 4

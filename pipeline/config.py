@@ -111,6 +111,11 @@ class ClusterConfig(_Section):
     decode_actors_max: int | None = Field(None, ge=1, description="Cap on DecodeDetect actors. None: from the cluster.")
     restore_actor_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each GPU actor (feeding the GPU).")
     compose_task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each Compose task.")
+    heartbeat_s: float = Field(
+        10.0, gt=0,
+        description="A run refreshes its _runs record this often. A new run on the same output waits until "
+        "other runs' records are 3x this old, so in-flight tasks of a killed run cannot write after it plans.",
+    )
 
 
 class RunConfig(_Section):

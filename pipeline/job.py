@@ -174,6 +174,7 @@ def run(cfg: RunConfig) -> dict:
     if pre.untrained:
         log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives are "
                     "NOT restorations and every result row says untrained=true", run_id)
+    resume.wait_for_other_runs(out, cfg.storage, run_id, cfg.cluster.heartbeat_s)
     ledger = resume.load_results(out, cfg.storage, columns=resume.LEDGER_COLUMNS)
     plan = resume.plan(pre.manifest.table, ledger, pre.fingerprint, cfg.reprocess)
     record = {
@@ -186,15 +187,21 @@ def run(cfg: RunConfig) -> dict:
                         "licence": r.spec.licence} for n, r in pre.resolved.items()},
         "versions": _versions(), "config": cfg.model_dump(mode="json"),
     }
-    resume.write_run_record(out, record, cfg.storage)
     log.info("run %s: %d of %d images to process (%s)", run_id, plan.counts["todo"], plan.counts["manifest"],
              plan.counts)
-    if plan.todo.num_rows:
-        _execute(cfg, pre, plan.todo, run_id)
-    mine = resume.load_results(out, cfg.storage, columns=["run_id", "status", "n_faces"])
-    mine = mine.filter(pc.equal(mine["run_id"], run_id)) if mine.num_rows else mine
-    record.update(state="finished", finished_at=datetime.now(timezone.utc).isoformat(),
-                  summary=summarize(mine, time.perf_counter() - t0), results=resume.results_dir(out))
+    with resume.Heartbeat(out, record, cfg.storage, cfg.cluster.heartbeat_s):
+        try:
+            if plan.todo.num_rows:
+                _execute(cfg, pre, plan.todo, run_id)
+        except BaseException as e:  # Ctrl-C included: the record says how the run ended
+            record.update(state="failed", error=f"{type(e).__name__}: {e}",
+                          finished_at=datetime.now(timezone.utc).isoformat())
+            resume.write_run_record(out, record, cfg.storage)
+            raise
+        mine = resume.load_results(out, cfg.storage, columns=["run_id", "status", "n_faces"])
+        mine = mine.filter(pc.equal(mine["run_id"], run_id)) if mine.num_rows else mine
+        record.update(state="finished", finished_at=datetime.now(timezone.utc).isoformat(),
+                      summary=summarize(mine, time.perf_counter() - t0), results=resume.results_dir(out))
     resume.write_run_record(out, record, cfg.storage)
     log.info("run %s finished: %s", run_id, record["summary"])
     return record

@@ -11,6 +11,8 @@ import json
 import logging
 import posixpath
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -137,6 +139,64 @@ def write_run_record(output_root: str, record: dict, cfg: StorageConfig) -> str:
     uri = storage.join(runs_dir(output_root), f"{record['run_id']}.json")
     storage.write_bytes(uri, json.dumps(record, indent=2, default=str).encode(), cfg)
     return uri
+
+
+class Heartbeat:
+    """Keeps ``record['heartbeat_at']`` fresh in ``_runs/<run_id>.json`` while a run is alive."""
+
+    def __init__(self, output_root: str, record: dict, cfg: StorageConfig, every_s: float):
+        self.output_root, self.record, self.cfg, self.every_s = output_root, record, cfg, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="run-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        self.record["heartbeat_at"] = datetime.now(timezone.utc).isoformat()
+        write_run_record(self.output_root, self.record, self.cfg)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.beat()
+            except OSError as e:  # a storage hiccup must not kill the run; the next beat retries
+                log.warning("heartbeat write failed: %s", e)
+
+    def __enter__(self) -> "Heartbeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _age_s(record: dict) -> float:
+    at = record.get("heartbeat_at") or record.get("started_at")
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(at)).total_seconds() if at else float("inf")
+
+
+def wait_for_other_runs(output_root: str, cfg: StorageConfig, run_id: str, heartbeat_s: float) -> None:
+    """Return once no other run on this output is alive; raise if one is.
+
+    A run killed without notice leaves its record in state ``running``; tasks it had in flight may
+    still write results for a moment. Waiting until its heartbeat is ``3 * heartbeat_s`` old means
+    they are gone before we plan, so nothing is done twice. A heartbeat that moves while we wait is
+    a live run: two runs on one output would duplicate work, so that is an error.
+    """
+    stale = 3 * heartbeat_s
+    for r in read_run_records(output_root, cfg):
+        if r.get("state") != "running" or r.get("run_id") == run_id or _age_s(r) >= stale:
+            continue
+        seen = r.get("heartbeat_at")
+        wait = stale - _age_s(r) + 0.5
+        log.warning("run %s on this output was alive %.0f s ago; waiting %.0f s for it to be stale",
+                    r["run_id"], _age_s(r), wait)
+        time.sleep(max(0.0, wait))
+        now = next((x for x in read_run_records(output_root, cfg) if x.get("run_id") == r["run_id"]), r)
+        if now.get("state") == "running" and now.get("heartbeat_at") != seen:
+            from .errors import StorageError
+            raise StorageError(f"run {r['run_id']} is still running on this output (heartbeat {_age_s(now):.0f} s "
+                               "ago); wait for it to finish or stop it first")
 
 
 def read_run_records(output_root: str, cfg: StorageConfig) -> list[dict]:

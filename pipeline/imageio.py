@@ -110,10 +110,9 @@ def to_bgr8(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def output_extension(src_format: str, policy: str) -> str:
-    if policy == "same":
-        return FORMATS[src_format]
-    return {"jpeg": ".jpg", "png": ".png", "tiff": ".tif", "webp": ".webp"}[policy]
+def output_format(src_format: str, policy: str) -> str:
+    """Pillow format name of the derivative under ``output.format``."""
+    return src_format if policy == "same" else {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "webp": "WEBP"}[policy]
 
 
 def encode(pixels: np.ndarray, ext: str, jpeg_quality: int = 95, webp_quality: int = 95) -> bytes:

@@ -173,12 +173,13 @@ class Compose:
     def __call__(self, batch: Batch) -> pa.Table:
         return rows_to_table([self.process(r) for r in _rows(batch)], self.schema)
 
-    def _out_uri(self, row: dict, ext: str) -> str:
+    def _out_uri(self, row: dict, fmt: str) -> str:
+        """The derivative keeps its input's key; the extension changes only when the format does."""
         key = row["output_key"]
         stem, dot, old = key.rpartition(".")
-        if not dot or "/" in old:
-            stem = key
-        return storage.join(self.images_root, f"{stem}{ext}")
+        if dot and "/" not in old and imageio.EXTENSIONS.get("." + old.lower()) == fmt:
+            return storage.join(self.images_root, key)
+        return storage.join(self.images_root, f"{stem if dot and '/' not in old else key}{imageio.FORMATS[fmt]}")
 
     def process(self, row: dict) -> dict:
         t0 = time.perf_counter()
@@ -188,7 +189,7 @@ class Compose:
             if row["status"] == Status.OK.value:
                 self._write_restored(row, faces)
             elif row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face:
-                uri = self._out_uri(row, imageio.output_extension(row["src_format"], "same"))
+                uri = self._out_uri(row, row["src_format"])
                 storage.write_bytes(uri, row["src_bytes"], self.cfg.storage)
                 row.update(output_uri=uri, out_sha256=row["src_sha256"])
         except imageio.DecodeError as e:
@@ -207,9 +208,9 @@ class Compose:
         for f, face in zip(faces, restored):
             if f.get("action") == "restored":
                 paste_face(master, face, np.array(f["affine"], np.float64).reshape(2, 3))
-        ext = imageio.output_extension(row["src_format"], self.cfg.output.format)
-        data = imageio.encode(master, ext, self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
-        uri = self._out_uri(row, ext)
+        fmt = imageio.output_format(row["src_format"], self.cfg.output.format)
+        data = imageio.encode(master, imageio.FORMATS[fmt], self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
+        uri = self._out_uri(row, fmt)
         storage.write_bytes(uri, data, self.cfg.storage)
         row.update(output_uri=uri, out_sha256=hashlib.sha256(data).hexdigest())
 

@@ -1,0 +1,137 @@
+"""The CLI: help for every command, clean one-line errors, and `ray job submit` of the job entrypoint."""
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+from conftest import REPO, test_overrides
+
+COMMANDS = [[], ["run"], ["manifest"], ["status"], ["report"], ["models"], ["models", "list"],
+            ["models", "download"], ["models", "verify"], ["demo"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "group")
+def test_help_for_every_command(cmd):
+    r = CliRunner().invoke(cli, [*cmd, "-h"])
+    assert r.exit_code == 0, r.output
+    assert "Example" in r.output and "Usage" in r.output
+
+
+def _one_line_error(r, words):
+    assert r.exit_code == 1, r.output
+    lines = [l for l in r.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], r.output
+
+
+def test_errors_are_one_line_with_exit_1(tmp_path, weights_dir, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = CliRunner()
+    _one_line_error(run.invoke(cli, ["run", "-o", str(tmp_path / "o")]), "no manifest")
+    _one_line_error(run.invoke(cli, ["run", "-m", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "o")]),
+                    "not found")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "m.csv").write_text(f"uri\n{tmp_path / 'in' / 'a.jpg'}\n")
+    _one_line_error(run.invoke(cli, ["run", "-m", str(tmp_path / "m.csv"), "-o", str(tmp_path / "in" / "out")]),
+                    "inside the input")
+    _one_line_error(run.invoke(cli, ["run", "-m", str(tmp_path / "m.csv"), "-o", str(tmp_path / "o"),
+                                     "--set", "allow_download=false", "--weights-dir", str(tmp_path / "w")]),
+                    "GFPGANv1.4.pth")
+    _one_line_error(run.invoke(cli, ["run", "-m", str(tmp_path / "m.csv"), "--set", "nonsense"]), "--set")
+    _one_line_error(run.invoke(cli, ["run", "-m", str(tmp_path / "m.csv"), "--set", "restore.micro_batch=0"]),
+                    "restore.micro_batch")
+    _one_line_error(run.invoke(cli, ["manifest", str(tmp_path / "empty"), "-o", str(tmp_path / "m.parquet")]),
+                    "does not exist")
+
+
+def test_status_and_report(tmp_path):
+    out = tmp_path / "out"
+    (out / "_results" / "run=r1").mkdir(parents=True)
+    (out / "_runs").mkdir()
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    face = {"bbox": [0, 0, 1, 1], "score": 1.0, "landmarks": [0.0] * 10, "identity_similarity": 0.2,
+            "qa": "flag", "action": "restored"}
+    pq.write_table(pa.Table.from_pylist([
+        {"image_id": "a", "uri": "/in/a.jpg", "status": "ok", "fingerprint": "f", "finished_at": t,
+         "n_faces": 1, "faces": [face], "output_uri": "/out/images/a.jpg", "run_id": "r1"},
+        {"image_id": "b", "uri": "/in/b.jpg", "status": "no_face", "fingerprint": "f", "finished_at": t,
+         "n_faces": 0, "faces": [], "output_uri": None, "run_id": "r1"},
+    ]), out / "_results" / "run=r1" / "part.parquet")
+    (out / "_runs" / "r1.json").write_text(json.dumps({"run_id": "r1", "state": "finished", "fingerprint": "f",
+                                                       "summary": {"images": 2, "images_per_s": 1.5}}))
+    (tmp_path / "m.csv").write_text("uri,image_id\n/in/a.jpg,a\n/in/b.jpg,b\n/in/c.jpg,c\n")
+    r = CliRunner().invoke(cli, ["status", str(out), "-m", str(tmp_path / "m.csv"), "--json"])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.output)
+    assert st["by_status"] == {"no_face": 1, "ok": 1} and st["faces"] == 1
+    assert st["against_manifest"] == {"manifest": 3, "current": 2, "outdated": 0, "failed": 0, "missing": 1}
+    r = CliRunner().invoke(cli, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    html = (out / "report" / "index.html").read_text()
+    assert "Faces flagged by identity QA (1)" in html and "0.200" in html
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ray_job_submit_runs_the_job_on_a_ray_head(weights_dir, archive, tmp_path):
+    from pipeline.manifest import build_manifest
+    from pipeline.config import StorageConfig
+
+    build_manifest(str(archive), str(tmp_path / "m.parquet"), StorageConfig())
+    gcs, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--num-gpus=1", "--include-dashboard=true", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        out = tmp_path / "out"
+        o = test_overrides(weights_dir, out)
+        args = ["-m", str(tmp_path / "m.parquet"), "-o", str(out), "--weights-dir", o["weights_dir"],
+                "--untrained", "--detector", "retinaface_mobile0.25", "--set", "restore.model=GFPGAN-tiny",
+                "--set", "allow_download=false"]
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+             "python", "jobs/restore_archive.py", *args], env=env, capture_output=True, text=True, timeout=400)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "images processed" in submit.stdout
+        rows = pq.read_table(out / "_results").num_rows
+        assert rows == 8
+        bad = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+             "python", "jobs/restore_archive.py", "-m", str(tmp_path / "none.parquet"), "-o", str(out)],
+            env=env, capture_output=True, text=True, timeout=200)
+        assert bad.returncode != 0 and "Error: manifest" in bad.stdout + bad.stderr
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

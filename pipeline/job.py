@@ -116,7 +116,10 @@ def _init_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False)
+        # "local": always a fresh local instance. A bare ray.init() would follow /tmp/ray/ray_current_cluster,
+        # which a head that died without `ray stop` leaves behind, and fail to connect to it.
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus,
+                 include_dashboard=False)
 
 
 def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str) -> None:

@@ -42,7 +42,12 @@ DEFAULT_IMAGES = sorted(p for d in ("whole", "old") for p in (SHARED / "images" 
 
 
 def sequential(cfg, paths: list[Path], out: Path) -> tuple[float, int]:
-    from facexlib.utils.face_restoration_helper import FaceRestoreHelper
+    import facexlib.utils.face_restoration_helper as frh
+
+    # FaceRestoreHelper builds ParseNet even with use_parse=False, and its weights cannot be had offline;
+    # with use_parse=False it is never called, so a placeholder stands in for it.
+    frh.init_parsing_model = lambda *a, **k: None
+    FaceRestoreHelper = frh.FaceRestoreHelper
 
     model, _ = build_gfpgan(cfg)
     model.set_modconv_impl("grouped")

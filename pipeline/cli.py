@@ -66,6 +66,8 @@ def _run_options(fn):
                      help="SMOKE TESTS ONLY: seeded random weights for missing model files."),
         click.option("--reprocess", type=click.Choice(["missing", "outdated", "failed", "all"]),
                      help="Which images to process: missing (default), outdated (other settings/weights), failed, all."),
+        click.option("--redetect", is_flag=True, default=None,
+                     help="Detect faces again even where stored detections of the same bytes could be reused."),
         click.option("--detector", type=click.Choice(["retinaface_resnet50", "retinaface_mobile0.25"]),
                      help="Face detector (resnet50: official quality; mobile0.25: much cheaper on CPU)."),
         click.option("--precision", type=click.Choice(["auto", "fp16", "bf16", "fp32"]),
@@ -81,11 +83,11 @@ def _run_options(fn):
 
 
 def _config(manifest=None, output=None, config_path=None, weights_dir=None, untrained=None, reprocess=None,
-            detector=None, precision=None, ray_address=None, s3_endpoint_url=None, sets=()):
+            redetect=None, detector=None, precision=None, ray_address=None, s3_endpoint_url=None, sets=()):
     from .config import load_config
 
     overrides = {"input.manifest": manifest, "output.root": output, "weights_dir": weights_dir,
-                 "untrained": untrained, "reprocess": reprocess, "detect.model": detector,
+                 "untrained": untrained, "reprocess": reprocess, "redetect": redetect, "detect.model": detector,
                  "restore.precision": precision, "cluster.address": ray_address,
                  "storage.s3_endpoint_url": s3_endpoint_url, **_parse_sets(sets)}
     return load_config(config_path, overrides)
@@ -95,7 +97,7 @@ def _echo_summary(record: dict) -> None:
     s = record["summary"]
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(s["by_status"].items())) or "none"
     click.echo(f"run {record['run_id']}: {s['images']} images processed ({statuses}); {s['faces']} faces; "
-               f"{record['plan']['skipped']} skipped as done")
+               f"{record['plan']['skipped']} skipped as done; {s['detections_reused']} detections reused")
     click.echo(f"throughput: {s['images_per_s']} images/s, {s['faces_per_s']} faces/s over {s['elapsed_s']} s")
     if record.get("untrained"):
         click.echo("WARNING: untrained weights were used; derivatives are NOT restorations.", err=True)

@@ -162,8 +162,11 @@ def summarize(results: pa.Table, elapsed_s: float) -> dict:
         for row in results.group_by("status").aggregate([("status", "count")]).to_pylist():
             by_status[row["status"]] = row["status_count"]
     faces = int(pc.sum(results["n_faces"]).as_py() or 0) if results.num_rows else 0
+    reused = int(pc.sum(pc.cast(pc.fill_null(results["detect_reused"], False), pa.int64())).as_py() or 0) \
+        if results.num_rows and "detect_reused" in results.column_names else 0
     n = results.num_rows
-    return {"images": n, "by_status": by_status, "faces": faces, "elapsed_s": round(elapsed_s, 2),
+    return {"images": n, "by_status": by_status, "faces": faces, "detections_reused": reused,
+            "elapsed_s": round(elapsed_s, 2),
             "images_per_s": round(n / elapsed_s, 3) if elapsed_s > 0 else None,
             "faces_per_s": round(faces / elapsed_s, 3) if elapsed_s > 0 else None}
 
@@ -195,13 +198,15 @@ def run(cfg: RunConfig) -> dict:
     with resume.Heartbeat(out, record, cfg.storage, cfg.cluster.heartbeat_s):
         try:
             if plan.todo.num_rows:
-                _execute(cfg, pre, plan.todo, run_id)
+                todo = plan.todo if cfg.redetect else resume.attach_prior_detections(plan.todo, ledger, out,
+                                                                                     cfg.storage)
+                _execute(cfg, pre, todo, run_id)
         except BaseException as e:  # Ctrl-C included: the record says how the run ended
             record.update(state="failed", error=f"{type(e).__name__}: {e}",
                           finished_at=datetime.now(timezone.utc).isoformat())
             resume.write_run_record(out, record, cfg.storage)
             raise
-        mine = resume.load_results(out, cfg.storage, columns=["run_id", "status", "n_faces"])
+        mine = resume.load_results(out, cfg.storage, columns=["run_id", "status", "n_faces", "detect_reused"])
         mine = mine.filter(pc.equal(mine["run_id"], run_id)) if mine.num_rows else mine
         record.update(state="finished", finished_at=datetime.now(timezone.utc).isoformat(),
                       summary=summarize(mine, time.perf_counter() - t0), results=resume.results_dir(out))

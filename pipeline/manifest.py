@@ -57,6 +57,20 @@ def _read_table(uri: str, cfg: StorageConfig, string_columns: tuple[str, ...]) -
         raise ManifestError(f"manifest {uri!r} cannot be read as Parquet/CSV/JSONL: {e}") from None
 
 
+_REMOTE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://"
+
+
+def _normalized_uris(uris: pa.Array, manifest_uri: str) -> pa.Array:
+    """Remote URIs as given (vectorised: a 10M-row archive on S3 never loops in Python); local paths
+    absolute, relative ones taken relative to the manifest so a job runs the same from any directory."""
+    remote = pc.and_(pc.match_substring_regex(uris, _REMOTE), pc.invert(pc.starts_with(uris, "file://")))
+    if pc.all(remote).as_py():
+        return uris
+    base = "" if storage.is_remote(manifest_uri) else os.path.dirname(storage.normalize(manifest_uri))
+    return pa.array([u if r else storage.normalize(os.path.join(base, u))
+                     for u, r in zip(uris.to_pylist(), remote.to_pylist())], pa.string())
+
+
 def read_manifest(cfg: RunConfig) -> Manifest:
     uri = cfg.input.manifest
     if not uri:
@@ -73,17 +87,20 @@ def read_manifest(cfg: RunConfig) -> Manifest:
     if without_uri:
         log.warning("manifest: %d rows without a %r value are ignored", without_uri, col)
         table, uris = table.filter(keep), uris.filter(keep)
-    base = None if storage.is_remote(uri) else os.path.dirname(storage.normalize(uri))
-    # Relative local paths are relative to the manifest, so a job runs the same from any working dir.
-    norm = [u if storage.is_remote(u) else storage.normalize(os.path.join(base or "", u)) for u in uris.to_pylist()]
+    norm = _normalized_uris(uris.combine_chunks(), uri)
     if id_col in table.column_names:
-        given = pc.cast(table[id_col], pa.string()).to_pylist()
-        ids = [g if g else image_id_for(u) for g, u in zip(given, norm)]
-    else:
-        ids = [image_id_for(u) for u in norm]
+        given = pc.cast(table[id_col], pa.string()).combine_chunks()
+        missing = pc.invert(pc.fill_null(pc.not_equal(given, ""), False))
+        ids = given
+        if pc.any(missing).as_py():
+            idx = pc.indices_nonzero(missing)
+            derived = pa.array([image_id_for(u) for u in pc.take(norm, idx).to_pylist()], pa.string())
+            ids = pc.replace_with_mask(given, missing, derived)
+    else:  # hashing is the one per-row Python loop left: about 1 s per million rows
+        ids = pa.array([image_id_for(u) for u in norm.to_pylist()], pa.string())
     extra = table.drop_columns([c for c in (col, id_col) if c in table.column_names])
     extra = extra.drop_columns([c for c in extra.column_names if c in ("image_id", "uri", "output_key")])
-    out = pa.table({"image_id": pa.array(ids, pa.string()), "uri": pa.array(norm, pa.string())})
+    out = pa.table({"image_id": ids, "uri": norm})
     for name in extra.column_names:
         out = out.append_column(name, extra[name])
     before = out.num_rows
@@ -94,7 +111,14 @@ def read_manifest(cfg: RunConfig) -> Manifest:
     duplicates = before - out.num_rows
     if duplicates:
         log.warning("manifest: %d duplicate rows (same image_id) are processed once", duplicates)
-    root = storage.normalize(cfg.input.root).rstrip("/") + "/" if cfg.input.root else storage.common_root(norm)
+    if cfg.input.root:
+        root = storage.normalize(cfg.input.root).rstrip("/") + "/"
+    elif len(norm):
+        # The common prefix of all strings is the common prefix of the smallest and the largest.
+        lo_hi = pc.min_max(norm)
+        root = storage.common_root([lo_hi["min"].as_py(), lo_hi["max"].as_py()])
+    else:
+        root = ""
     return Manifest(out, root, extra.schema, rows_read, duplicates, without_uri)
 
 

@@ -8,6 +8,7 @@ outside [-1, 1] are recomputed in fp32 and counted. A CUDA out-of-memory halves 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,8 @@ class FaceRestorer:
         self.dtype = resolve_dtype(cfg.restore.precision, self.device)
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise ValueError("restore.precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.restore.cpu_threads or os.cpu_count() or 1)
         model, self.resolved = build_gfpgan(cfg)
         self.fp32_model = model if self.dtype == torch.float32 else None
         self.model = model.to(self.device, self.dtype)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import StorageConfig
-from .schema import ERROR_STATUSES, FINAL_STATUSES
+from .schema import ERROR_STATUSES, FINAL_STATUSES, Status
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ def result_files(output_root: str, cfg: StorageConfig) -> list[str]:
     return sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
 
 
+def _read_columns(path: str, fs, columns: list[str] | None) -> pa.Table:
+    """Read ``columns``; a file written before a column existed gets it as nulls (after the concat)."""
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except (pa.ArrowInvalid, KeyError):
+        if columns is None:
+            raise
+        present = set(pq.read_schema(path, filesystem=fs).names)
+        return pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in present])
+
+
 def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None = None) -> pa.Table:
     """All readable result rows. A file torn by a killed writer is renamed aside (hidden), logged and
     skipped: its images were never recorded as done, so the next run redoes them."""
@@ -56,7 +67,7 @@ def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None
     tables = []
     for path in result_files(output_root, cfg):
         try:
-            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+            tables.append(_read_columns(path, fs, columns))
         except (pa.ArrowInvalid, OSError) as e:
             aside = posixpath.join(posixpath.dirname(path), ".torn-" + posixpath.basename(path))
             log.warning("result file %s is unreadable (%s); moved to %s, its images will be redone", path, e, aside)
@@ -133,6 +144,39 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str) -> 
     counts["todo"] = todo.num_rows
     counts["skipped"] = manifest.num_rows - todo.num_rows
     return Plan(todo, counts)
+
+
+PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces"]
+
+
+def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, cfg: StorageConfig) -> pa.Table:
+    """Add ``prior_sha256``, ``prior_detect_fp``, ``prior_faces_json`` to images that were detected before.
+
+    DecodeDetect reuses them when the image's bytes and the detector are unchanged, skipping the most
+    expensive CPU step when an archive is re-processed for new restoration weights or settings. Only
+    the images about to be processed are looked up, so a plain resume costs nothing here.
+    """
+    if not todo.num_rows or not ledger.num_rows:
+        return todo
+    seen = pc.is_in(todo["image_id"], value_set=ledger["image_id"].combine_chunks().unique())
+    if not pc.any(seen).as_py():
+        return todo
+    prior = load_results(output_root, cfg, columns=PRIOR_COLUMNS)
+    if "detect_fingerprint" not in prior.column_names:
+        return todo
+    keep = pc.and_(pc.and_(_is_in(prior["status"], {Status.OK, Status.NO_FACE}),
+                           pc.is_valid(prior["detect_fingerprint"])),
+                   pc.is_in(prior["image_id"], value_set=todo["image_id"].filter(seen).combine_chunks()))
+    prior = latest_rows(prior.filter(keep))
+    if not prior.num_rows:
+        return todo
+    faces_json = [json.dumps({"faces": [{k: f[k] for k in ("bbox", "score", "landmarks")} for f in fs or []]})
+                  for fs in prior["faces"].to_pylist()]
+    lookup = pa.table({"image_id": prior["image_id"], "prior_sha256": prior["src_sha256"],
+                       "prior_detect_fp": prior["detect_fingerprint"],
+                       "prior_faces_json": pa.array(faces_json, pa.string())})
+    order = todo.append_column("_o", pa.array(range(todo.num_rows), pa.int64()))
+    return order.join(lookup, "image_id", join_type="left outer").sort_by("_o").drop_columns(["_o"])
 
 
 def write_run_record(output_root: str, record: dict, cfg: StorageConfig) -> str:

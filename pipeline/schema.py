@@ -50,6 +50,8 @@ RESULT_SCHEMA = pa.schema(
         ("fingerprint", pa.string()),
         ("run_id", pa.string()),
         ("untrained", pa.bool_()),
+        ("detect_fingerprint", pa.string()),   # detector settings + weights that found these faces
+        ("detect_reused", pa.bool_()),         # faces taken from an earlier result for the same bytes
         ("decode_s", pa.float32()),
         ("detect_s", pa.float32()),
         ("restore_s", pa.float32()),
@@ -79,6 +81,8 @@ WORK_SCHEMA = pa.schema(
         ("faces_json", pa.string()),
         ("crops", pa.large_binary()),       # n_faces x 512 x 512 x 3 uint8 BGR, input to Restore
         ("restored", pa.large_binary()),    # same layout, output of Restore
+        ("detect_fingerprint", pa.string()),
+        ("detect_reused", pa.bool_()),
         ("decode_s", pa.float32()),
         ("detect_s", pa.float32()),
         ("restore_s", pa.float32()),

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import imageio, storage, weights
-from .config import RunConfig
-from .faces import FACE_SIZE, FaceDetector, align_matrix, paste_face, warp_face
+from .config import RunConfig, detect_fingerprint
+from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .identity import arcface_matrix
 from .restorer import FaceRestorer
 from .schema import RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
@@ -58,10 +58,17 @@ class DecodeDetect:
     def __init__(self, cfg: RunConfig, root: str, passthrough: pa.Schema | None = None):
         self.cfg, self.root = cfg, root
         self.schema = with_passthrough(WORK_SCHEMA, passthrough)
-        self.detector = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
+        resolved = weights.resolve(cfg.detect.model, cfg)
+        self.detector = FaceDetector(cfg.detect, resolved)
+        self.detect_fp = detect_fingerprint(cfg.detect, resolved.sha256)
 
     def __call__(self, batch: Batch) -> pa.Table:
         return rows_to_table([self.process(row) for row in _rows(batch)], self.schema)
+
+    def _reusable(self, row: dict) -> bool:
+        """Stored detections stand when the bytes and the detector (settings + weights) are unchanged."""
+        return (not self.cfg.redetect and row.get("prior_faces_json") is not None
+                and row.get("prior_sha256") == row["src_sha256"] and row.get("prior_detect_fp") == self.detect_fp)
 
     def process(self, row: dict) -> dict:
         row.update(status=Status.OK.value, error=None, n_faces=0)
@@ -83,9 +90,17 @@ class DecodeDetect:
         row.update(src_format=img.format, width=img.width, height=img.height)
         t1 = time.perf_counter()
         row["decode_s"] = t1 - t0
+        row["detect_fingerprint"] = self.detect_fp
+        row["detect_reused"] = self._reusable(row)
         try:
             bgr = imageio.to_bgr8(img.pixels)
-            faces, too_small = self.detector.detect(bgr)
+            if row["detect_reused"]:
+                prior = json.loads(row["prior_faces_json"])
+                faces = [Face(np.asarray(f["bbox"], np.float32), f["score"],
+                              np.asarray(f["landmarks"], np.float32).reshape(5, 2)) for f in prior["faces"]]
+                too_small = prior.get("too_small", 0)
+            else:
+                faces, too_small = self.detector.detect(bgr)
             crops, records = [], []
             for f in faces:
                 affine = align_matrix(f.landmarks)

@@ -26,7 +26,7 @@ def tiny():
     return model, io
 
 
-@pytest.mark.parametrize("impl", ["batched", "grouped"])
+@pytest.mark.parametrize("impl", ["auto", "batched", "grouped"])
 def test_reproduces_the_official_golden_output(tiny, impl):
     model, io = tiny
     model.set_modconv_impl(impl)

@@ -117,6 +117,28 @@ def test_end_to_end_job_on_local_ray(ray_local, weights_dir, archive, tmp_path):
     assert job.run(changed)["plan"]["todo"] == 1
     redo = job.run(changed.model_copy(update={"reprocess": "outdated"}))
     assert redo["plan"]["todo"] == len(uris) and redo["summary"]["images"] == len(uris)
+    # Same bytes, same detector: the stored detections are reused (detection skipped) and equal.
+    latest = {r["uri"]: r for r in _results(out).to_pylist() if r["run_id"] == redo["run_id"]}
+    decoded = [u for u in latest if by_uri[u]["status"] in ("ok", "no_face")]
+    assert redo["summary"]["detections_reused"] == len(decoded) == len(E2E_IMAGES)
+    for u in decoded:
+        assert latest[u]["detect_reused"] is True and latest[u]["detect_s"] < by_uri[u]["detect_s"]
+        assert [f["landmarks"] for f in latest[u]["faces"]] == [f["landmarks"] for f in by_uri[u]["faces"]]
+        assert latest[u]["status"] == by_uri[u]["status"]
+    assert all(not latest[u]["detect_reused"] for u in uris[-3:])
+    # --redetect: detection runs again, with the same outcome
+    again = job.run(changed.model_copy(update={"reprocess": "all", "redetect": True}))
+    assert again["summary"]["detections_reused"] == 0
+    latest = {r["uri"]: r for r in _results(out).to_pylist() if r["run_id"] == again["run_id"]}
+    for u in decoded:
+        assert latest[u]["detect_s"] > 0
+        assert [f["landmarks"] for f in latest[u]["faces"]] == [f["landmarks"] for f in by_uri[u]["faces"]]
+    # History: every run's rows are kept; status counts the latest row per image.
+    from pipeline import report
+    from pipeline.manifest import read_manifest
+    st = report.status(str(out), StorageConfig(), read_manifest(changed).table)
+    assert st["result_rows"] == 3 * len(uris) + 2 and st["images"] == len(uris)
+    assert st["against_manifest"]["current"] == len(uris) - 1 and st["against_manifest"]["missing"] == 1
 
 
 def _cli(*args, **kw):

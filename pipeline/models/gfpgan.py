@@ -8,7 +8,8 @@ This is an independent implementation with the upstream parameter names and shap
 how the modulated convolution runs: upstream builds a per-sample weight and a grouped convolution
 (``groups=batch``), which defeats cuDNN's batched kernels. Here (``impl="batched"``) the style scales the
 input activations, one shared-weight convolution runs over the whole batch, and the demodulation
-coefficients scale its output. The two are algebraically identical::
+coefficients scale its output; ``impl="auto"`` (default) picks per layer and call by measurement
+(``ModulatedConv2d._pick``). The two are algebraically identical::
 
     conv(x, w * s) * d  ==  conv(x * s, w) * d,   d = rsqrt(sum_{i,k} (w * s)^2 + eps)
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ModConvImpl = Literal["batched", "grouped"]
+ModConvImpl = Literal["auto", "batched", "grouped"]
 
 # The production configuration of GFPGANv1.2/1.3/1.4 (same architecture and constructor).
 GFPGAN_V1_CLEAN_512 = dict(
@@ -62,7 +63,21 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(1, out_channels, in_channels, kernel_size, kernel_size)
                                    / math.sqrt(in_channels * kernel_size**2))
         self.padding = kernel_size // 2
-        self.impl: ModConvImpl = "batched"
+        self.impl: ModConvImpl = "auto"
+
+    def _pick(self, x: torch.Tensor) -> str:
+        """Formulation for this call. Measured on CPU (2 threads, fp32; see BENCHMARKS.md): the shared-weight
+        form is 22x faster than grouped at 4x4 with 4 samples but ~25% slower from 64x64 up, where its two
+        extra elementwise passes over large tensors cost more than the per-sample weights. One sample
+        needs neither: modulating its weight is a plain convolution. cuDNN's grouped convolutions are
+        slow, so on CUDA batches always use the shared-weight form."""
+        if self.impl != "auto":
+            return self.impl
+        if x.shape[0] == 1:
+            return "grouped"
+        if x.is_cuda:
+            return "batched"
+        return "batched" if x.shape[-1] <= 32 else "grouped"
 
     def _demod(self, style: torch.Tensor) -> torch.Tensor:
         """(b, out) demodulation coefficients, accumulated in fp32."""
@@ -72,7 +87,7 @@ class ModulatedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         style = self.modulation(style)                              # (b, in)
-        if self.impl == "grouped":
+        if self._pick(x) == "grouped":
             return self._forward_grouped(x, style)
         if self.kernel_size == 1 and not self.demodulate and not self.upsample:
             w = self.weight[0, :, :, 0, 0].unsqueeze(0) * style.unsqueeze(1)   # (b, out, in)

@@ -87,10 +87,9 @@ class FaceRestorer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _fp32(self) -> torch.nn.Module:
+        """The fallback model, from the original checkpoint (not the half weights), built on first need."""
         if self.fp32_model is None:
-            self.fp32_model = gfpgan_v1_clean(**self.resolved.spec.arch)
-            self.fp32_model.load_state_dict({k: v.float() for k, v in self.model.state_dict().items()})
-            self.fp32_model.eval().to(self.device)
+            self.fp32_model = build_gfpgan(self.cfg)[0].to(self.device)
         return self.fp32_model
 
     @torch.inference_mode()

@@ -31,6 +31,7 @@ FACE_TYPE = pa.struct(
         ("identity_similarity", pa.float32()),        # cosine(input face, restored face); null if not scored
         ("qa", pa.string()),                          # pass | flag
         ("action", pa.string()),                      # restored | kept_original
+        ("fp32_fallback", pa.bool_()),                # half-precision output was bad; recomputed in fp32
     ]
 )
 

@@ -24,7 +24,7 @@ from .config import RunConfig, detect_fingerprint
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .identity import arcface_matrix
 from .restorer import FaceRestorer
-from .schema import RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
+from .schema import FACE_TYPE, RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,7 @@ class Compose:
             _error(row, Status.DECODE_ERROR, str(e))
         except (OSError, ValueError) as e:
             _error(row, Status.WRITE_ERROR, f"cannot write derivative: {type(e).__name__}: {e}")
-        row["faces"] = [{k: f.get(k) for k in ("bbox", "score", "landmarks", "identity_similarity", "qa", "action")}
-                        for f in faces]
+        row["faces"] = [{k: f.get(k) for k in FACE_TYPE.names} for f in faces]
         row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
                    compose_s=time.perf_counter() - t0, finished_at=datetime.now(timezone.utc))
         return row

@@ -95,6 +95,11 @@ class OutputConfig(_Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
     copy_no_face: bool = Field(False, description="Also write a derivative for images without faces.")
+    colour_policy: Literal["auto", "keep", "force_grey"] = Field(
+        "auto", description="auto: monochrome masters (grey, sepia, tinted: found by chroma statistics) get only "
+        "the restored faces' luminance, in the master's own tone; keep: paste the restored colour as is; "
+        "force_grey: luminance only for every master.",
+    )
 
 
 class StorageConfig(_Section):

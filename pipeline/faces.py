@@ -54,7 +54,8 @@ class FaceDetector:
 
     @torch.inference_mode()
     def detect(self, img_bgr: np.ndarray) -> tuple[list[Face], int]:
-        """Faces above threshold, best first, capped at ``max_faces``; also the number skipped as too small."""
+        """Faces above threshold, best first, capped at ``max_faces``; also how many were skipped (too small,
+        or beyond the cap)."""
         h, w = img_bgr.shape[:2]
         scale = 1.0
         if self.cfg.long_side and max(h, w) > self.cfg.long_side:
@@ -71,7 +72,7 @@ class FaceDetector:
                 continue
             faces.append(face)
         faces.sort(key=lambda f: -f.score)
-        return faces[: self.cfg.max_faces], too_small
+        return faces[: self.cfg.max_faces], too_small + max(0, len(faces) - self.cfg.max_faces)
 
 
 def align_matrix(landmarks: np.ndarray) -> np.ndarray:
@@ -89,20 +90,29 @@ def warp_face(img_bgr: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def _face_to_master(face_bgr: np.ndarray, master: np.ndarray) -> np.ndarray:
     """The restored 8-bit BGR face in the master's channel layout and depth, as float32."""
-    f = face_bgr
-    if master.ndim == 2:
-        f = cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
+    f = cv2.cvtColor(face_bgr, cv2.COLOR_BGR2GRAY) if master.ndim == 2 else face_bgr
     f = f.astype(np.float32)
     if master.dtype == np.uint16:
         f *= 257.0
     return f
 
 
-def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray) -> tuple[slice, slice, np.ndarray]:
+def _luminance_only(face: np.ndarray, colour: np.ndarray, hi: float) -> np.ndarray:
+    """The face's luminance with the master's own chroma (YCrCb): a grey photo stays neutral, a sepia or
+    tinted one keeps its tone, and no colour is invented."""
+    f = cv2.cvtColor(face / hi, cv2.COLOR_BGR2YCrCb)
+    m = cv2.cvtColor(colour.astype(np.float32) / hi, cv2.COLOR_BGR2YCrCb)
+    m[..., 0] = f[..., 0]
+    return cv2.cvtColor(m, cv2.COLOR_YCrCb2BGR) * hi
+
+
+def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
+               luminance_only: bool = False) -> tuple[slice, slice, np.ndarray]:
     """Blend ``face_bgr`` (512x512 restored crop) into ``master`` in place, through the inverse of ``affine``.
 
     Mask: the crop's footprint eroded by 2 px, then shrunk and Gaussian-feathered by 1/20 of its size
     (facexlib's square mask). Pixels where the mask is 0 are not touched; alpha is never touched.
+    ``luminance_only``: paste only the face's luminance (monochrome and tinted masters).
     Returns the region of interest and the boolean mask of the pixels changed within it.
     """
     h, w = master.shape[:2]
@@ -127,8 +137,10 @@ def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray) -> 
     region = master[y0:y1, x0:x1]
     colour = region if region.ndim == 2 else region[:, :, :3]
     m = mask if colour.ndim == 2 else mask[:, :, None]
-    blended = m * face + (1.0 - m) * colour.astype(np.float32)
     hi = 65535 if master.dtype == np.uint16 else 255
+    if luminance_only and colour.ndim == 3:
+        face = _luminance_only(face, colour, float(hi))
+    blended = m * face + (1.0 - m) * colour.astype(np.float32)
     out = np.clip(np.rint(blended), 0, hi).astype(master.dtype)
     touched = m > 0
     if colour.ndim == 2:

@@ -13,6 +13,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
+# We check the pixel count from the header ourselves (input.max_pixels) before any pixel is decoded;
+# Pillow's own limit would otherwise override that setting for images between the two.
+Image.MAX_IMAGE_PIXELS = None
+
 # Formats we decode, by Pillow's format name, and the extension used for "same format" output.
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "WEBP": ".webp", "BMP": ".bmp"}
 EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF",
@@ -32,6 +36,8 @@ class Decoded:
     pixels: np.ndarray
     format: str                 # Pillow format name: JPEG, PNG, ...
     orientation: int            # EXIF orientation that was applied (1 = none)
+    grey: bool = False          # a monochrome master (by its mode, or colour channels that are all equal)
+    notes: str | None = None    # what a person should know: pages dropped, colour space converted
 
     @property
     def height(self) -> int:
@@ -71,7 +77,7 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise DecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            fmt, (w, h) = im.format, im.size
+            fmt, (w, h), mode = im.format, im.size, im.mode
             n_frames = getattr(im, "n_frames", 1)
             orientation = int(im.getexif().get(0x0112, 1) or 1)
     except Image.DecompressionBombError as e:  # Pillow's own guard fires at twice its limit
@@ -88,14 +94,42 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise DecodeError("truncated JPEG (no end-of-image marker): the file was cut short; re-copy it")
     if n_frames > 1 and fmt != "TIFF":
         raise DecodeError(f"animated {fmt} with {n_frames} frames is not a photograph")
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None:
-        raise DecodeError(f"{fmt} data is corrupt (OpenCV could not decode it)")
+    notes = []
+    if fmt == "TIFF" and n_frames > 1:
+        notes.append(f"multi-page TIFF with {n_frames} pages: the first page was processed")
+    if mode == "CMYK" and fmt == "TIFF":
+        # OpenCV hands CMYK TIFF samples back as if they were BGRA; Pillow converts them.
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, :, ::-1])
+        notes.append("CMYK master: converted to RGB")
+    else:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if pixels is None:
+            raise DecodeError(f"{fmt} data is corrupt (OpenCV could not decode it)")
+        if mode == "CMYK":
+            notes.append("CMYK master: converted to RGB")
     if pixels.dtype not in (np.uint8, np.uint16):
         raise DecodeError(f"unsupported sample type {pixels.dtype} (8- and 16-bit integers are supported)")
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
-    return Decoded(_apply_orientation(pixels, orientation), fmt, orientation)
+    pixels = _apply_orientation(pixels, orientation)
+    return Decoded(pixels, fmt, orientation, grey=_is_grey(pixels, mode), notes="; ".join(notes) or None)
+
+
+def _is_grey(pixels: np.ndarray, mode: str) -> bool:
+    """Monochrome: by mode, or by chroma statistics. In a grey, sepia or otherwise toned print every pixel's
+    chroma (Cr, Cb around neutral) lies on one line through neutral — one hue, stronger in the highlights
+    — while a colour photo's chroma spreads across hues. So: the principal direction of the chroma
+    vectors, and the spread perpendicular to it (98th percentile, 8-bit levels)."""
+    if pixels.ndim == 2 or mode in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L"):
+        return True
+    step = max(1, int((pixels.shape[0] * pixels.shape[1] / 250_000) ** 0.5))
+    s = np.ascontiguousarray(to_bgr8(pixels[::step, ::step]))
+    c = cv2.cvtColor(s, cv2.COLOR_BGR2YCrCb)[..., 1:].reshape(-1, 2).astype(np.float64) - 128.0
+    _, vecs = np.linalg.eigh(c.T @ c)
+    direction = vecs[:, -1]                                  # the dominant hue line through neutral
+    perpendicular = np.abs(c @ np.array([-direction[1], direction[0]]))
+    return bool(np.percentile(perpendicular, 98) <= 2.5)  # measured: toned prints <= 1, colour photos >= 3.4
 
 
 def to_bgr8(pixels: np.ndarray) -> np.ndarray:

@@ -146,7 +146,7 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str) -> 
     return Plan(todo, counts)
 
 
-PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces"]
+PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces", "faces_skipped"]
 
 
 def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, cfg: StorageConfig) -> pa.Table:
@@ -170,8 +170,11 @@ def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, 
     prior = latest_rows(prior.filter(keep))
     if not prior.num_rows:
         return todo
-    faces_json = [json.dumps({"faces": [{k: f[k] for k in ("bbox", "score", "landmarks")} for f in fs or []]})
-                  for fs in prior["faces"].to_pylist()]
+    faces_json = [json.dumps({"faces": [{k: f[k] for k in ("bbox", "score", "landmarks")} for f in fs or []],
+                              "skipped": skipped or 0})
+                  for fs, skipped in zip(prior["faces"].to_pylist(),
+                                         prior["faces_skipped"].to_pylist() if "faces_skipped" in prior.column_names
+                                         else [0] * prior.num_rows)]
     lookup = pa.table({"image_id": prior["image_id"], "prior_sha256": prior["src_sha256"],
                        "prior_detect_fp": prior["detect_fingerprint"],
                        "prior_faces_json": pa.array(faces_json, pa.string())})

@@ -47,7 +47,9 @@ RESULT_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("n_faces", pa.int32()),
+        ("faces_skipped", pa.int32()),       # detected but not restored: too small (min_eye_dist) or over max_faces
         ("faces", pa.list_(FACE_TYPE)),
+        ("notes", pa.string()),              # e.g. pages dropped from a multi-page TIFF, colour space converted
         ("fingerprint", pa.string()),
         ("run_id", pa.string()),
         ("untrained", pa.bool_()),
@@ -79,6 +81,8 @@ WORK_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("n_faces", pa.int32()),
+        ("faces_skipped", pa.int32()),
+        ("notes", pa.string()),
         ("faces_json", pa.string()),
         ("crops", pa.large_binary()),       # n_faces x 512 x 512 x 3 uint8 BGR, input to Restore
         ("restored", pa.large_binary()),    # same layout, output of Restore

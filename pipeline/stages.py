@@ -87,7 +87,7 @@ class DecodeDetect:
             return _error(row, Status.TOO_LARGE, str(e))
         except imageio.DecodeError as e:
             return _error(row, Status.DECODE_ERROR, str(e))
-        row.update(src_format=img.format, width=img.width, height=img.height)
+        row.update(src_format=img.format, width=img.width, height=img.height, notes=img.notes)
         t1 = time.perf_counter()
         row["decode_s"] = t1 - t0
         row["detect_fingerprint"] = self.detect_fp
@@ -98,9 +98,9 @@ class DecodeDetect:
                 prior = json.loads(row["prior_faces_json"])
                 faces = [Face(np.asarray(f["bbox"], np.float32), f["score"],
                               np.asarray(f["landmarks"], np.float32).reshape(5, 2)) for f in prior["faces"]]
-                too_small = prior.get("too_small", 0)
+                skipped = prior.get("skipped", 0)
             else:
-                faces, too_small = self.detector.detect(bgr)
+                faces, skipped = self.detector.detect(bgr)
             crops, records = [], []
             for f in faces:
                 affine = align_matrix(f.landmarks)
@@ -114,7 +114,8 @@ class DecodeDetect:
             return _error(row, Status.DETECT_ERROR, f"face detection failed: {type(e).__name__}: {e}")
         row["detect_s"] = time.perf_counter() - t1
         row["n_faces"] = len(records)
-        row["faces_json"] = json.dumps({"faces": records, "too_small": too_small})
+        row["faces_skipped"] = skipped
+        row["faces_json"] = json.dumps({"faces": records})
         if records:
             row["crops"] = np.stack(crops).tobytes()
         else:
@@ -217,11 +218,15 @@ class Compose:
         return row
 
     def _write_restored(self, row: dict, faces: list[dict]) -> None:
-        master = imageio.decode(row["src_bytes"], self.cfg.input.max_pixels).pixels.copy()
+        img = imageio.decode(row["src_bytes"], self.cfg.input.max_pixels)
+        master = img.pixels.copy()
+        policy = self.cfg.output.colour_policy
+        luminance_only = policy == "force_grey" or (policy == "auto" and img.grey)
         restored = np.frombuffer(row["restored"], np.uint8).reshape(-1, FACE_SIZE, FACE_SIZE, 3)
         for f, face in zip(faces, restored):
             if f.get("action") == "restored":
-                paste_face(master, face, np.array(f["affine"], np.float64).reshape(2, 3))
+                paste_face(master, face, np.array(f["affine"], np.float64).reshape(2, 3),
+                           luminance_only=luminance_only)
         fmt = imageio.output_format(row["src_format"], self.cfg.output.format)
         data = imageio.encode(master, imageio.FORMATS[fmt], self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
         uri = self._out_uri(row, fmt)

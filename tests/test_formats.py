@@ -1,0 +1,142 @@
+"""Archive formats and variants, generated here from a real photograph, through the three stages (no Ray):
+the right status, the same faces as the 8-bit original, and a derivative that keeps the master's depth,
+channels, monochrome and alpha, with untouched pixels bit-identical outside the faces (lossless formats)."""
+
+import io
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline import imageio
+from pipeline.config import load_config
+from pipeline.stages import Compose, DecodeDetect, Restore
+
+from conftest import IMAGES, need, test_overrides
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def _variants(rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
+    im = Image.fromarray(rgb)
+    grey = np.asarray(im.convert("L"))
+    bgr16 = rgb[:, :, ::-1].astype(np.uint16) * 257
+    rotated = Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1)))  # stored sideways, EXIF says turn it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "progressive.jpg": _save(im, "JPEG", quality=95, progressive=True),
+        "cmyk.jpg": _save(im.convert("CMYK"), "JPEG", quality=95),
+        "exif_rotated.jpg": _save(rotated, "JPEG", quality=95, exif=exif),
+        "palette.png": _save(im.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "grey.png": _save(im.convert("L"), "PNG"),
+        "grey_alpha.png": _save(im.convert("LA"), "PNG"),
+        "rgba.png": _save(im.convert("RGBA"), "PNG"),
+        "grey16.png": cv2.imencode(".png", grey.astype(np.uint16) * 257)[1].tobytes(),
+        "rgb16.tif": cv2.imencode(".tif", bgr16)[1].tobytes(),
+        "lzw.tif": _save(im, "TIFF", compression="tiff_lzw"),
+        "deflate.tif": _save(im, "TIFF", compression="tiff_adobe_deflate"),
+        "cmyk.tif": _save(im.convert("CMYK"), "TIFF"),
+        "multipage.tif": _save(im, "TIFF", save_all=True, append_images=[im.convert("L")] * 2),
+        "lossless.webp": _save(im, "WEBP", lossless=True),
+        "photo.bmp": _save(im, "BMP"),
+    }
+
+
+LOSSLESS = {"palette.png", "grey.png", "grey_alpha.png", "rgba.png", "grey16.png", "rgb16.tif", "lzw.tif",
+            "deflate.tif", "multipage.tif", "lossless.webp", "photo.bmp"}
+
+
+@pytest.fixture(scope="module")
+def processed(weights_dir, tmp_path_factory):
+    src = tmp_path_factory.mktemp("formats")
+    rgb = cv2.cvtColor(cv2.imread(str(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"))), cv2.COLOR_BGR2RGB)
+    variants = _variants(rgb)
+    for name, data in variants.items():
+        (src / name).write_bytes(data)
+    cfg = load_config(None, test_overrides(weights_dir, tmp_path_factory.mktemp("out")), environ={})
+    batch = {"image_id": np.array(list(variants), object), "uri": np.array([str(src / n) for n in variants], object)}
+    detected = DecodeDetect(cfg, root=str(src) + "/")(batch)
+    restored = Restore(cfg)(detected)
+    rows = Compose(cfg, "r", "fp", True)(restored).to_pylist()
+    return {r["image_id"]: r for r in rows}, variants
+
+
+def test_every_variant_is_restored_with_the_originals_faces(processed):
+    rows, variants = processed
+    for name in variants:
+        r = rows[name]
+        assert r["status"] == "ok", (name, r["error"])
+        assert r["n_faces"] == 2, name  # the 8-bit original has two faces
+    assert "3 pages" in rows["multipage.tif"]["notes"]
+    assert "CMYK" in rows["cmyk.tif"]["notes"] and "CMYK" in rows["cmyk.jpg"]["notes"]
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS))
+def test_derivative_keeps_the_masters_properties(processed, name):
+    rows, variants = processed
+    r = rows[name]
+    master = imageio.decode(variants[name], 10**9)
+    out = imageio.decode(open(r["output_uri"], "rb").read(), 10**9)
+    assert r["output_uri"].endswith(name)
+    assert out.pixels.dtype == master.pixels.dtype and out.pixels.shape == master.pixels.shape, name
+    if master.grey:
+        assert out.grey, f"{name}: a monochrome master must not get colour"
+    if master.channels == 4:
+        assert np.array_equal(out.pixels[..., 3], master.pixels[..., 3]), f"{name}: alpha changed"
+    changed = out.pixels != master.pixels
+    changed = changed if changed.ndim == 2 else changed.any(axis=2)
+    assert changed.any(), f"{name}: no face was pasted"
+    for f in r["faces"]:  # every changed pixel lies near a detected face
+        x1, y1, x2, y2 = f["bbox"]
+        w, h = x2 - x1, y2 - y1
+        changed[int(max(0, y1 - h)):int(y2 + h), int(max(0, x1 - w)):int(x2 + w)] = False
+    assert not changed.any(), f"{name}: pixels far from the faces changed"
+
+
+def test_exif_orientation_is_normalised(processed):
+    rows, variants = processed
+    r = rows["exif_rotated.jpg"]
+    up = imageio.decode(variants["progressive.jpg"], 10**9)
+    assert (r["width"], r["height"]) == (up.width, up.height)
+    out = imageio.decode(open(r["output_uri"], "rb").read(), 10**9)
+    assert out.orientation == 1 and (out.width, out.height) == (up.width, up.height)
+
+
+@pytest.mark.parametrize("rel,mono", [("gray/Einstein01.png", True), ("cropped/Julia_Roberts_crop.png", True),
+                                      ("whole/gfpgan_00.jpg", False), ("cropped/Adele_crop.png", False),
+                                      ("identity/brad_1.jpg", False), ("old/old_a.png", False)])
+def test_monochrome_detection_on_real_photos(rel, mono):
+    # Julia_Roberts_crop is a black-and-white photo stored as RGB (its chroma is exactly neutral)
+    assert imageio.decode(need(IMAGES / rel).read_bytes(), 10**9).grey is mono
+
+
+def test_tinted_monochrome_keeps_its_tone_and_gets_no_colour(weights_dir, tmp_path):
+    bgr = cv2.imread(str(need(IMAGES / "old/old_b.png")))
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    sepia = np.clip(cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR).astype(np.float32) * np.array([0.8, 0.95, 1.1]),
+                    0, 255).astype(np.uint8)
+    assert imageio.decode(cv2.imencode(".png", sepia)[1].tobytes(), 10**9).grey, "sepia is found monochrome"
+    assert not imageio.decode(cv2.imencode(".png", bgr)[1].tobytes(), 10**9).grey, "a faded colour photo is colour"
+    (tmp_path / "s.png").write_bytes(cv2.imencode(".png", sepia)[1].tobytes())
+    chroma = {}
+    for policy in ("auto", "keep"):
+        cfg = load_config(None, test_overrides(weights_dir, tmp_path / policy, **{"output.colour_policy": policy}),
+                          environ={})
+        batch = {"image_id": np.array(["s"], object), "uri": np.array([str(tmp_path / "s.png")], object)}
+        row = Compose(cfg, "r", "f", True)(Restore(cfg)(DecodeDetect(cfg, root=str(tmp_path) + "/")(batch)))
+        out = cv2.imread(row.to_pylist()[0]["output_uri"])
+        changed = (out != sepia).any(axis=2)
+        assert changed.sum() > 1000
+        diff = cv2.cvtColor(out, cv2.COLOR_BGR2YCrCb).astype(int) - cv2.cvtColor(sepia, cv2.COLOR_BGR2YCrCb).astype(int)
+        chroma[policy] = np.abs(diff[changed][:, 1:]).mean()
+        luma = np.abs(diff[changed][:, 0]).mean()
+        assert luma > 1, "the face was restored"
+    assert chroma["auto"] < 1.5, "auto: the master's tone is kept inside the face"
+    assert chroma["keep"] > 3 * chroma["auto"], "keep: the restored colour is pasted as is"

@@ -66,6 +66,31 @@ def _apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](img)) if orientation in ops else img
 
 
+_MAGIC = [(b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+          (b"BM", "BMP"), (b"GIF8", "GIF")]
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format a file's first bytes claim, to tell a corrupt image from something that is no image."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation from the header. Pillow's PNG getexif() would decode the whole image to look for
+    an eXIf chunk after the pixels, so for PNG only the chunks read with the header count."""
+    if im.format == "PNG":
+        raw = im.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+    else:
+        exif = im.getexif()
+    return int(exif.get(0x0112, 1) or 1)
+
+
 def _jpeg_truncated(data: bytes) -> bool:
     # libjpeg fills a truncated scan with grey and only warns; a complete JPEG ends with EOI (FF D9).
     return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
@@ -78,18 +103,22 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             fmt, (w, h), mode = im.format, im.size, im.mode
+            if w * h > max_pixels:
+                raise TooLargeError(f"{w}x{h} = {w * h / 1e6:.0f} MP exceeds input.max_pixels = "
+                                    f"{max_pixels / 1e6:.0f} MP")
             n_frames = getattr(im, "n_frames", 1)
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-    except Image.DecompressionBombError as e:  # Pillow's own guard fires at twice its limit
-        raise TooLargeError(f"image header claims too many pixels ({e})") from None
+            orientation = _orientation(im)
+    except TooLargeError:
+        raise
     except Exception as e:
         if "truncated" in str(e).lower():
             raise DecodeError("truncated file (cut short inside its header): re-copy it from the source") from None
+        sniffed = _sniff(data)
+        if sniffed:
+            raise DecodeError(f"corrupt {sniffed} file ({type(e).__name__}: {e}): re-copy it from the source") from None
         raise DecodeError(f"not a recognised image ({type(e).__name__}: {e})") from None
     if fmt not in FORMATS:
         raise DecodeError(f"unsupported format {fmt}; supported: {', '.join(FORMATS)}")
-    if w * h > max_pixels:
-        raise TooLargeError(f"{w}x{h} = {w * h / 1e6:.0f} MP exceeds input.max_pixels = {max_pixels / 1e6:.0f} MP")
     if fmt == "JPEG" and _jpeg_truncated(data):
         raise DecodeError("truncated JPEG (no end-of-image marker): the file was cut short; re-copy it")
     if n_frames > 1 and fmt != "TIFF":

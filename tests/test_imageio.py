@@ -52,7 +52,8 @@ _NOISE_JPEG = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (12
     (b"hello, I am a text file", imageio.DecodeError, "not a recognised image"),
     (_NOISE_JPEG[: len(_NOISE_JPEG) // 2], imageio.DecodeError, "truncated JPEG"),
     (_NOISE_JPEG[:300], imageio.DecodeError, "truncated file"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, imageio.DecodeError, "not a recognised image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, imageio.DecodeError, "corrupt PNG file"),
+    (b"GIF89a" + b"\x00" * 40, imageio.DecodeError, "corrupt GIF file"),
 ])
 def test_bad_bytes_give_a_message_a_person_can_act_on(data, status, words):
     with pytest.raises(status, match=words):

@@ -36,7 +36,8 @@ class Decoded:
     pixels: np.ndarray
     format: str                 # Pillow format name: JPEG, PNG, ...
     orientation: int            # EXIF orientation that was applied (1 = none)
-    grey: bool = False          # a monochrome master (by its mode, or colour channels that are all equal)
+    grey: bool = False          # a monochrome master: grey, sepia or toned (see _is_grey)
+    cmyk: bool = False          # converted from CMYK: the master's (CMYK) ICC profile no longer applies
     notes: str | None = None    # what a person should know: pages dropped, colour space converted
 
     @property
@@ -142,7 +143,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
     pixels = _apply_orientation(pixels, orientation)
-    return Decoded(pixels, fmt, orientation, grey=_is_grey(pixels, mode), notes="; ".join(notes) or None)
+    return Decoded(pixels, fmt, orientation, grey=_is_grey(pixels, mode), cmyk=mode == "CMYK",
+                   notes="; ".join(notes) or None)
 
 
 def _is_grey(pixels: np.ndarray, mode: str) -> bool:

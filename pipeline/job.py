@@ -97,6 +97,13 @@ def preflight(cfg: RunConfig, run_id: str) -> Preflight:
     return Preflight(manifest, resolved, cfg.fingerprint(hashes), any(r.untrained for r in resolved.values()))
 
 
+def _software(cfg: RunConfig, pre: Preflight) -> str:
+    """What restored the faces, for the derivative's metadata: tool, model and its weights' hash."""
+    w = pre.resolved[cfg.restore.model]
+    return (f"archive-restore {__version__}; {cfg.restore.model} "
+            + ("UNTRAINED" if w.untrained else f"sha256:{w.sha256[:16]}"))
+
+
 def _versions() -> dict[str, str]:
     import ray
     import torch
@@ -146,7 +153,8 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str) -> Non
         num_cpus=rp.restore_cpus, compute=ActorPoolStrategy(size=rp.restore_actors))
     ds = ds.map_batches(
         compose_batch, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
-                                  "untrained": pre.untrained, "passthrough": passthrough},
+                                  "untrained": pre.untrained, "passthrough": passthrough,
+                                  "software": _software(cfg, pre)},
         batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus)
     fs, path = storage.get_arrow_fs(resume.results_dir(cfg.output.root), cfg.storage)
     # The write must ask for exactly what Compose asks for, so Ray fuses the two into one task. A

@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 import pyarrow as pa
 
-from . import imageio, storage, weights
+from . import __version__, imageio, metadata, storage, weights
 from .config import RunConfig, detect_fingerprint
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .identity import arcface_matrix
@@ -181,8 +181,10 @@ class Compose:
     """Paste restored faces back, encode, write the derivative, and emit the result row. CPU task."""
 
     def __init__(self, cfg: RunConfig, run_id: str, fingerprint: str, untrained: bool,
-                 passthrough: pa.Schema | None = None):
+                 passthrough: pa.Schema | None = None, software: str | None = None):
         self.cfg, self.run_id, self.fingerprint, self.untrained = cfg, run_id, fingerprint, untrained
+        # Written into every derivative that had a face restored, next to the AI-edit label.
+        self.software = software or f"archive-restore {__version__}; {cfg.restore.model}"
         self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
         self.images_root = storage.join(cfg.output.root, "images")
 
@@ -229,6 +231,11 @@ class Compose:
                            luminance_only=luminance_only)
         fmt = imageio.output_format(row["src_format"], self.cfg.output.format)
         data = imageio.encode(master, imageio.FORMATS[fmt], self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
+        restored_any = any(f.get("action") == "restored" for f in faces)
+        data, note = metadata.carry(row["src_bytes"], data, fmt, restored=restored_any, software=self.software,
+                                    copy_icc=not img.cmyk)
+        if note:
+            row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
         uri = self._out_uri(row, fmt)
         storage.write_bytes(uri, data, self.cfg.storage)
         row.update(output_uri=uri, out_sha256=hashlib.sha256(data).hexdigest())

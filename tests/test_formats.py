@@ -3,6 +3,7 @@ the right status, the same faces as the 8-bit original, and a derivative that ke
 channels, monochrome and alpha, with untouched pixels bit-identical outside the faces (lossless formats)."""
 
 import io
+import json
 
 import cv2
 import numpy as np
@@ -140,3 +141,46 @@ def test_tinted_monochrome_keeps_its_tone_and_gets_no_colour(weights_dir, tmp_pa
         assert luma > 1, "the face was restored"
     assert chroma["auto"] < 1.5, "auto: the master's tone is kept inside the face"
     assert chroma["keep"] > 3 * chroma["auto"], "keep: the restored colour is pasted as is"
+
+
+def test_metadata_is_carried_and_restorations_are_labelled(weights_dir, tmp_path):
+    import pyexiv2
+    from PIL import ImageCms
+
+    from pipeline import metadata
+
+    im = Image.open(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg")).convert("RGB")
+    exif = Image.Exif()
+    exif[0x010F] = "Hasselblad"
+    exif[0x0112] = 1
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, fmt in (("m.jpg", "JPEG"), ("m.tif", "TIFF")):
+        b = io.BytesIO()
+        im.save(b, fmt, exif=exif, icc_profile=icc)
+        with pyexiv2.ImageData(b.getvalue()) as m:
+            m.modify_iptc({"Iptc.Application2.Caption": "Wedding, 1952"})
+            m.modify_xmp({"Xmp.dc.creator": ["Studio Weiss"]})
+            (tmp_path / name).write_bytes(m.get_bytes())
+    for policy in ("flag", "keep_original"):
+        cfg = load_config(None, test_overrides(weights_dir, tmp_path / policy), environ={})
+        batch = {"image_id": np.array(["j", "t"], object),
+                 "uri": np.array([str(tmp_path / "m.jpg"), str(tmp_path / "m.tif")], object)}
+        restored = Restore(cfg)(DecodeDetect(cfg, root=str(tmp_path) + "/")(batch)).to_pylist()
+        if policy == "keep_original":  # QA kept every original face: nothing changed, nothing labelled
+            for r in restored:
+                faces = json.loads(r["faces_json"])
+                for f in faces["faces"]:
+                    f["action"] = "kept_original"
+                r["faces_json"] = json.dumps(faces)
+        rows = Compose(cfg, "r", "f", True, software="archive-restore test; GFPGAN-tiny")(
+            pa.Table.from_pylist(restored)).to_pylist()
+        for r in rows:
+            md = metadata.read(open(r["output_uri"], "rb").read())
+            assert md["exif"]["Exif.Image.Make"] == "Hasselblad" and md["exif"]["Exif.Image.Orientation"] == "1"
+            assert md["iptc"]["Iptc.Application2.Caption"] == "Wedding, 1952"
+            assert md["xmp"]["Xmp.dc.creator"] == ["Studio Weiss"]
+            assert md["icc"] == icc
+            labelled = md["xmp"].get("Xmp.iptcExt.DigitalSourceType") == metadata.AI_SOURCE_TYPE
+            assert labelled is (policy == "flag"), (policy, r["uri"])
+            if labelled:
+                assert "GFPGAN-tiny" in md["exif"]["Exif.Image.Software"]

@@ -95,6 +95,9 @@ class OutputConfig(_Section):
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
     copy_no_face: bool = Field(False, description="Also write a derivative for images without faces.")
+    access_copy: bool = Field(False, description="Also write an 8-bit JPEG access copy to access/<key>.jpg.")
+    access_long_side: int = Field(2048, ge=16, description="Long side of the access copy (only ever downscaled).")
+    access_quality: int = Field(85, ge=1, le=100, description="JPEG quality of the access copy.")
     colour_policy: Literal["auto", "keep", "force_grey"] = Field(
         "auto", description="auto: monochrome masters (grey, sepia, tinted: found by chroma statistics) get only "
         "the restored faces' luminance, in the master's own tone; keep: paste the restored colour as is; "

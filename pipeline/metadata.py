@@ -28,20 +28,23 @@ def carry(master: bytes, derivative: bytes, fmt: str, *, restored: bool, softwar
     result row when something could not be carried (the derivative is then written without it)."""
     if fmt not in WRITABLE:
         return derivative, f"metadata not carried: {fmt} has no metadata blocks"
+    note = None
     try:
         with pyexiv2.ImageData(master) as src, pyexiv2.ImageData(derivative) as dst:
             # The master's thumbnail shows the unrestored, possibly unrotated picture: not carried. exiv2
-            # writes comments into JPEG only.
-            src.copy_to_another_image(dst, exif=True, iptc=True, xmp=True, comment=fmt == "JPEG", icc=copy_icc,
-                                      thumbnail=False)
-            dst.modify_exif({"Exif.Image.Orientation": "1"})  # the pixels are upright now
-            if restored:
-                dst.modify_xmp({"Xmp.iptcExt.DigitalSourceType": AI_SOURCE_TYPE, "Xmp.xmp.CreatorTool": software})
-                dst.modify_exif({"Exif.Image.Software": software})
-            return dst.get_bytes(), None
+            # writes comments into JPEG only, and refuses to copy an ICC profile that is absent.
+            src.copy_to_another_image(dst, exif=True, iptc=True, xmp=True, comment=fmt == "JPEG",
+                                      icc=copy_icc and bool(src.read_icc()), thumbnail=False)
+            derivative = dst.get_bytes()
     except Exception as e:  # exiv2 rejects some damaged metadata blocks: keep the pixels, say so
         log.warning("metadata not carried: %s", e)
-        return derivative, f"metadata not carried: {e}"
+        note = f"metadata not carried: {e}"
+    with pyexiv2.ImageData(derivative) as dst:
+        dst.modify_exif({"Exif.Image.Orientation": "1"})  # the pixels are upright now
+        if restored:  # the label must not depend on the master's metadata being readable
+            dst.modify_xmp({"Xmp.iptcExt.DigitalSourceType": AI_SOURCE_TYPE, "Xmp.xmp.CreatorTool": software})
+            dst.modify_exif({"Exif.Image.Software": software})
+        return dst.get_bytes(), note
 
 
 def read(data: bytes) -> dict:

@@ -42,6 +42,7 @@ RESULT_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("output_uri", pa.string()),
+        ("access_uri", pa.string()),         # the JPEG access copy, when output.access_copy is set
         ("src_sha256", pa.string()),
         ("out_sha256", pa.string()),
         ("width", pa.int32()),

@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Union
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -187,17 +188,33 @@ class Compose:
         self.software = software or f"archive-restore {__version__}; {cfg.restore.model}"
         self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
         self.images_root = storage.join(cfg.output.root, "images")
+        self.access_root = storage.join(cfg.output.root, "access")
 
     def __call__(self, batch: Batch) -> pa.Table:
         return rows_to_table([self.process(r) for r in _rows(batch)], self.schema)
 
-    def _out_uri(self, row: dict, fmt: str) -> str:
+    def _out_uri(self, row: dict, fmt: str, root: str | None = None) -> str:
         """The derivative keeps its input's key; the extension changes only when the format does."""
+        root = root or self.images_root
         key = row["output_key"]
         stem, dot, old = key.rpartition(".")
         if dot and "/" not in old and imageio.EXTENSIONS.get("." + old.lower()) == fmt:
-            return storage.join(self.images_root, key)
-        return storage.join(self.images_root, f"{stem if dot and '/' not in old else key}{imageio.FORMATS[fmt]}")
+            return storage.join(root, key)
+        return storage.join(root, f"{stem if dot and '/' not in old else key}{imageio.FORMATS[fmt]}")
+
+    def _write_access_copy(self, row: dict, master, restored: bool) -> None:
+        """A small 8-bit JPEG for browsing and the web; the derivative stays the archival master copy."""
+        o = self.cfg.output
+        px = imageio.to8(master)
+        h, w = px.shape[:2]
+        if max(h, w) > o.access_long_side:
+            f = o.access_long_side / max(h, w)
+            px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        data = imageio.encode(px, ".jpg", o.access_quality)
+        data, _ = metadata.carry(row["src_bytes"], data, "JPEG", restored=restored, software=self.software)
+        uri = self._out_uri(row, "JPEG", self.access_root)
+        storage.write_bytes(uri, data, self.cfg.storage)
+        row["access_uri"] = uri
 
     def process(self, row: dict) -> dict:
         t0 = time.perf_counter()
@@ -239,6 +256,8 @@ class Compose:
         uri = self._out_uri(row, fmt)
         storage.write_bytes(uri, data, self.cfg.storage)
         row.update(output_uri=uri, out_sha256=hashlib.sha256(data).hexdigest())
+        if self.cfg.output.access_copy:
+            self._write_access_copy(row, master, restored_any)
 
 
 def compose_batch(batch: Batch, **kwargs) -> pa.Table:

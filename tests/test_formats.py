@@ -184,3 +184,24 @@ def test_metadata_is_carried_and_restorations_are_labelled(weights_dir, tmp_path
             assert labelled is (policy == "flag"), (policy, r["uri"])
             if labelled:
                 assert "GFPGAN-tiny" in md["exif"]["Exif.Image.Software"]
+
+
+def test_fixed_output_format_and_access_copy(weights_dir, tmp_path):
+    from pipeline import metadata
+
+    bgr = cv2.imread(str(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg")))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "scan.jpg").write_bytes(cv2.imencode(".jpg", bgr)[1].tobytes())
+    cfg = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{
+        "output.format": "tiff", "output.access_copy": True, "output.access_long_side": 300,
+        "output.access_quality": 70}), environ={})
+    batch = {"image_id": np.array(["s"], object), "uri": np.array([str(tmp_path / "in" / "scan.jpg")], object)}
+    row = Compose(cfg, "r", "f", True)(Restore(cfg)(DecodeDetect(cfg, root=str(tmp_path / "in") + "/")(batch)))
+    r = row.to_pylist()[0]
+    assert r["output_uri"].endswith("/images/scan.tif")
+    assert imageio.decode(open(r["output_uri"], "rb").read(), 10**9).format == "TIFF"
+    assert r["access_uri"].endswith("/access/scan.jpg")
+    access = open(r["access_uri"], "rb").read()
+    a = imageio.decode(access, 10**9)
+    assert a.format == "JPEG" and max(a.width, a.height) == 300
+    assert metadata.read(access)["xmp"]["Xmp.iptcExt.DigitalSourceType"] == metadata.AI_SOURCE_TYPE

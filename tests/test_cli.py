@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 
-from conftest import REPO, test_overrides
+from conftest import REPO, free_port, test_overrides
 
 COMMANDS = [[], ["run"], ["manifest"], ["status"], ["report"], ["models"], ["models", "list"],
             ["models", "download"], ["models", "verify"], ["demo"]]
@@ -83,12 +83,6 @@ def test_status_and_report(tmp_path):
     assert "Faces flagged by identity QA (1)" in html and "0.200" in html
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_ray_job_submit_runs_the_job_on_a_ray_head(weights_dir, archive, tmp_path):
@@ -96,13 +90,13 @@ def test_ray_job_submit_runs_the_job_on_a_ray_head(weights_dir, archive, tmp_pat
     from pipeline.config import StorageConfig
 
     build_manifest(str(archive), str(tmp_path / "m.parquet"), StorageConfig())
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2",
          "--num-gpus=1", "--include-dashboard=true", "--disable-usage-stats",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120

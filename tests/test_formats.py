@@ -41,6 +41,7 @@ def _variants(rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
         "rgba.png": _save(im.convert("RGBA"), "PNG"),
         "grey16.png": cv2.imencode(".png", grey.astype(np.uint16) * 257)[1].tobytes(),
         "rgb16.tif": cv2.imencode(".tif", bgr16)[1].tobytes(),
+        "grey16.tif": cv2.imencode(".tif", grey.astype(np.uint16) * 257)[1].tobytes(),
         "lzw.tif": _save(im, "TIFF", compression="tiff_lzw"),
         "deflate.tif": _save(im, "TIFF", compression="tiff_adobe_deflate"),
         "cmyk.tif": _save(im.convert("CMYK"), "TIFF"),
@@ -50,7 +51,7 @@ def _variants(rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
     }
 
 
-LOSSLESS = {"palette.png", "grey.png", "grey_alpha.png", "rgba.png", "grey16.png", "rgb16.tif", "lzw.tif",
+LOSSLESS = {"palette.png", "grey.png", "grey_alpha.png", "rgba.png", "grey16.png", "rgb16.tif", "grey16.tif", "lzw.tif",
             "deflate.tif", "multipage.tif", "lossless.webp", "photo.bmp"}
 
 

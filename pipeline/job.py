@@ -214,8 +214,7 @@ def run(cfg: RunConfig) -> dict:
                           finished_at=datetime.now(timezone.utc).isoformat())
             resume.write_run_record(out, record, cfg.storage)
             raise
-        mine = resume.load_results(out, cfg.storage, columns=["run_id", "status", "n_faces", "detect_reused"])
-        mine = mine.filter(pc.equal(mine["run_id"], run_id)) if mine.num_rows else mine
+        mine = resume.load_results(out, cfg.storage, columns=["status", "n_faces", "detect_reused"], run_id=run_id)
         record.update(state="finished", finished_at=datetime.now(timezone.utc).isoformat(),
                       summary=summarize(mine, time.perf_counter() - t0), results=resume.results_dir(out))
     resume.write_run_record(out, record, cfg.storage)

@@ -41,8 +41,9 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def result_files(output_root: str, cfg: StorageConfig) -> list[str]:
-    fs, path = storage.get_fs(results_dir(output_root), cfg)
+def result_files(output_root: str, cfg: StorageConfig, run_id: str | None = None) -> list[str]:
+    where = results_dir(output_root)
+    fs, path = storage.get_fs(storage.join(where, f"run={run_id}") if run_id else where, cfg)
     if not fs.exists(path):
         return []
     return sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
@@ -59,13 +60,14 @@ def _read_columns(path: str, fs, columns: list[str] | None) -> pa.Table:
         return pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in present])
 
 
-def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None = None,
+                 run_id: str | None = None) -> pa.Table:
     """All readable result rows. A file torn by a killed writer is renamed aside (hidden), logged and
     skipped: its images were never recorded as done, so the next run redoes them."""
     fs, _ = storage.get_arrow_fs(output_root, cfg)
     ffs, _ = storage.get_fs(output_root, cfg)
     tables = []
-    for path in result_files(output_root, cfg):
+    for path in result_files(output_root, cfg, run_id):
         try:
             tables.append(_read_columns(path, fs, columns))
         except (pa.ArrowInvalid, OSError) as e:

@@ -79,7 +79,7 @@ class DecodeDetect:
             data = storage.read_bytes(row["uri"], self.cfg.storage)
         except FileNotFoundError:
             return _error(row, Status.READ_ERROR, "file not found: check the manifest's uri")
-        except (IsADirectoryError, PermissionError, OSError) as e:
+        except OSError as e:  # permission, directory, network after retries
             return _error(row, Status.READ_ERROR, f"cannot read: {type(e).__name__}: {e}")
         row["src_sha256"] = hashlib.sha256(data).hexdigest()
         try:

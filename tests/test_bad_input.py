@@ -2,7 +2,6 @@
 completes, every row has the expected status and a message a person can act on, nothing else is lost."""
 
 import io
-import shutil
 import struct
 import zlib
 

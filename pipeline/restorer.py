@@ -1,7 +1,8 @@
 """The GPU side: GFP-GAN over any number of aligned crops, in micro-batches, with identity scoring.
 
 uint8 crops go to the device as they are and are normalised there (4x less host-to-device traffic
-than float32); restored crops come back as uint8. Half-precision outputs that are non-finite or far
+than float32), from pinned memory on a side stream so that the next micro-batch's copy overlaps the
+current one's compute; restored crops come back as uint8. Half-precision outputs that are non-finite or far
 outside [-1, 1] are recomputed in fp32 and counted. A CUDA out-of-memory halves the micro-batch.
 """
 
@@ -82,7 +83,7 @@ class FaceRestorer:
         self.untrained = self.resolved.untrained or self.id_weights.untrained
 
     def _to_input(self, crops: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = crops.to(self.device, non_blocking=True).permute(0, 3, 1, 2).flip(1)  # BGR uint8 -> RGB
+        x = crops.to(self.device).permute(0, 3, 1, 2).flip(1)  # BGR uint8 -> RGB; already there on CUDA
         x = x.to(dtype).div_(127.5).sub_(1.0)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -102,7 +103,7 @@ class FaceRestorer:
             if bad.any():
                 idx = bad.nonzero().flatten()
                 out = out.float()
-                out[idx] = self._fp32()(self._to_input(crops[idx.cpu()], torch.float32))
+                out[idx] = self._fp32()(self._to_input(crops[idx], torch.float32))
                 fallback = bad
         rgb01 = ((out.float().clamp(-1, 1) + 1) * 0.5)
         in01 = x.float().add(1).mul(0.5)
@@ -119,20 +120,39 @@ class FaceRestorer:
         if n == 0:
             return out
         src = torch.from_numpy(np.ascontiguousarray(crops))
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             src = src.pin_memory()
+            copies = torch.cuda.Stream(self.device)
         mats = torch.from_numpy(np.asarray(arcface_mats, np.float32)).to(self.device)
+
+        def upload(a: int, b: int) -> torch.Tensor:
+            """Start copying crops[a:b] to the device on the side stream (a no-op view on CPU)."""
+            if not cuda:
+                return src[a:b]
+            with torch.cuda.stream(copies):
+                return src[a:b].to(self.device, non_blocking=True)
+
         start, mb = 0, self.micro_batch
+        ahead = upload(0, min(n, mb))
         while start < n:
             end = min(n, start + mb)
+            x = ahead
+            if cuda:  # the compute stream waits for its copy, and owns the tensor from here on
+                torch.cuda.current_stream(self.device).wait_stream(copies)
+                x.record_stream(torch.cuda.current_stream(self.device))
+            # The next micro-batch's copy runs while this one computes.
+            ahead = upload(end, min(n, end + mb)) if end < n else None
             try:
-                faces, sim, fb = self._run_chunk(src[start:end], mats[start:end])
+                faces, sim, fb = self._run_chunk(x, mats[start:end])
             except torch.cuda.OutOfMemoryError:
                 if mb == 1:
                     raise
                 mb = max(1, mb // 2)
+                del x, ahead
                 torch.cuda.empty_cache()
                 log.warning("CUDA out of memory; micro-batch lowered to %d", mb)
+                ahead = upload(start, min(n, start + mb))
                 continue
             out.faces[start:end], out.similarity[start:end], out.fp32_fallback[start:end] = faces, sim, fb
             start = end

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import restorer
 from pipeline.config import load_config
@@ -60,3 +61,16 @@ def test_half_precision_outputs_out_of_range_are_recomputed_in_fp32(weights_dir,
 def test_fp16_on_cpu_is_refused(weights_dir, tmp_path):
     with pytest.raises(ValueError, match="needs CUDA"):
         restorer.FaceRestorer(_cfg(weights_dir, tmp_path, **{"restore.precision": "fp16"}))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_restorer_on_cuda_matches_fp32_and_stays_finite(weights_dir, tmp_path):
+    crops, mats = _faces(37, seed=5)  # not a multiple of the micro-batch: exercises the prefetch tail
+    crops[0], crops[1] = 0, 255       # all-black, all-white
+    half = restorer.FaceRestorer(_cfg(weights_dir, tmp_path, **{"restore.micro_batch": 8}), device="cuda")
+    full = restorer.FaceRestorer(_cfg(weights_dir, tmp_path, **{"restore.precision": "fp32"}), device="cuda")
+    a, b = half.restore(crops, mats), full.restore(crops, mats)
+    assert half.dtype == torch.float16 and np.isfinite(a.similarity).all()
+    assert np.abs(a.faces.astype(int) - b.faces.astype(int)).mean() < 2
+    assert np.allclose(a.similarity, b.similarity, atol=0.02)

@@ -4,10 +4,8 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +14,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 
-from conftest import REPO, free_port, test_overrides
+from conftest import REPO, free_port, test_overrides, wait_for_port
 
 COMMANDS = [[], ["run"], ["manifest"], ["status"], ["report"], ["models"], ["models", "list"],
             ["models", "download"], ["models", "verify"], ["demo"]]
@@ -99,13 +97,7 @@ def test_ray_job_submit_runs_the_job_on_a_ray_head(weights_dir, archive, tmp_pat
          f"--ray-client-server-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(1)
+        assert wait_for_port(dash, 120), "the Ray head's dashboard did not come up"
         out = tmp_path / "out"
         o = test_overrides(weights_dir, out)
         args = ["-m", str(tmp_path / "m.parquet"), "-o", str(out), "--weights-dir", o["weights_dir"],

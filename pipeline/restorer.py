@@ -77,8 +77,7 @@ class FaceRestorer:
             except Exception as e:  # no compiler toolchain, unsupported platform
                 log.warning("torch.compile unavailable (%s); running eagerly", e)
         self.micro_batch = cfg.restore.micro_batch
-        id_name = cfg.qa.onnx_model if cfg.qa.identity_backend == "onnx" else "arcface_ir_se50"
-        self.id_weights = weights.resolve(id_name, cfg)
+        self.id_weights = weights.resolve(weights.identity_model(cfg.qa), cfg)
         self.scorer = identity.build_scorer(cfg.qa, self.id_weights, self.device)
         self.untrained = self.resolved.untrained or self.id_weights.untrained
 

@@ -15,7 +15,6 @@ import fsspec
 import pyarrow.fs as pafs
 
 from .config import StorageConfig
-from .errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +96,6 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
         raise
 
 
-def exists(uri: str, cfg: StorageConfig) -> bool:
-    fs, path = get_fs(uri, cfg)
-    return fs.exists(path)
-
-
 def is_inside(child: str, parent: str) -> bool:
     """Whether ``child`` equals or lies below ``parent`` (both normalised, compared by path segments)."""
     c, p = normalize(child).rstrip("/"), normalize(parent).rstrip("/")
@@ -155,7 +149,3 @@ def output_key(uri: str, root: str, image_id: str) -> str:
         return sanitize_key(rel)
     except ValueError:
         return f"_external/{image_id}/image"
-
-
-def storage_error(uri: str, e: Exception) -> StorageError:
-    return StorageError(f"{uri}: {type(e).__name__}: {e}")

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RunConfig
+from .config import QAConfig, RunConfig
 from .errors import WeightsError
 from . import storage
 
@@ -86,11 +86,14 @@ def spec_for(name: str) -> WeightSpec:
     raise WeightsError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
 
 
+def identity_model(qa: QAConfig) -> str:
+    """Registry name (or ONNX path) of the identity network the QA settings use."""
+    return qa.onnx_model if qa.identity_backend == "onnx" else "arcface_ir_se50"
+
+
 def models_needed(cfg: RunConfig) -> list[str]:
     """Registry names (or ONNX paths) the run's settings use."""
-    names = [cfg.restore.model, cfg.detect.model]
-    names.append(cfg.qa.onnx_model if cfg.qa.identity_backend == "onnx" else "arcface_ir_se50")
-    return names
+    return [cfg.restore.model, cfg.detect.model, identity_model(cfg.qa)]
 
 
 def _spec_or_path(name: str) -> tuple[WeightSpec, Path | None]:

@@ -21,6 +21,7 @@ from . import __version__, resume, storage, weights
 from .config import ClusterConfig, RunConfig
 from .errors import ConfigError, StorageError
 from .manifest import Manifest, read_manifest
+from .report import count_by_status
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str) -> Non
 
 
 def summarize(results: pa.Table, elapsed_s: float) -> dict:
-    by_status = {}
-    if results.num_rows:
-        for row in results.group_by("status").aggregate([("status", "count")]).to_pylist():
-            by_status[row["status"]] = row["status_count"]
+    by_status = count_by_status(results)
     faces = int(pc.sum(results["n_faces"]).as_py() or 0) if results.num_rows else 0
     reused = int(pc.sum(pc.cast(pc.fill_null(results["detect_reused"], False), pa.int64())).as_py() or 0) \
         if results.num_rows and "detect_reused" in results.column_names else 0

@@ -12,20 +12,26 @@ from . import resume, storage
 from .config import StorageConfig
 
 
+def count_by_status(results: pa.Table) -> dict[str, int]:
+    """Rows per status, sorted by status name."""
+    if not results.num_rows:
+        return {}
+    counts = results.group_by("status").aggregate([("status", "count")]).to_pylist()
+    return dict(sorted((r["status"], r["status_count"]) for r in counts))
+
+
 def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = None,
-           fingerprint: str | None = None) -> dict:
-    """Counts over the latest row per image; with a manifest (and fingerprint), what remains to do."""
-    results = resume.load_results(output_root, cfg, columns=resume.LEDGER_COLUMNS + ["n_faces", "run_id"])
+           fingerprint: str | None = None, results: pa.Table | None = None) -> dict:
+    """Counts over the latest row per image; with a manifest (and fingerprint), what remains to do.
+    ``results``: the ledger when the caller already loaded it (with at least the ledger columns and n_faces)."""
+    if results is None:
+        results = resume.load_results(output_root, cfg, columns=resume.LEDGER_COLUMNS + ["n_faces", "run_id"])
     latest = resume.latest_rows(results)
-    by_status: dict[str, int] = {}
-    if latest.num_rows:
-        for r in latest.group_by("status").aggregate([("status", "count")]).to_pylist():
-            by_status[r["status"]] = r["status_count"]
     out = {
         "output": output_root,
         "images": latest.num_rows,
         "result_rows": results.num_rows,
-        "by_status": dict(sorted(by_status.items())),
+        "by_status": count_by_status(latest),
         "faces": int(pc.sum(latest["n_faces"]).as_py() or 0) if latest.num_rows else 0,
         "runs": [{k: r.get(k) for k in ("run_id", "state", "fingerprint", "started_at", "finished_at", "summary")}
                  for r in resume.read_run_records(output_root, cfg)],
@@ -38,8 +44,9 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
     return out
 
 
-def flagged_faces(output_root: str, cfg: StorageConfig, limit: int = 200) -> list[dict]:
-    results = resume.latest_rows(resume.load_results(output_root, cfg))
+def flagged_faces(results: pa.Table, limit: int = 200) -> list[dict]:
+    """Faces flagged by identity QA in the latest row per image, least similar first."""
+    results = resume.latest_rows(results)
     rows = []
     if not results.num_rows or "faces" not in results.column_names:
         return rows
@@ -54,8 +61,9 @@ def flagged_faces(output_root: str, cfg: StorageConfig, limit: int = 200) -> lis
 
 
 def render_html(output_root: str, cfg: StorageConfig) -> str:
-    st = status(output_root, cfg)
-    flagged = flagged_faces(output_root, cfg)
+    results = resume.load_results(output_root, cfg)  # once, for the counts and the flagged faces
+    st = status(output_root, cfg, results=results)
+    flagged = flagged_faces(results)
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in st["by_status"].items())
     runs = "".join(

@@ -37,43 +37,55 @@ def arcface_matrix(landmarks_in_crop: np.ndarray) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def _theta(m: torch.Tensor, src: int, dst: int) -> torch.Tensor:
-    """cv2-style pixel matrices (n,2,3) src->dst  ->  affine_grid thetas (dst normalised -> src normalised)."""
-    n = m.shape[0]
-    full = torch.zeros(n, 3, 3, dtype=torch.float64, device=m.device)
-    full[:, :2] = m.double()
+def arcface_theta(matrices: np.ndarray, src: int = _PRE_SIZE, dst: int = 112) -> np.ndarray:
+    """cv2-style pixel matrices (n,2,3) src->dst  ->  ``affine_grid`` thetas (dst normalised -> src normalised).
+
+    Computed on the host once per batch: a matrix inverse on the device would make the host wait for it.
+    """
+    n = len(matrices)
+    full = np.zeros((n, 3, 3))
+    full[:, :2] = matrices
     full[:, 2, 2] = 1
-    inv = torch.linalg.inv(full)
-    to_norm = torch.tensor([[2 / src, 0, 1 / src - 1], [0, 2 / src, 1 / src - 1], [0, 0, 1]], dtype=torch.float64,
-                           device=m.device)
-    from_norm = torch.tensor([[dst / 2, 0, (dst - 1) / 2], [0, dst / 2, (dst - 1) / 2], [0, 0, 1]],
-                             dtype=torch.float64, device=m.device)
-    return (to_norm @ inv @ from_norm)[:, :2].float()
+    to_norm = np.array([[2 / src, 0, 1 / src - 1], [0, 2 / src, 1 / src - 1], [0, 0, 1]])
+    from_norm = np.array([[dst / 2, 0, (dst - 1) / 2], [0, dst / 2, (dst - 1) / 2], [0, 0, 1]])
+    return (to_norm @ np.linalg.inv(full) @ from_norm)[:, :2].astype(np.float32)
 
 
-def align_112(crops: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """(n,3,512,512) float RGB in [0,1] + (n,2,3) -> (n,3,112,112) ArcFace-aligned faces."""
-    small = F.avg_pool2d(crops.float(), _PRE)
-    theta = _theta(matrices.to(crops.device), _PRE_SIZE, 112)
-    grid = F.affine_grid(theta, [crops.shape[0], 3, 112, 112], align_corners=False)
+def align_112(crops: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """(n,3,512,512) RGB in [0,1] (any float dtype) + (n,2,3) thetas -> (n,3,112,112) fp32 ArcFace-aligned faces."""
+    small = F.avg_pool2d(crops, _PRE).float()
+    grid = F.affine_grid(theta.to(small.device), [crops.shape[0], 3, 112, 112], align_corners=False)
     return F.grid_sample(small, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class ArcFaceIRSE50:
-    """facexlib's ArcFace (IR-SE50, 512-d); input RGB normalised to [-1, 1]."""
+    """facexlib's ArcFace (IR-SE50, 512-d); input RGB normalised to [-1, 1].
 
-    def __init__(self, weights: Resolved, device: torch.device):
+    Runs in the restoring dtype (in fp32 it would cost a third of GFP-GAN's time on a tensor-core GPU);
+    the final L2 normalisation, a 512-term sum of squares, runs in fp32.
+    """
+
+    def __init__(self, weights: Resolved, device: torch.device, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False):
         from facexlib.recognition.arcface_arch import Backbone
 
         torch.manual_seed(0)
         self.net = Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
         if not weights.untrained:
             self.net.load_state_dict(load_torch_file(weights.path), strict=True)
-        self.net.eval().to(device)
+        self.net.eval().to(device, dtype)
+        self.dtype, self.channels_last = dtype, channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def embed(self, faces112: torch.Tensor) -> torch.Tensor:
-        return self.net((faces112.float() - 0.5) / 0.5).float()
+        x = faces112.sub(0.5).div(0.5).to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self.net
+        feat = net.body(net.input_layer(x)).contiguous()  # its Flatten is a view: NCHW order, not NHWC
+        return F.normalize(net.output_layer(feat).float(), dim=1)
 
 
 class OnnxEmbedder:
@@ -109,8 +121,12 @@ class OnnxEmbedder:
         return torch.from_numpy(e).float()
 
 
-def build_scorer(cfg: QAConfig, weights: Resolved, device: torch.device):
-    return OnnxEmbedder(weights) if cfg.identity_backend == "onnx" else ArcFaceIRSE50(weights, device)
+def build_scorer(cfg: QAConfig, weights: Resolved, device: torch.device, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False):
+    """The configured embedder; ``dtype``/``channels_last`` apply to the torch backend (ONNX runs fp32 on CPU)."""
+    if cfg.identity_backend == "onnx":
+        return OnnxEmbedder(weights)
+    return ArcFaceIRSE50(weights, device, dtype, channels_last)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,15 @@
 """The GPU side: GFP-GAN over any number of aligned crops, in micro-batches, with identity scoring.
 
-uint8 crops go to the device as they are and are normalised there (4x less host-to-device traffic
-than float32), from pinned memory on a side stream so that the next micro-batch's copy overlaps the
-current one's compute; restored crops come back as uint8. Half-precision outputs that are non-finite or far
-outside [-1, 1] are recomputed in fp32 and counted. A CUDA out-of-memory halves the micro-batch.
+The device is kept busy by a two-deep pipeline: uint8 crops go to the device as they are and are
+normalised there (4x less host-to-device traffic than float32), from pinned memory on a side stream, so
+the next micro-batch's copy overlaps the current one's compute; restored uint8 crops, similarities and
+the guard's verdict come back with non-blocking copies, and are read only after the next micro-batch
+has been queued. The host therefore never waits on the device with the device idle (with the torch
+ArcFace; an ONNX scorer runs on the host and waits for its inputs).
+
+Half precision is guarded: a face whose half-precision restoration is non-finite or far outside
+[-1, 1], or whose identity score is non-finite, is recomputed in fp32 and counted. A CUDA out-of-memory
+halves the micro-batch.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import numpy as np
 import torch
 
 from . import identity, weights
+from .accel import accelerate
 from .config import RunConfig
 from .errors import WeightsError
-from .models.gfpgan import checkpoint_filter_fn, gfpgan_v1_clean, load_state_dict_strict
+from .models.gfpgan import checkpoint_filter_fn, gfpgan_v1_clean, load_state_dict_strict, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +59,43 @@ def build_gfpgan(cfg: RunConfig) -> tuple[torch.nn.Module, weights.Resolved]:
 class Restored:
     faces: np.ndarray            # (n, 512, 512, 3) uint8 BGR
     similarity: np.ndarray       # (n,) float32 cosine(input, restored); NaN where not scored
-    fp32_fallback: np.ndarray    # (n,) bool: recomputed in fp32 after a bad half-precision output
+    fp32_fallback: np.ndarray    # (n,) bool: recomputed in fp32 after a bad half-precision result
+
+
+@dataclass
+class _InFlight:
+    """One micro-batch queued on the device; its host tensors are filled when ``done`` has passed."""
+    start: int
+    end: int
+    faces: torch.Tensor          # (m, 512, 512, 3) uint8
+    similarity: torch.Tensor     # (m,) float32
+    bad: torch.Tensor            # (m,) bool
+    done: torch.cuda.Event | None
 
 
 class FaceRestorer:
     def __init__(self, cfg: RunConfig, device: str | torch.device | None = None):
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cuda = self.device.type == "cuda"
         self.dtype = resolve_dtype(cfg.restore.precision, self.device)
-        if self.device.type == "cpu" and self.dtype == torch.float16:
+        if not self.cuda and self.dtype == torch.float16:
             raise ValueError("restore.precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
-        if self.device.type == "cpu":
+        if not self.cuda:
             torch.set_num_threads(cfg.restore.cpu_threads or os.cpu_count() or 1)
+        else:  # micro-batches have few distinct shapes: let cuDNN time its algorithms once per shape
+            torch.backends.cudnn.benchmark = True
         model, self.resolved = build_gfpgan(cfg)
         self.fp32_model = model if self.dtype == torch.float32 else None
         self.model = model.to(self.device, self.dtype)
-        self.channels_last = cfg.restore.channels_last and self.device.type == "cuda"
+        self.channels_last = cfg.restore.channels_last
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = self.model
-        if cfg.restore.compile:
-            try:
-                self.forward = torch.compile(self.model)
-            except Exception as e:  # no compiler toolchain, unsupported platform
-                log.warning("torch.compile unavailable (%s); running eagerly", e)
+            self.model = to_channels_last(self.model)
+        self.forward, self.fixed_shape = accelerate(self.model, cfg.restore.compile, cfg.restore.cuda_graphs)
         self.micro_batch = cfg.restore.micro_batch
         self.id_weights = weights.resolve(weights.identity_model(cfg.qa), cfg)
-        self.scorer = identity.build_scorer(cfg.qa, self.id_weights, self.device)
+        self.scorer = identity.build_scorer(cfg.qa, self.id_weights, self.device, self.dtype, self.channels_last)
+        self.scorer32 = self.scorer if self.dtype == torch.float32 else None
         self.untrained = self.resolved.untrained or self.id_weights.untrained
 
     def _to_input(self, crops: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -86,31 +103,65 @@ class FaceRestorer:
         x = x.to(dtype).div_(127.5).sub_(1.0)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _fp32(self) -> torch.nn.Module:
-        """The fallback model, from the original checkpoint (not the half weights), built on first need."""
+    def _fp32(self) -> tuple[torch.nn.Module, object]:
+        """The fallback model (from the original checkpoint, not the half weights) and scorer, built on first need."""
         if self.fp32_model is None:
-            self.fp32_model = build_gfpgan(self.cfg)[0].to(self.device)
-        return self.fp32_model
+            model = build_gfpgan(self.cfg)[0].to(self.device)
+            self.fp32_model = to_channels_last(model) if self.channels_last else model
+        if self.scorer32 is None:
+            self.scorer32 = identity.build_scorer(self.cfg.qa, self.id_weights, self.device)
+        return self.fp32_model, self.scorer32
 
-    @torch.inference_mode()
-    def _run_chunk(self, crops: torch.Tensor, mats: torch.Tensor):
-        x = self._to_input(crops, self.dtype)
-        out = self.forward(x)
-        fallback = torch.zeros(len(x), dtype=torch.bool, device=self.device)
-        if self.dtype != torch.float32:
-            bad = ~torch.isfinite(out).flatten(1).all(1) | (out.float().abs().flatten(1).amax(1) > _MAX_ABS_VALID)
-            if bad.any():
-                idx = bad.nonzero().flatten()
-                out = out.float()
-                out[idx] = self._fp32()(self._to_input(crops[idx], torch.float32))
-                fallback = bad
-        rgb01 = ((out.float().clamp(-1, 1) + 1) * 0.5)
-        in01 = x.float().add(1).mul(0.5)
-        faces112 = identity.align_112(torch.cat([in01, rgb01]), torch.cat([mats, mats]))
-        emb = self.scorer.embed(faces112)
+    def _finish(self, x: torch.Tensor, out: torch.Tensor, theta: torch.Tensor, scorer):
+        """Network input and output -> uint8 BGR faces and cosine(input, restored), still on the device."""
+        rgb01 = out.clamp(-1, 1).add(1).mul(0.5)
+        in01 = x.add(1).mul(0.5)
+        emb = scorer.embed(identity.align_112(torch.cat([in01, rgb01]), torch.cat([theta, theta])))
         sim = identity.cosine(emb[: len(x)], emb[len(x):])
-        restored = rgb01.mul(255).round().to(torch.uint8).flip(1).permute(0, 2, 3, 1)
-        return restored.cpu().numpy(), sim.cpu().numpy(), fallback.cpu().numpy()
+        faces = out.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).flip(1).permute(0, 2, 3, 1)
+        return faces, sim
+
+    def _launch(self, crops: torch.Tensor, theta: torch.Tensor, start: int) -> _InFlight:
+        """Queue one micro-batch (``crops`` already on the device) and its copies back to pinned host memory."""
+        m = len(crops)
+        if self.fixed_shape and m < self.micro_batch:  # compiled/graphed forwards specialise on the shape
+            crops = torch.cat([crops, crops.new_zeros((self.micro_batch - m, *crops.shape[1:]))])
+        with torch.inference_mode():
+            x = self._to_input(crops, self.dtype)
+            out = self.forward(x)[:m]
+            x = x[:m]
+            if self.dtype == torch.float32:
+                bad = torch.zeros(m, dtype=torch.bool, device=self.device)
+            else:  # NaN fails the comparison too
+                bad = ~(out.abs().flatten(1).amax(1).float() <= _MAX_ABS_VALID)
+            faces, sim = self._finish(x, out, theta, self.scorer)
+        if not self.cuda:
+            return _InFlight(start, start + m, faces, sim.float(), bad, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (faces, sim, bad)]
+        for h, t in zip(host, (faces, sim.float(), bad)):
+            h.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return _InFlight(start, start + m, *host, done)
+
+    def _collect(self, job: _InFlight, src: torch.Tensor, theta: torch.Tensor, out: Restored) -> None:
+        """Wait for a queued micro-batch, store it, and recompute in fp32 what half precision got wrong."""
+        if job.done is not None:
+            job.done.synchronize()
+        sl = slice(job.start, job.end)
+        out.faces[sl] = job.faces.numpy()
+        out.similarity[sl] = job.similarity.numpy()
+        redo = job.bad.numpy() | (~np.isfinite(out.similarity[sl]) if self.dtype != torch.float32 else False)
+        if not redo.any():
+            return
+        idx = np.flatnonzero(redo) + job.start
+        model, scorer = self._fp32()
+        with torch.inference_mode():
+            x = self._to_input(src[torch.from_numpy(idx)], torch.float32)
+            faces, sim = self._finish(x, model(x), theta[torch.from_numpy(idx).to(theta.device)], scorer)
+        out.faces[idx], out.similarity[idx] = faces.cpu().numpy(), sim.float().cpu().numpy()
+        out.fp32_fallback[idx] = True
+        log.info("%d face(s) recomputed in fp32 after a bad %s result", len(idx), self.dtype)
 
     def restore(self, crops: np.ndarray, arcface_mats: np.ndarray) -> Restored:
         """``crops``: (n,512,512,3) uint8 BGR; ``arcface_mats``: (n,2,3) from ``identity.arcface_matrix``."""
@@ -119,40 +170,47 @@ class FaceRestorer:
         if n == 0:
             return out
         src = torch.from_numpy(np.ascontiguousarray(crops))
-        cuda = self.device.type == "cuda"
-        if cuda:
-            src = src.pin_memory()
+        if self.cuda:
             copies = torch.cuda.Stream(self.device)
-        mats = torch.from_numpy(np.asarray(arcface_mats, np.float32)).to(self.device)
+        theta = torch.from_numpy(identity.arcface_theta(np.asarray(arcface_mats, np.float64))).to(self.device)
 
         def upload(a: int, b: int) -> torch.Tensor:
-            """Start copying crops[a:b] to the device on the side stream (a no-op view on CPU)."""
-            if not cuda:
+            """Start copying crops[a:b] to the device on the side stream (a no-op view on CPU).
+
+            Pinned per micro-batch, while the device computes the one before, rather than the whole
+            batch up front; the pinned block is not reused before its copy has finished.
+            """
+            if not self.cuda:
                 return src[a:b]
             with torch.cuda.stream(copies):
-                return src[a:b].to(self.device, non_blocking=True)
+                return src[a:b].pin_memory().to(self.device, non_blocking=True)
 
         start, mb = 0, self.micro_batch
+        pending: _InFlight | None = None
         ahead = upload(0, min(n, mb))
         while start < n:
             end = min(n, start + mb)
             x = ahead
-            if cuda:  # the compute stream waits for its copy, and owns the tensor from here on
+            if self.cuda:  # the compute stream waits for its copy, and owns the tensor from here on
                 torch.cuda.current_stream(self.device).wait_stream(copies)
                 x.record_stream(torch.cuda.current_stream(self.device))
-            # The next micro-batch's copy runs while this one computes.
             ahead = upload(end, min(n, end + mb)) if end < n else None
             try:
-                faces, sim, fb = self._run_chunk(x, mats[start:end])
+                job = self._launch(x, theta[start:end], start)
             except torch.cuda.OutOfMemoryError:
                 if mb == 1:
                     raise
-                mb = max(1, mb // 2)
+                job = None
+            if job is None:  # out of the except block, so its frames no longer hold device memory
+                mb = self.micro_batch = max(1, mb // 2)
                 del x, ahead
                 torch.cuda.empty_cache()
                 log.warning("CUDA out of memory; micro-batch lowered to %d", mb)
                 ahead = upload(start, min(n, start + mb))
                 continue
-            out.faces[start:end], out.similarity[start:end], out.fp32_fallback[start:end] = faces, sim, fb
-            start = end
+            # Read the previous micro-batch only now that this one is queued behind it.
+            if pending is not None:
+                self._collect(pending, src, theta, out)
+            pending, start = job, end
+        self._collect(pending, src, theta, out)
         return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.models.gfpgan import (ModulatedConv2d, checkpoint_filter_fn, gfpgan_v1_clean,
-                                    load_state_dict_strict)
+                                    load_state_dict_strict, to_channels_last)
 
 from conftest import FIXTURES, need
 
@@ -35,6 +35,25 @@ def test_reproduces_the_official_golden_output(tiny, impl):
         single = model(io["input"][1:])
     assert (out - io["output"]).abs().max().item() < 1e-3
     assert (single - io["output"][1:]).abs().max().item() < 1e-3  # batch composition does not change a face
+
+
+@pytest.mark.parametrize("impl", ["batched", "grouped"])
+def test_channels_last_layout_reproduces_the_golden_output(impl):
+    """The GPU's NHWC layout, checked on CPU (``Module.to(memory_format=...)`` refuses the 5-D weights)."""
+    cfg = json.loads(need(FIXTURES / "gfpgan_tiny_a_config.json").read_text())
+    model = to_channels_last(gfpgan_v1_clean(num_style_feat=cfg["num_style_feat"], narrow=cfg["narrow"]).eval())
+    ckpt = torch.load(FIXTURES / "gfpgan_tiny_a_checkpoint.pth", weights_only=True)
+    load_state_dict_strict(model, checkpoint_filter_fn(ckpt), "tiny")
+    io = torch.load(FIXTURES / "gfpgan_tiny_a_io.pth", weights_only=True)
+    conv = model.stylegan_decoder.style_convs[0].modulated_conv
+    assert conv.weight[0].is_contiguous(memory_format=torch.channels_last)
+    assert model.conv_body_first.weight.is_contiguous(memory_format=torch.channels_last)
+    x = io["input"].contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = model.set_modconv_impl(impl)(x)
+        single = model(x[:1])
+    assert (out - io["output"]).abs().max().item() < 1e-3
+    assert (single - io["output"][:1]).abs().max().item() < 1e-3
 
 
 @pytest.mark.parametrize("batch", [1, 5])

@@ -108,7 +108,7 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate:
             demod = torch.rsqrt(weight.float().pow(2).sum([2, 3, 4]) + self.eps).to(weight.dtype)
             weight = weight * demod.view(b, self.out_channels, 1, 1, 1)
-        weight = weight.view(b * self.out_channels, c, self.kernel_size, self.kernel_size)
+        weight = weight.reshape(b * self.out_channels, c, self.kernel_size, self.kernel_size)  # any layout
         if self.upsample:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         h, w = x.shape[2:]
@@ -319,6 +319,19 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
                  (("missing:", missing), ("unexpected:", unexpected), ("shape mismatch:", mismatched)) if xs]
         raise ValueError(f"{source} does not match the architecture: " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC layout for every 4-D parameter and buffer, as ``Module.to(memory_format=torch.channels_last)``
+    would do, which refuses the 5-D modulated weights (1, out, in, k, k): those get the layout whose
+    ``[0]`` view, the shared convolution weight, is NHWC. Values and ``state_dict`` are unchanged."""
+    nhwc = torch.channels_last
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=nhwc)
+        elif t.dim() == 5:
+            t.data = t.data[0].contiguous(memory_format=nhwc).unsqueeze(0)
+    return model
 
 
 def gfpgan_v1_clean(**overrides) -> GFPGANv1Clean:

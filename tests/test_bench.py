@@ -1,0 +1,26 @@
+"""The benchmark scripts run and print their machine-readable last line (figures checked elsewhere: BENCHMARKS.md)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gfpgan_throughput_runs_every_row():
+    """--smoke runs the CUDA-only rows' code on CPU (bf16, CUDA graphs falling back) with a tiny model."""
+    r = subprocess.run([sys.executable, "bench/gfpgan_throughput.py", "--smoke", "--repeat", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    for row in ("official-style loop", "ours fp32 auto", "ours bf16 channels_last (micro-batch 4)",
+                "ours bf16 + CUDA graphs (micro-batch 1) [fell back]", "FaceRestorer bf16 end to end"):
+        assert any(line.startswith(row) for line in lines), (row, r.stdout)
+    figures = dict(kv.split("=") for kv in lines[-1].split())
+    assert set(figures) == {"speedup_fp32_vs_official_loop", "speedup_bf16_vs_official_loop",
+                            "roofline_fraction", "actor_fraction_of_model"}
+    assert all(re.fullmatch(r"\d+\.\d+", v) and float(v) > 0 for v in figures.values()), figures

@@ -88,7 +88,7 @@ class FaceRestorer:
         model, self.resolved = build_gfpgan(cfg)
         self.fp32_model = model if self.dtype == torch.float32 else None
         self.model = model.to(self.device, self.dtype)
-        self.channels_last = cfg.restore.channels_last
+        self.channels_last = self.cuda if cfg.restore.channels_last is None else cfg.restore.channels_last
         if self.channels_last:
             self.model = to_channels_last(self.model)
         self.forward, self.fixed_shape = accelerate(self.model, cfg.restore.compile, cfg.restore.cuda_graphs)

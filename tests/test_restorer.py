@@ -11,7 +11,9 @@ from conftest import test_overrides
 
 
 def _cfg(weights_dir, tmp_path, **kw):
-    return load_config(None, test_overrides(weights_dir, tmp_path, **kw), environ={})
+    """NHWC on CPU too, so that these tests run the layout the GPU runs."""
+    return load_config(None, test_overrides(weights_dir, tmp_path, **{"restore.channels_last": True, **kw}),
+                       environ={})
 
 
 def _faces(n, seed=0):
@@ -122,6 +124,12 @@ def test_torch_compile_restores_like_eager(weights_dir, tmp_path):
     assert fr.forward.active, "torch.compile fell back to eager"
     assert np.abs(out.faces.astype(int) - ref.faces.astype(int)).max() <= 1
     assert np.allclose(out.similarity, ref.similarity, atol=1e-4)
+
+
+def test_channels_last_is_cuda_only_unless_asked(fr, weights_dir, tmp_path):
+    assert fr.channels_last and fr.model.conv_body_first.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = restorer.FaceRestorer(load_config(None, test_overrides(weights_dir, tmp_path), environ={}))
+    assert not plain.channels_last and plain.model.conv_body_first.weight.is_contiguous()
 
 
 def test_fp16_on_cpu_is_refused(weights_dir, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,10 +65,9 @@ class Restored:
 
 @dataclass
 class _InFlight:
-    """One micro-batch queued on the device; its host tensors are filled when ``done`` has passed."""
+    """One micro-batch queued on the device; its results are on the host when ``done`` has passed."""
     start: int
     end: int
-    faces: torch.Tensor          # (m, 512, 512, 3) uint8
     similarity: torch.Tensor     # (m,) float32
     bad: torch.Tensor            # (m,) bool
     done: torch.cuda.Event | None
@@ -121,8 +121,9 @@ class FaceRestorer:
         faces = out.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).flip(1).permute(0, 2, 3, 1)
         return faces, sim
 
-    def _launch(self, crops: torch.Tensor, theta: torch.Tensor, start: int) -> _InFlight:
-        """Queue one micro-batch (``crops`` already on the device) and its copies back to pinned host memory."""
+    def _launch(self, crops: torch.Tensor, theta: torch.Tensor, start: int, dest: torch.Tensor) -> _InFlight:
+        """Queue one micro-batch (``crops`` already on the device) and its copies back to the host: the
+        restored faces straight into ``dest`` (pinned on CUDA), the rest into small pinned buffers."""
         m = len(crops)
         if self.fixed_shape and m < self.micro_batch:  # compiled/graphed forwards specialise on the shape
             crops = torch.cat([crops, crops.new_zeros((self.micro_batch - m, *crops.shape[1:]))])
@@ -135,10 +136,11 @@ class FaceRestorer:
             else:  # NaN fails the comparison too
                 bad = ~(out.abs().flatten(1).amax(1).float() <= _MAX_ABS_VALID)
             faces, sim = self._finish(x, out, theta, self.scorer)
+        dest.copy_(faces, non_blocking=self.cuda)
         if not self.cuda:
-            return _InFlight(start, start + m, faces, sim.float(), bad, None)
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (faces, sim, bad)]
-        for h, t in zip(host, (faces, sim.float(), bad)):
+            return _InFlight(start, start + m, sim.float(), bad, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (sim, bad)]
+        for h, t in zip(host, (sim.float(), bad)):
             h.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
@@ -149,7 +151,6 @@ class FaceRestorer:
         if job.done is not None:
             job.done.synchronize()
         sl = slice(job.start, job.end)
-        out.faces[sl] = job.faces.numpy()
         out.similarity[sl] = job.similarity.numpy()
         redo = job.bad.numpy() | (~np.isfinite(out.similarity[sl]) if self.dtype != torch.float32 else False)
         if not redo.any():
@@ -166,10 +167,15 @@ class FaceRestorer:
     def restore(self, crops: np.ndarray, arcface_mats: np.ndarray) -> Restored:
         """``crops``: (n,512,512,3) uint8 BGR; ``arcface_mats``: (n,2,3) from ``identity.arcface_matrix``."""
         n = len(crops)
-        out = Restored(np.empty((n, 512, 512, 3), np.uint8), np.full(n, np.nan, np.float32), np.zeros(n, bool))
+        # On CUDA the restored faces are copied from the device straight into pinned memory that the
+        # caller keeps (the Restore stage wraps it in its Arrow output): no second host copy.
+        faces = torch.empty((n, 512, 512, 3), dtype=torch.uint8, pin_memory=self.cuda and n > 0)
+        out = Restored(faces.numpy(), np.full(n, np.nan, np.float32), np.zeros(n, bool))
         if n == 0:
             return out
-        src = torch.from_numpy(np.ascontiguousarray(crops))
+        with warnings.catch_warnings():  # read-only (a view of an Arrow batch) is fine: it is only read
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            src = torch.from_numpy(np.ascontiguousarray(crops))
         if self.cuda:
             copies = torch.cuda.Stream(self.device)
         theta = torch.from_numpy(identity.arcface_theta(np.asarray(arcface_mats, np.float64))).to(self.device)
@@ -196,7 +202,7 @@ class FaceRestorer:
                 x.record_stream(torch.cuda.current_stream(self.device))
             ahead = upload(end, min(n, end + mb)) if end < n else None
             try:
-                job = self._launch(x, theta[start:end], start)
+                job = self._launch(x, theta[start:end], start, faces[start:end])
             except torch.cuda.OutOfMemoryError:
                 if mb == 1:
                     raise

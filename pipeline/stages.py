@@ -126,8 +126,58 @@ class DecodeDetect:
         return row
 
 
+FACE_BYTES = FACE_SIZE * FACE_SIZE * 3
+
+
+def _binary_rows(col: pa.ChunkedArray, rows: list[int]) -> list[tuple[pa.Buffer, int, int]]:
+    """(data buffer, start, end) of each of ``rows`` in a binary column: where its bytes lie, no copy."""
+    out, chunk_starts, base = [], [], 0
+    for c in col.chunks:
+        chunk_starts.append(base)
+        base += len(c)
+    for i in rows:
+        k = int(np.searchsorted(chunk_starts, i, side="right")) - 1
+        c = col.chunks[k]
+        offsets = np.frombuffer(c.buffers()[1], np.int64 if pa.types.is_large_binary(c.type) else np.int32)
+        j = c.offset + i - chunk_starts[k]
+        out.append((c.buffers()[2], int(offsets[j]), int(offsets[j + 1])))
+    return out
+
+
+def _gather_faces(spans: list[tuple[pa.Buffer, int, int]]) -> np.ndarray:
+    """(n, 512, 512, 3) uint8 over the spans: a view of Arrow's buffer when they lie end to end in one
+    buffer (rows of one block, the usual case), else one copy. Read-only either way."""
+    buf, first, end = spans[0]
+    if all(b.address == buf.address and s == e for (b, s, _), (_, _, e) in zip(spans[1:], spans)):
+        end = spans[-1][2]
+        flat = np.frombuffer(buf, np.uint8, count=end - first, offset=first)
+    else:
+        flat = np.concatenate([np.frombuffer(b, np.uint8, count=e - s, offset=s) for b, s, e in spans])
+    return flat.reshape(-1, FACE_SIZE, FACE_SIZE, 3)
+
+
+def _binary_column(flat: np.ndarray, rows: list[int], sizes: list[int], num_rows: int) -> pa.Array:
+    """A large_binary column whose ``rows`` hold consecutive ``sizes`` bytes of ``flat`` (others null),
+    built on ``flat``'s memory without a copy."""
+    lengths = np.zeros(num_rows, np.int64)
+    lengths[rows] = sizes
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    valid = np.zeros(num_rows, bool)
+    valid[rows] = True
+    bitmap = pa.array(valid).buffers()[1]
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), num_rows,
+                                            [bitmap, pa.py_buffer(offsets), pa.py_buffer(flat)],
+                                            null_count=num_rows - len(rows))
+
+
 class Restore:
-    """GFP-GAN on every face of the batch's images at once, plus identity QA. One actor per GPU."""
+    """GFP-GAN on every face of the batch's images at once, plus identity QA. One actor per GPU.
+
+    Column-wise on the Arrow batch: crops are read where Arrow holds them and the restored crops
+    become a column over the restorer's output buffer; the compressed masters and every other column
+    pass through untouched. Going through Python rows copied each of them twice and capped the host
+    side of a GPU actor at 453 faces/s with 6 MB masters (BENCHMARKS.md, ``bench/restore_host.py``).
+    """
 
     def __init__(self, cfg: RunConfig, passthrough: pa.Schema | None = None, device: str | None = None):
         self.cfg = cfg
@@ -135,35 +185,49 @@ class Restore:
         self.restorer = FaceRestorer(cfg, device)
 
     def __call__(self, batch: Batch) -> pa.Table:
-        rows = _rows(batch)
-        todo = [r for r in rows if r["status"] == Status.OK.value and r["n_faces"]]
+        table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
+        table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
+        cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
+                                                                  "faces_json", "restore_s")}
+        todo = [i for i, (s, n) in enumerate(zip(cols["status"], cols["n_faces"])) if s == Status.OK.value and n]
+        restored = pa.nulls(table.num_rows, pa.large_binary())
+        spans = dict(zip(todo, _binary_rows(table.column("crops"), todo)))
+        for i, (_, a, b) in spans.items():
+            if b - a != cols["n_faces"][i] * FACE_BYTES:
+                self._fail(cols, i, f"crops hold {b - a} bytes for {cols['n_faces'][i]} faces")
+                todo.remove(i)
         if todo:
-            self._restore(todo)
-        for r in rows:
-            r["crops"] = None  # the input crops are not needed downstream
-        return rows_to_table(rows, self.schema)
+            restored = self._restore(table.num_rows, todo, [spans[i] for i in todo], cols) or restored
+        updates = {"crops": pa.nulls(table.num_rows, pa.large_binary()),  # not needed downstream
+                   "restored": restored, **{k: pa.array(cols[k], self.schema.field(k).type)
+                                            for k in ("status", "error", "faces_json", "restore_s")}}
+        for name, values in updates.items():
+            table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
+        return table
 
-    def _restore(self, rows: list[dict]) -> None:
-        counts = [r["n_faces"] for r in rows]
-        crops = np.empty((sum(counts), FACE_SIZE, FACE_SIZE, 3), np.uint8)
-        start = 0
-        for r, n in zip(rows, counts):
-            crops[start:start + n] = np.frombuffer(r["crops"], np.uint8).reshape(n, FACE_SIZE, FACE_SIZE, 3)
-            start += n
-        faces = [json.loads(r["faces_json"]) for r in rows]
+    @staticmethod
+    def _fail(cols: dict, i: int, message: str) -> None:
+        row = {"image_id": cols["image_id"][i]}
+        _error(row, Status.RESTORE_ERROR, message)
+        cols["status"][i], cols["error"][i] = row["status"], row["error"]
+
+    def _restore(self, num_rows: int, todo: list[int], spans, cols: dict) -> pa.Array | None:
+        counts = [cols["n_faces"][i] for i in todo]
+        crops = _gather_faces(spans)
+        faces = [json.loads(cols["faces_json"][i]) for i in todo]
         mats = np.array([f["arcface"] for fs in faces for f in fs["faces"]], np.float32).reshape(-1, 2, 3)
         t0 = time.perf_counter()
         try:
             out = self.restorer.restore(crops, mats)
         except Exception as e:
-            log.exception("restoration failed for a batch of %d images", len(rows))
-            for r in rows:
-                _error(r, Status.RESTORE_ERROR, f"restoration failed: {type(e).__name__}: {e}")
-            return
+            log.exception("restoration failed for a batch of %d images", len(todo))
+            for i in todo:
+                self._fail(cols, i, f"restoration failed: {type(e).__name__}: {e}")
+            return None
         per_face = (time.perf_counter() - t0) / max(1, len(crops))
         qa = self.cfg.qa
         start = 0
-        for r, fs, n in zip(rows, faces, counts):
+        for i, fs, n in zip(todo, faces, counts):
             sl = slice(start, start + n)
             start += n
             for f, sim, fb in zip(fs["faces"], out.similarity[sl], out.fp32_fallback[sl]):
@@ -173,9 +237,9 @@ class Restore:
                 f["action"] = "kept_original" if f["qa"] == "flag" and qa.on_low_identity == "keep_original" \
                     else "restored"
                 f["fp32_fallback"] = bool(fb)
-            r["faces_json"] = json.dumps(fs)
-            r["restored"] = out.faces[sl].tobytes()
-            r["restore_s"] = per_face * n
+            cols["faces_json"][i] = json.dumps(fs)
+            cols["restore_s"][i] = per_face * n
+        return _binary_column(out.faces.reshape(-1), todo, [n * FACE_BYTES for n in counts], num_rows)
 
 
 class Compose:

@@ -68,6 +68,35 @@ def test_restore_is_independent_of_micro_batching(cfg, detected):
             assert ra["restore_s"] > 0
 
 
+def _restored(table):
+    return [None if r["restored"] is None else np.frombuffer(r["restored"], np.uint8).astype(int)
+            for r in table.to_pylist()]
+
+
+def test_restore_reads_any_arrow_layout_and_passes_the_rest_through(cfg, detected):
+    t, pt = detected
+    stage = Restore(cfg, pt)
+    ref = _restored(stage(t))
+    # Several chunks with offsets: crops of the two face rows lie in different buffers.
+    chunked = pa.concat_tables([t.slice(0, 1), t.slice(1)])
+    out = stage(chunked)
+    assert [r is None for r in _restored(out)] == [r is None for r in ref]
+    assert all(a is None or np.abs(a - b).max() <= 1 for a, b in zip(_restored(out), ref))
+    src = [c.buffers()[2].address for c in chunked["src_bytes"].chunks]
+    assert [c.buffers()[2].address for c in out["src_bytes"].chunks] == src  # the masters are not copied
+    assert out.schema == stage.schema and out["shelf"].to_pylist() == [10, 11, 12, 13, 14]
+    # A failed row that still carries crops sits between two face rows; a third row's crops are cut short.
+    rows = t.to_pylist()
+    broken, short = dict(rows[0], status="decode_error", error="x"), dict(rows[0], image_id="short")
+    short["crops"] = short["crops"][:-1]
+    out = stage(pa.Table.from_pylist([rows[0], broken, rows[1], short], schema=t.schema)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "decode_error", "ok", "restore_error"]
+    assert "crops hold 1572863 bytes for 2 faces" in out[3]["error"] and out[3]["restored"] is None
+    assert out[1]["restored"] is None and all(r["crops"] is None for r in out)
+    for r, expected in zip([out[0], out[2]], ref[:2]):
+        assert np.abs(np.frombuffer(r["restored"], np.uint8).astype(int) - expected).max() <= 1
+
+
 def test_restore_with_no_faces_at_all(cfg, detected):
     t, pt = detected
     out = Restore(cfg, pt)(t.slice(2, 3))

@@ -1,0 +1,90 @@
+"""Host side of the Restore stage: faces/s it can feed a GPU, with the network itself taking no time.
+
+    python bench/restore_host.py                       # 32 images x 2 faces, 6 MB masters
+    python bench/restore_host.py --master-mb 120       # 16-bit TIFF masters
+
+A GPU actor has one CPU. Everything it does around the network (Arrow batch in, crops out of it, results
+and restored crops into the Arrow batch going out) is host work that the GPU waits for unless it is
+cheaper than the GPU's ceiling of ~2,000 faces/s (395.5 GFLOP/face at 790 TFLOP/s). Here the
+FaceRestorer is replaced by a stub that returns copies of its input, so what is timed is exactly that
+host work. The baseline row is the Python-rows round trip the stage first used (``to_pylist`` and back),
+which copies every column, including the compressed master carried to Compose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import load_config
+from pipeline.restorer import Restored
+from pipeline.schema import WORK_SCHEMA, Status, rows_to_table
+from pipeline.stages import Restore
+
+GPU_CEILING_FACES_S = 2000.0
+
+
+def work_batch(images: int, faces: int, master_mb: float, rng: np.random.Generator) -> pa.Table:
+    mat = [[0.25, 0.0, -8.0], [0.0, 0.25, -8.0]]
+    rows = []
+    for i in range(images):
+        rows.append({
+            "image_id": f"img{i:05d}", "uri": f"s3://archive/img{i:05d}.jpg", "output_key": f"img{i:05d}.jpg",
+            "status": Status.OK.value, "src_bytes": rng.bytes(int(master_mb * 2**20)), "src_format": "jpeg",
+            "width": 4000, "height": 3000, "n_faces": faces, "faces_skipped": 0,
+            "faces_json": json.dumps({"faces": [{"box": [0, 0, 1, 1], "score": 0.99, "arcface": mat}] * faces}),
+            "crops": rng.integers(0, 256, (faces, 512, 512, 3), dtype=np.uint8).tobytes(),
+        })
+    return rows_to_table(rows, WORK_SCHEMA)
+
+
+def stub_restore(crops: np.ndarray, mats: np.ndarray) -> Restored:
+    """What FaceRestorer.restore hands back, at no compute: a fresh uint8 array, scores, flags."""
+    n = len(crops)
+    return Restored(crops.copy(), np.full(n, 0.9, np.float32), np.zeros(n, bool))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=32, help="images per Ray batch (cluster.restore_batch_size)")
+    ap.add_argument("--faces", type=int, default=2, help="faces per image")
+    ap.add_argument("--master-mb", type=float, default=6.0, help="compressed master size carried to Compose")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    batch = work_batch(args.images, args.faces, args.master_mb, np.random.default_rng(0))
+    n_faces = args.images * args.faces
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(None, {"untrained": True, "allow_download": False, "restore.model": "GFPGAN-tiny",
+                                 "output.root": out}, environ={})
+        stage = Restore(cfg, device="cpu")
+    stage.restorer.restore = stub_restore
+
+    def best_of(fn) -> float:
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - t0)
+        assert result.num_rows == args.images
+        return min(times)
+
+    base = best_of(lambda: rows_to_table(batch.to_pylist(), WORK_SCHEMA))
+    stage_s = best_of(lambda: stage(batch))
+    done = stage(batch)
+    assert done["restored"][0].as_py() == batch["crops"][0].as_py(), "restored crops lost on the way"
+    assert done["crops"].null_count == args.images and done["src_bytes"] == batch["src_bytes"]
+    print(f"{args.images} images x {args.faces} faces, {args.master_mb:g} MB masters, one thread")
+    for label, s in (("baseline: Python-rows round trip only", base), ("Restore stage host work", stage_s)):
+        print(f"{label:<40}{s * 1e3:9.1f} ms/batch {n_faces / s:10.0f} faces/s")
+    fps = n_faces / stage_s
+    print(f"host_faces_per_s={fps:.0f} vs_gpu_ceiling={fps / GPU_CEILING_FACES_S:.2f} "
+          f"speedup_vs_row_round_trip={base / stage_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()

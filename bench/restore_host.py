@@ -2,6 +2,7 @@
 
     python bench/restore_host.py                       # 32 images x 2 faces, 6 MB masters
     python bench/restore_host.py --master-mb 120       # 16-bit TIFF masters
+    python bench/restore_host.py --ray 40              # also through one actor on a local Ray
 
 A GPU actor has one CPU. Everything it does around the network (Arrow batch in, crops out of it, results
 and restored crops into the Arrow batch going out) is host work that the GPU waits for unless it is
@@ -49,12 +50,46 @@ def stub_restore(crops: np.ndarray, mats: np.ndarray) -> Restored:
     return Restored(crops.copy(), np.full(n, 0.9, np.float32), np.zeros(n, bool))
 
 
+class StubRestore(Restore):
+    """The Restore stage with the stub restorer, as a Ray actor would hold it."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, device="cpu")
+        self.restorer.restore = stub_restore
+
+
+def through_ray(cfg, batch: pa.Table, batches: int) -> float:
+    """faces/s of one Restore actor inside Ray Data (local Ray, 2 CPUs, 1 logical GPU): adds Ray's moving
+    of batches in and out of the actor (object store writes, on the actor's own thread)."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, address="local")
+    try:
+        blocks = [batch] * batches
+        ds = ray.data.from_arrow(blocks).map_batches(
+            StubRestore, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch.num_rows, batch_format="pyarrow",
+            num_gpus=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
+        rows, t_first = 0, None
+        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if t_first is None:  # from the first output on: actor start-up and model load are not timed
+                t_first = time.perf_counter()
+            else:
+                rows += b.num_rows
+        seconds = time.perf_counter() - t_first
+        assert rows == (batches - 1) * batch.num_rows
+        return rows * float(batch["n_faces"].to_numpy().mean()) / seconds
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=32, help="images per Ray batch (cluster.restore_batch_size)")
     ap.add_argument("--faces", type=int, default=2, help="faces per image")
     ap.add_argument("--master-mb", type=float, default=6.0, help="compressed master size carried to Compose")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ray", type=int, default=0, metavar="BATCHES",
+                    help="also run BATCHES batches through one Restore actor on a local Ray")
     args = ap.parse_args()
     batch = work_batch(args.images, args.faces, args.master_mb, np.random.default_rng(0))
     n_faces = args.images * args.faces
@@ -82,8 +117,14 @@ def main() -> None:
     for label, s in (("baseline: Python-rows round trip only", base), ("Restore stage host work", stage_s)):
         print(f"{label:<40}{s * 1e3:9.1f} ms/batch {n_faces / s:10.0f} faces/s")
     fps = n_faces / stage_s
-    print(f"host_faces_per_s={fps:.0f} vs_gpu_ceiling={fps / GPU_CEILING_FACES_S:.2f} "
-          f"speedup_vs_row_round_trip={base / stage_s:.2f}")
+    line = (f"host_faces_per_s={fps:.0f} vs_gpu_ceiling={fps / GPU_CEILING_FACES_S:.2f} "
+            f"speedup_vs_row_round_trip={base / stage_s:.2f}")
+    if args.ray:
+        ray_fps = through_ray(cfg, batch, args.ray)
+        print(f"{'Restore actor in Ray Data (stub network)':<40}{n_faces / ray_fps * 1e3:9.1f} ms/batch "
+              f"{ray_fps:10.0f} faces/s")
+        line += f" ray_actor_faces_per_s={ray_fps:.0f} ray_vs_gpu_ceiling={ray_fps / GPU_CEILING_FACES_S:.2f}"
+    print(line)
 
 
 if __name__ == "__main__":

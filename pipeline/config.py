@@ -133,6 +133,11 @@ class ClusterConfig(_Section):
     decode_actors_max: int | None = Field(None, ge=1, description="Cap on DecodeDetect actors. None: from the cluster.")
     restore_actor_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each GPU actor (feeding the GPU).")
     compose_task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each Compose task.")
+    carry_masters: bool = Field(
+        False, description="Carry each master's bytes from DecodeDetect through the GPU actor to Compose. False: "
+        "Compose reads the master again and checks its sha256; one more read per image with faces, but masters "
+        "stay out of the GPU actor (one actor moved 269 faces/s with 6 MB masters vs 1,352 without: BENCHMARKS.md).",
+    )
     heartbeat_s: float = Field(
         10.0, gt=0,
         description="A run refreshes its _runs record this often. A new run on the same output waits until "

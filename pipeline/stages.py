@@ -121,7 +121,7 @@ class DecodeDetect:
             row["crops"] = np.stack(crops).tobytes()
         else:
             row["status"] = Status.NO_FACE.value
-        if records or self.cfg.output.copy_no_face:
+        if self.cfg.cluster.carry_masters and (records or self.cfg.output.copy_no_face):
             row["src_bytes"] = data  # carried compressed; Compose decodes again
         return row
 
@@ -280,10 +280,28 @@ class Compose:
         storage.write_bytes(uri, data, self.cfg.storage)
         row["access_uri"] = uri
 
+    def _master(self, row: dict) -> None:
+        """The master's bytes into ``row``: carried from DecodeDetect, or read again and checked against the
+        sha256 taken there (a master replaced mid-run must not get faces detected on its old version)."""
+        if row.get("src_bytes") is not None:
+            return
+        try:
+            data = storage.read_bytes(row["uri"], self.cfg.storage)
+        except OSError as e:
+            _error(row, Status.READ_ERROR, f"cannot read the master again: {type(e).__name__}: {e}")
+            return
+        if hashlib.sha256(data).hexdigest() != row["src_sha256"]:
+            _error(row, Status.READ_ERROR, "the master changed while this run was processing it; run again")
+            return
+        row["src_bytes"] = data
+
     def process(self, row: dict) -> dict:
         t0 = time.perf_counter()
         info = json.loads(row["faces_json"]) if row.get("faces_json") else {"faces": []}
         faces = info["faces"]
+        copy = row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face
+        if row["status"] == Status.OK.value or copy:
+            self._master(row)
         try:
             if row["status"] == Status.OK.value:
                 self._write_restored(row, faces)

@@ -48,7 +48,7 @@ def test_decode_detect_rows(detected):
     assert "not a recognised image" in rows[3]["error"] and "not found" in rows[4]["error"]
     assert [r["shelf"] for r in rows] == [10, 11, 12, 13, 14]
     assert len(rows[1]["crops"]) == 4 * 512 * 512 * 3
-    assert rows[2]["src_bytes"] is None  # no face, not copied: the original is not carried along
+    assert all(r["src_bytes"] is None for r in rows)  # Compose reads masters again (cluster.carry_masters)
     assert len(rows[0]["src_sha256"]) == 64 and rows[3]["src_sha256"] and rows[4]["src_sha256"] is None
 
 
@@ -82,8 +82,11 @@ def test_restore_reads_any_arrow_layout_and_passes_the_rest_through(cfg, detecte
     out = stage(chunked)
     assert [r is None for r in _restored(out)] == [r is None for r in ref]
     assert all(a is None or np.abs(a - b).max() <= 1 for a, b in zip(_restored(out), ref))
-    src = [c.buffers()[2].address for c in chunked["src_bytes"].chunks]
-    assert [c.buffers()[2].address for c in out["src_bytes"].chunks] == src  # the masters are not copied
+    masters = pa.concat_tables([t.slice(0, 1), t.slice(1)])  # as with cluster.carry_masters
+    masters = masters.set_column(masters.schema.get_field_index("src_bytes"), "src_bytes",
+                                 pa.array([b"m" * 1000 * (i + 1) for i in range(5)], pa.large_binary()))
+    src = [c.buffers()[2].address for c in masters["src_bytes"].chunks]
+    assert [c.buffers()[2].address for c in stage(masters)["src_bytes"].chunks] == src  # not copied
     assert out.schema == stage.schema and out["shelf"].to_pylist() == [10, 11, 12, 13, 14]
     # A failed row that still carries crops sits between two face rows; a third row's crops are cut short.
     rows = t.to_pylist()
@@ -112,7 +115,7 @@ def test_compose_writes_derivatives_and_result_rows(cfg, detected):
     assert ok["output_uri"].endswith("/images/four faces.png") and ok["fingerprint"] == "fp-x"
     assert ok["untrained"] is True and ok["run_id"] == "run-x" and ok["shelf"] == 11
     assert len(ok["faces"]) == 4 and all(f["action"] == "restored" for f in ok["faces"])
-    master = imageio.decode(restored.to_pylist()[1]["src_bytes"], 10**9).pixels
+    master = imageio.decode(open(restored["uri"][1].as_py(), "rb").read(), 10**9).pixels
     out = imageio.decode(open(ok["output_uri"], "rb").read(), 10**9).pixels
     assert out.shape == master.shape and out.dtype == master.dtype
     changed = (out != master).any(axis=2)
@@ -134,6 +137,38 @@ def test_keep_original_policy_pastes_nothing(cfg, detected):
         f["qa"], f["action"] = "flag", "kept_original"
     restored[0]["faces_json"] = json.dumps(faces)
     row = Compose(cfg, "r", "f", True, pt)(pa.Table.from_pylist(restored)).to_pylist()[0]
-    master = imageio.decode(restored[0]["src_bytes"], 10**9).pixels
+    master = imageio.decode(open(restored[0]["uri"], "rb").read(), 10**9).pixels
     assert np.array_equal(imageio.decode(open(row["output_uri"], "rb").read(), 10**9).pixels, master)
     assert [f["action"] for f in row["faces"]] == ["kept_original"] * 4
+
+
+def test_compose_rereads_masters_and_refuses_one_changed_since_detection(cfg, detected, tmp_path):
+    t, pt = detected
+    restored = Restore(cfg, pt)(t.slice(0, 2))
+    rows = restored.to_pylist()
+    moved = tmp_path / "blake.jpg"
+    shutil.copy(rows[0]["uri"], moved)
+    rows[0]["uri"] = str(moved)
+    moved.write_bytes(moved.read_bytes() + b"\0")  # replaced by another version after detection
+    rows[1]["uri"] = str(tmp_path / "gone.png")
+    res = Compose(cfg, "r", "f", True, pt)(pa.Table.from_pylist(rows, schema=restored.schema)).to_pylist()
+    assert [r["status"] for r in res] == ["read_error", "read_error"]  # retried by the next run
+    assert "changed while this run was processing it" in res[0]["error"] and res[0]["output_uri"] is None
+    assert "cannot read the master again" in res[1]["error"]
+
+
+def test_carried_masters_are_not_read_again(weights_dir, tmp_path, detected):
+    _, pt = detected
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"), src / "blake.jpg")
+    carry = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{"cluster.carry_masters": True}),
+                        environ={})
+    batch = {"image_id": np.array(["a"], object), "uri": np.array([str(src / "blake.jpg")], object),
+             "shelf": np.array([1])}
+    t = DecodeDetect(carry, root=str(src) + "/", passthrough=pt)(batch)
+    assert t["src_bytes"][0].as_py() == (src / "blake.jpg").read_bytes()
+    restored = Restore(carry, pt)(t)
+    (src / "blake.jpg").unlink()
+    res = Compose(carry, "r", "f", True, pt)(restored).to_pylist()
+    assert res[0]["status"] == "ok" and res[0]["output_uri"]

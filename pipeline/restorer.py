@@ -85,6 +85,8 @@ class FaceRestorer:
             torch.set_num_threads(cfg.restore.cpu_threads or os.cpu_count() or 1)
         else:  # micro-batches have few distinct shapes: let cuDNN time its algorithms once per shape
             torch.backends.cudnn.benchmark = True
+        # Host-to-device copies of the next micro-batch run on this side stream, one for the actor's life.
+        self.copies = torch.cuda.Stream(self.device) if self.cuda else None
         model, self.resolved = build_gfpgan(cfg)
         self.fp32_model = model if self.dtype == torch.float32 else None
         self.model = model.to(self.device, self.dtype)
@@ -176,9 +178,8 @@ class FaceRestorer:
         with warnings.catch_warnings():  # read-only (a view of an Arrow batch) is fine: it is only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             src = torch.from_numpy(np.ascontiguousarray(crops))
-        if self.cuda:
-            copies = torch.cuda.Stream(self.device)
-        theta = torch.from_numpy(identity.arcface_theta(np.asarray(arcface_mats, np.float64))).to(self.device)
+        copies = self.copies
+        theta = torch.from_numpy(identity.arcface_theta(arcface_mats)).to(self.device)
 
         def upload(a: int, b: int) -> torch.Tensor:
             """Start copying crops[a:b] to the device on the side stream (a no-op view on CPU).

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # the S3 fault proxy and the fault harness live there
 SHARED = Path(os.environ.get("ARCHIVE_RESTORE_SHARED", REPO.parent / "shared"))
 IMAGES = SHARED / "images"
 MODELS = SHARED / "models"

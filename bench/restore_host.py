@@ -94,7 +94,7 @@ def main() -> None:
     batch = work_batch(args.images, args.faces, args.master_mb, np.random.default_rng(0))
     n_faces = args.images * args.faces
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, {"untrained": True, "allow_download": False, "restore.model": "GFPGAN-tiny",
+        cfg = load_config(None, {"untrained": True, "allow_download": False, "restore.model": "GFPGANv1.4",
                                  "output.root": out}, environ={})
         stage = Restore(cfg, device="cpu")
     stage.restorer.restore = stub_restore

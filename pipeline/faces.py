@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .config import DetectConfig
-from .weights import Resolved, load_torch_file
+from .weights import Resolved, load_torch_file, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class FaceDetector:
 
         self.cfg = cfg
         network = {"retinaface_resnet50": "resnet50", "retinaface_mobile0.25": "mobile0.25"}[cfg.model]
-        torch.manual_seed(0)  # deterministic stand-in when untrained
-        self.net = RetinaFace(network_name=network, half=False, device=torch.device(device))
+        with seeded_init():  # deterministic stand-in when untrained
+            self.net = RetinaFace(network_name=network, half=False, device=torch.device(device))
         if not weights.untrained:
             sd = load_torch_file(weights.path)
             sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}

@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import QAConfig
-from .weights import Resolved, load_torch_file
+from .weights import Resolved, load_torch_file, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class ArcFaceIRSE50:
                  channels_last: bool = False):
         from facexlib.recognition.arcface_arch import Backbone
 
-        torch.manual_seed(0)
-        self.net = Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
+        with seeded_init():  # deterministic stand-in when untrained
+            self.net = Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
         if not weights.untrained:
             self.net.load_state_dict(load_torch_file(weights.path), strict=True)
         self.net.eval().to(device, dtype)

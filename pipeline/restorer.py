@@ -26,7 +26,8 @@ from . import identity, weights
 from .accel import accelerate
 from .config import RunConfig
 from .errors import WeightsError
-from .models.gfpgan import checkpoint_filter_fn, gfpgan_v1_clean, load_state_dict_strict, to_channels_last
+from .models.gfpgan import (checkpoint_filter_fn, gfpgan_v1_clean, infer_arch, load_state_dict_strict,
+                            to_channels_last)
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,19 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def build_gfpgan(cfg: RunConfig) -> tuple[torch.nn.Module, weights.Resolved]:
-    resolved = weights.resolve(cfg.restore.model, cfg)
+def build_gfpgan(cfg: RunConfig, expect: str | None = None) -> tuple[torch.nn.Module, weights.Resolved]:
+    """The GFP-GAN of ``restore.model``; ``expect``: the sha256 the run's preflight checked (see weights.resolve)."""
+    resolved = weights.resolve(cfg.restore.model, cfg, expect)
     if resolved.spec.kind != "gfpgan":
         raise ValueError(f"restore.model {cfg.restore.model!r} is a {resolved.spec.kind} model, not GFP-GAN")
-    torch.manual_seed(0)  # the seeded stand-in for --untrained
-    model = gfpgan_v1_clean(**resolved.spec.arch)
-    if not resolved.untrained:
-        sd = checkpoint_filter_fn(weights.load_torch_file(resolved.path))
+    sd = None if resolved.untrained else checkpoint_filter_fn(weights.load_torch_file(resolved.path))
+    try:
+        arch = resolved.spec.arch if resolved.spec.arch is not None else infer_arch(sd)
+    except ValueError as e:
+        raise WeightsError(f"{resolved.path}: {e}") from None
+    with weights.seeded_init():  # the seeded stand-in for --untrained
+        model = gfpgan_v1_clean(**arch)
+    if sd is not None:
         try:
             load_state_dict_strict(model, sd, str(resolved.path))
         except ValueError as e:
@@ -74,8 +80,10 @@ class _InFlight:
 
 
 class FaceRestorer:
-    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None):
+    def __init__(self, cfg: RunConfig, device: str | torch.device | None = None,
+                 expected_weights: dict[str, str] | None = None):
         self.cfg = cfg
+        expected = expected_weights or {}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
         self.dtype = resolve_dtype(cfg.restore.precision, self.device)
@@ -87,7 +95,7 @@ class FaceRestorer:
             torch.backends.cudnn.benchmark = True
         # Host-to-device copies of the next micro-batch run on this side stream, one for the actor's life.
         self.copies = torch.cuda.Stream(self.device) if self.cuda else None
-        model, self.resolved = build_gfpgan(cfg)
+        model, self.resolved = build_gfpgan(cfg, expected.get(cfg.restore.model))
         self.fp32_model = model if self.dtype == torch.float32 else None
         self.model = model.to(self.device, self.dtype)
         self.channels_last = self.cuda if cfg.restore.channels_last is None else cfg.restore.channels_last
@@ -95,7 +103,8 @@ class FaceRestorer:
             self.model = to_channels_last(self.model)
         self.forward, self.fixed_shape = accelerate(self.model, cfg.restore.compile, cfg.restore.cuda_graphs)
         self.micro_batch = cfg.restore.micro_batch
-        self.id_weights = weights.resolve(weights.identity_model(cfg.qa), cfg)
+        id_model = weights.identity_model(cfg.qa)
+        self.id_weights = weights.resolve(id_model, cfg, expected.get(id_model))
         self.scorer = identity.build_scorer(cfg.qa, self.id_weights, self.device, self.dtype, self.channels_last)
         self.scorer32 = self.scorer if self.dtype == torch.float32 else None
         self.untrained = self.resolved.untrained or self.id_weights.untrained
@@ -108,7 +117,7 @@ class FaceRestorer:
     def _fp32(self) -> tuple[torch.nn.Module, object]:
         """The fallback model (from the original checkpoint, not the half weights) and scorer, built on first need."""
         if self.fp32_model is None:
-            model = build_gfpgan(self.cfg)[0].to(self.device)
+            model = build_gfpgan(self.cfg, self.resolved.sha256)[0].to(self.device)
             self.fp32_model = to_channels_last(model) if self.channels_last else model
         if self.scorer32 is None:
             self.scorer32 = identity.build_scorer(self.cfg.qa, self.id_weights, self.device)

@@ -1,14 +1,21 @@
-"""Model files: registry (file, official URL, sha256, licence), resolution, verification, safe loading.
+"""Model files: registry (file, official URL, publisher checksum, licence), resolution, verification,
+safe loading.
 
-A file is looked for, in order, in ``weights_dir`` (a folder or an ``s3://`` prefix, which is copied
-into the local cache), the local cache (``$XDG_CACHE_HOME/archive-restore/weights``), and finally
-downloaded from its official URL when ``allow_download`` is set and the machine is online.
+A file is looked for, in order, in ``weights_dir`` (a folder or an ``s3://`` prefix, whose files are
+copied into the local cache and fetched again whenever the object on the store changes), the local
+cache (``$XDG_CACHE_HOME/archive-restore/weights``), and finally downloaded from its official URL when
+``allow_download`` is set and the machine is online. Only a checksum its publisher published is
+required of a file; other known-good copies are listed so that the run record can say which one was
+used. Every file's sha256 and size go into the run record and its sha256 into the fingerprint; the
+workers load only files with exactly the hashes that the driver's preflight checked.
 PyTorch files load with ``torch.load(weights_only=True)``: a checkpoint can never run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -16,9 +23,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import storage
 from .config import QAConfig, RunConfig
 from .errors import WeightsError
-from . import storage
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +36,33 @@ class WeightSpec:
     filename: str
     kind: str                       # gfpgan | retinaface | arcface | onnx
     url: str | None
-    sha256: str | None              # None where no official hash is published; the file's hash is recorded
+    sha256: str | None              # published by the file's publisher: required when set. None for all today.
     licence: str
-    arch: dict = field(default_factory=dict)
+    arch: dict | None = field(default_factory=dict)  # None: read from the checkpoint (user-supplied GFP-GAN)
     note: str = ""
+    known: dict[str, str] = field(default_factory=dict)  # other sha256s known to be good copies -> where from
 
 
 _FACEXLIB = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
 _GFPGAN = "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/"
 
+# No publisher of these files publishes a checksum: each file's hash is recorded, not required.
 REGISTRY: dict[str, WeightSpec] = {s.name: s for s in [
     WeightSpec("GFPGANv1.4", "GFPGANv1.4.pth", "gfpgan", _GFPGAN + "GFPGANv1.4.pth", None, "Apache-2.0 (TencentARC)"),
     WeightSpec("GFPGANv1.3", "GFPGANv1.3.pth", "gfpgan", _GFPGAN + "GFPGANv1.3.pth", None, "Apache-2.0 (TencentARC)"),
-    WeightSpec("GFPGAN-tiny", "GFPGAN-tiny.pth", "gfpgan", None, None, "test-only",
-               arch=dict(num_style_feat=128, narrow=0.125),
-               note="a 1/8-width architecture for smoke tests; use --untrained or stage a checkpoint of that shape"),
     WeightSpec("retinaface_resnet50", "detection_Resnet50_Final.pth", "retinaface",
                _FACEXLIB + "detection_Resnet50_Final.pth", None, "MIT (biubug6/Pytorch_Retinaface)"),
     WeightSpec("retinaface_mobile0.25", "detection_mobilenet0.25_Final.pth", "retinaface",
-               _FACEXLIB + "detection_mobilenet0.25_Final.pth",
-               "38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0", "MIT (biubug6/Pytorch_Retinaface)"),
+               _FACEXLIB + "detection_mobilenet0.25_Final.pth", None, "MIT (biubug6/Pytorch_Retinaface)",
+               known={"38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0":
+                      "the copy in the public fork m2man/Pytorch_Retinaface (may differ from facexlib's release)"}),
     WeightSpec("arcface_ir_se50", "recognition_arcface_ir_se50.pth", "arcface",
                _FACEXLIB + "recognition_arcface_ir_se50.pth", None, "MIT (TreB1eN/InsightFace_Pytorch)"),
-    WeightSpec("mobilefacenet_arcface", "identity_mobilefacenet_arcface.onnx", "onnx", None,
-               "b7120c095d60094f28a4a54ba6a8bf51b297a6273fb40ef6350dfec1f63d9507", "Apache-2.0 (foamliu/MobileFaceNet)"),
+    WeightSpec("mobilefacenet_arcface", "identity_mobilefacenet_arcface.onnx", "onnx", None, None,
+               "Apache-2.0 (foamliu/MobileFaceNet)",
+               known={"b7120c095d60094f28a4a54ba6a8bf51b297a6273fb40ef6350dfec1f63d9507":
+                      "an ONNX export of foamliu/MobileFaceNet"},
+               note="no download URL: stage the ONNX file by hand"),
 ]}
 
 
@@ -61,10 +71,17 @@ class Resolved:
     spec: WeightSpec
     path: Path | None               # None: untrained (seeded random) stand-in
     sha256: str
+    size: int = 0
 
     @property
     def untrained(self) -> bool:
         return self.path is None
+
+    def describe(self) -> dict:
+        """What the run record says of this file."""
+        return {"file": self.spec.filename, "sha256": self.sha256, "size": self.size, "untrained": self.untrained,
+                "licence": self.spec.licence, "publisher_sha256": self.spec.sha256,
+                "known_copy": self.spec.known.get(self.sha256)}
 
 
 def cache_dir() -> Path:
@@ -83,7 +100,8 @@ def sha256_file(path: Path) -> str:
 def spec_for(name: str) -> WeightSpec:
     if name in REGISTRY:
         return REGISTRY[name]
-    raise WeightsError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    raise WeightsError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}, or a path to a "
+                       "GFP-GAN .pth or an identity .onnx file")
 
 
 def identity_model(qa: QAConfig) -> str:
@@ -92,26 +110,27 @@ def identity_model(qa: QAConfig) -> str:
 
 
 def models_needed(cfg: RunConfig) -> list[str]:
-    """Registry names (or ONNX paths) the run's settings use."""
+    """Registry names (or paths) the run's settings use."""
     return [cfg.restore.model, cfg.detect.model, identity_model(cfg.qa)]
 
 
 def _spec_or_path(name: str) -> tuple[WeightSpec, Path | None]:
-    """An ONNX model may be given as a path instead of a registry name."""
+    """A GFP-GAN checkpoint (.pth, architecture read from its tensors) or an ONNX model may be given as a path."""
     if name in REGISTRY:
         return REGISTRY[name], None
-    if name.endswith(".onnx"):
-        p = Path(name).expanduser()
-        return WeightSpec(p.name, p.name, "onnx", None, None, "user-supplied"), p
+    for ext, kind in ((".onnx", "onnx"), (".pth", "gfpgan")):
+        if name.endswith(ext):
+            p = Path(name).expanduser()
+            return WeightSpec(p.name, p.name, kind, None, None, "user-supplied", arch=None), p
     return spec_for(name), None
 
 
-def _verify(path: Path, spec: WeightSpec) -> str:
+def _verify(path: Path, spec: WeightSpec) -> tuple[str, int]:
     digest = sha256_file(path)
     if spec.sha256 and digest != spec.sha256:
-        raise WeightsError(f"{path} has sha256 {digest}, expected {spec.sha256} for {spec.name}: "
-                           "the file is corrupt or a different model; stage it again")
-    return digest
+        raise WeightsError(f"{path} has sha256 {digest}, but its publisher's checksum for {spec.name} is "
+                           f"{spec.sha256}: the file is corrupt or a different model; stage it again")
+    return digest, path.stat().st_size
 
 
 def download(url: str, dest: Path) -> None:
@@ -122,8 +141,50 @@ def download(url: str, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def resolve(name: str, cfg: RunConfig) -> Resolved:
-    """Find, fetch and verify one model file; raise WeightsError saying how to stage it if missing."""
+def _fetch_remote(remote: str, local: Path, cfg: RunConfig, force: bool = False) -> bool:
+    """Bring ``remote`` into the cache at ``local`` unless the cached copy came from the same object version
+    (same ETag and size, noted beside it). False when the remote file does not exist."""
+    fs, path = storage.get_fs(remote, cfg.storage)
+    fs.invalidate_cache(path)
+    try:
+        info = storage.retrying(lambda: fs.info(path), f"lookup of {remote}", cfg.storage)
+    except FileNotFoundError:
+        return False
+    except Exception as e:  # no credentials, bad endpoint, refused: say which file could not be had
+        raise WeightsError(f"cannot read {remote}: {type(e).__name__}: {e}") from None
+    source = {"uri": remote, "etag": info.get("ETag") or info.get("etag"), "size": info.get("size")}
+    note = local.with_name(local.name + ".source.json")
+    if not force and local.is_file() and note.is_file() and json.loads(note.read_text()) == source:
+        return True
+    try:
+        data = storage.read_bytes(remote, cfg.storage)
+    except Exception as e:
+        raise WeightsError(f"cannot read {remote}: {type(e).__name__}: {e}") from None
+    storage.write_bytes(str(local), data, cfg.storage)
+    storage.write_bytes(str(note), json.dumps(source).encode(), cfg.storage)
+    return True
+
+
+def resolve(name: str, cfg: RunConfig, expect: str | None = None) -> Resolved:
+    """Find, fetch and verify one model file; raise WeightsError saying how to stage it if missing.
+
+    ``expect``: the sha256 the run's preflight found. A worker whose file differs (replaced on the store
+    since, or another copy on this node) fetches it again and, if it still differs, refuses to start.
+    """
+    r = _resolve(name, cfg)
+    if expect is None or r.sha256 == expect:
+        return r
+    if cfg.weights_dir and storage.is_remote(cfg.weights_dir) and r.path is not None:
+        r = _resolve(name, cfg, refetch=True)
+    if r.sha256 != expect:
+        where = r.path or "(untrained stand-in)"
+        raise WeightsError(f"{r.spec.filename} at {where} has sha256 {r.sha256}, but the run's preflight checked "
+                           f"{expect}: the file changed since the run started, or differs on this node. Stage the "
+                           "same file everywhere and run again")
+    return r
+
+
+def _resolve(name: str, cfg: RunConfig, refetch: bool = False) -> Resolved:
     spec, direct = _spec_or_path(name)
     looked: list[str] = []
     candidates: list[Path] = []
@@ -134,32 +195,28 @@ def resolve(name: str, cfg: RunConfig) -> Resolved:
             remote = storage.join(cfg.weights_dir, spec.filename)
             local = cache_dir() / hashlib.sha1(cfg.weights_dir.encode()).hexdigest()[:12] / spec.filename
             looked.append(remote)
-            if not local.exists():
-                try:
-                    data = storage.read_bytes(remote, cfg.storage)
-                    local.parent.mkdir(parents=True, exist_ok=True)
-                    storage.write_bytes(str(local), data, cfg.storage)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise WeightsError(f"cannot read {remote}: {e}") from None
-            candidates.append(local)
+            if _fetch_remote(remote, local, cfg, force=refetch):
+                candidates.append(local)
         else:
             candidates.append(Path(cfg.weights_dir).expanduser() / spec.filename)
     candidates.append(cache_dir() / spec.filename)
     for c in candidates:
         looked.append(str(c))
         if c.is_file():
-            return Resolved(spec, c, _verify(c, spec))
+            digest, size = _verify(c, spec)
+            return Resolved(spec, c, digest, size)
     if spec.url and cfg.allow_download and direct is None:
         dest = cache_dir() / spec.filename
         try:
             log.info("downloading %s from %s", spec.filename, spec.url)
             download(spec.url, dest)
-            return Resolved(spec, dest, _verify(dest, spec))
+            digest, size = _verify(dest, spec)
+            return Resolved(spec, dest, digest, size)
         except OSError as e:
             looked.append(f"{spec.url} ({type(e).__name__}: {e})")
     if cfg.untrained:
+        if spec.arch is None:
+            raise WeightsError(f"{name} not found; an untrained stand-in needs a registry model, not a path")
         log.warning("UNTRAINED: %s not found; using seeded random weights. Outputs are NOT restorations.", spec.filename)
         return Resolved(spec, None, f"untrained:{spec.name}")
     where = "; ".join(looked)
@@ -182,3 +239,13 @@ def load_torch_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated download, a pickle with code, a non-PyTorch file
         raise WeightsError(f"cannot load {path} safely as a PyTorch state dict: {type(e).__name__}: {e}") from None
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int = 0):
+    """Build a model's untrained stand-in from a fixed seed without touching the process's random state."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -321,6 +321,17 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=True)
 
 
+def infer_arch(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Constructor arguments of a GFPGANv1Clean checkpoint, read from its tensors' shapes (a user-supplied
+    checkpoint of another width or style size); the strict load that follows checks every other tensor."""
+    try:
+        w = state_dict["stylegan_decoder.style_conv1.modulated_conv.weight"]      # (1, c4, c4, 3, 3)
+        mod = state_dict["stylegan_decoder.style_conv1.modulated_conv.modulation.weight"]  # (c4, style)
+    except KeyError as e:
+        raise ValueError(f"not a GFP-GAN v1 (clean) checkpoint: no tensor {e.args[0]}") from None
+    return dict(GFPGAN_V1_CLEAN_512, narrow=w.shape[1] / 512, num_style_feat=int(mod.shape[1]))
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """NHWC layout for every 4-D parameter and buffer, as ``Module.to(memory_format=torch.channels_last)``
     would do, which refuses the 5-D modulated weights (1, out, in, k, k): those get the layout whose

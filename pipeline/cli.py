@@ -28,14 +28,14 @@ def _clean_errors(fn):
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict:
-    import yaml
+    from .config import parse_value
 
     out = {}
     for item in values:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. restore.precision=fp32")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = parse_value(k.strip(), v)
     return out
 
 
@@ -50,9 +50,10 @@ def cli(verbose: int) -> None:
       archive-restore demo
       archive-restore run --manifest scans.parquet --output s3://museum/restored/
     """
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(min(level, logging.INFO))
+    # Default: our progress (INFO) and everyone's warnings; -v: our debug messages; -vv: everyone's.
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
 
 
 def _run_options(fn):
@@ -96,8 +97,11 @@ def _config(manifest=None, output=None, config_path=None, weights_dir=None, untr
 def _echo_summary(record: dict) -> None:
     s = record["summary"]
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(s["by_status"].items())) or "none"
+    gave_up = record["plan"].get("gave_up", 0)
     click.echo(f"run {record['run_id']}: {s['images']} images processed ({statuses}); {s['faces']} faces; "
-               f"{record['plan']['skipped']} skipped as done; {s['detections_reused']} detections reused")
+               f"{record['plan']['skipped']} skipped as done; {s['detections_reused']} detections reused"
+               + (f"; {gave_up} not retried after {record['config']['max_attempts']} failed attempts "
+                  "(--reprocess failed tries them again)" if gave_up else ""))
     click.echo(f"throughput: {s['images_per_s']} images/s, {s['faces_per_s']} faces/s over {s['elapsed_s']} s")
     if record.get("untrained"):
         click.echo("WARNING: untrained weights were used; derivatives are NOT restorations.", err=True)
@@ -139,25 +143,39 @@ def manifest(prefix: str, output: str, s3_endpoint_url: str | None) -> None:
     click.echo(f"{n} images listed into {output}")
 
 
+def _read_options(fn):
+    """Options of the commands that read an output: the same config sources as a run (file, env, --set)."""
+    opts = [
+        click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                     help="YAML config file of the runs (input columns, storage endpoint)."),
+        click.option("--s3-endpoint-url", help="S3-compatible endpoint URL."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any setting by dotted name."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("output")
 @click.option("--manifest", "-m", help="Also count current/outdated/failed/missing against this manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--s3-endpoint-url", help="S3-compatible endpoint URL.")
+@_read_options
 @_clean_errors
-def status(output: str, manifest: str | None, as_json: bool, s3_endpoint_url: str | None) -> None:
-    """Progress of an output folder: images by status, faces, runs.
+def status(output: str, manifest: str | None, as_json: bool, config_path: str | None, s3_endpoint_url: str | None,
+           sets: tuple[str, ...]) -> None:
+    """Progress of an output folder: images by status, faces, runs. Reads only; never changes the output.
 
     \b
     Example:
-      archive-restore status s3://museum/restored/ -m s3://museum/manifests/scans.parquet
+      archive-restore status s3://museum/restored/ -m s3://museum/manifests/scans.parquet -c jobs/museum.yaml
     """
     from . import report
     from .manifest import read_manifest
 
-    cfg = _config(manifest=manifest, s3_endpoint_url=s3_endpoint_url)
+    cfg = _config(manifest=manifest, config_path=config_path, s3_endpoint_url=s3_endpoint_url, sets=sets)
     table = read_manifest(cfg).table if manifest else None
-    st = report.status(output, cfg.storage, table)
+    st = report.status(output, cfg.storage, table, max_attempts=cfg.max_attempts)
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
@@ -167,15 +185,15 @@ def status(output: str, manifest: str | None, as_json: bool, s3_endpoint_url: st
     if "against_manifest" in st:
         click.echo("  against manifest: " + ", ".join(f"{k} {v}" for k, v in st["against_manifest"].items()))
     for r in st["runs"][-5:]:
-        s = r.get("summary") or {}
+        s = r.get("summary") or r.get("progress") or {}
         click.echo(f"  run {r['run_id']} {r['state']}: {s.get('images', '?')} images, {s.get('images_per_s', '?')} img/s")
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("output")
-@click.option("--s3-endpoint-url", help="S3-compatible endpoint URL.")
+@_read_options
 @_clean_errors
-def report(output: str, s3_endpoint_url: str | None) -> None:
+def report(output: str, config_path: str | None, s3_endpoint_url: str | None, sets: tuple[str, ...]) -> None:
     """Write OUTPUT/report/index.html: statistics, runs, faces flagged by identity QA.
 
     \b
@@ -183,9 +201,9 @@ def report(output: str, s3_endpoint_url: str | None) -> None:
       archive-restore report s3://museum/restored/
     """
     from . import report as rep
-    from .config import StorageConfig
 
-    click.echo(rep.write_report(output, StorageConfig(s3_endpoint_url=s3_endpoint_url)))
+    cfg = _config(config_path=config_path, s3_endpoint_url=s3_endpoint_url, sets=sets)
+    click.echo(rep.write_report(output, cfg.storage))
 
 
 @cli.group(context_settings=CONTEXT)

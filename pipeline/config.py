@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import typing
+
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -116,7 +118,15 @@ class OutputConfig(_Section):
 
 class StorageConfig(_Section):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, Ceph). None: AWS.")
-    read_retries: int = Field(3, ge=0, description="Retries of a failed read before the image is a read_error.")
+    retries: int = Field(
+        4, ge=0, validation_alias=AliasChoices("retries", "read_retries"),
+        description="Retries (with backoff) of a failed read, write or listing, on top of the S3 client's own "
+        "(s3_max_attempts); then an image becomes a read_error/write_error, or a ledger read fails the command.",
+    )
+    s3_max_attempts: int = Field(
+        10, ge=1, description="Attempts per S3 request by botocore's 'standard' retry mode (503 SlowDown, 500, "
+        "resets, with exponential backoff and jitter), before our own retries count one failure.",
+    )
 
 
 class ClusterConfig(_Section):
@@ -140,9 +150,11 @@ class ClusterConfig(_Section):
     )
     heartbeat_s: float = Field(
         10.0, gt=0,
-        description="A run refreshes its _runs record this often. A new run on the same output waits until "
-        "other runs' records are 3x this old, so in-flight tasks of a killed run cannot write after it plans.",
+        description="A run renews its lease on the output (_lock/) this often. Another run takes the output over "
+        "only after watching the lease stand still for 3x this long (or at once when the holder is a dead "
+        "process on the same host).",
     )
+    progress_s: float = Field(30.0, gt=0, description="How often a run logs progress and updates its _runs record.")
 
 
 class RunConfig(_Section):
@@ -161,6 +173,10 @@ class RunConfig(_Section):
     )
     reprocess: Literal["missing", "outdated", "failed", "all"] = Field(
         "missing", description="Which images to (re)do: see README."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="An image whose latest results are this many errors in a row under the current "
+        "fingerprint is not tried again (counted as gave_up) unless --reprocess failed or all.",
     )
 
     @field_validator("weights_dir")
@@ -199,15 +215,52 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _is_str_field(annotation) -> bool:
+    """Whether a field holds text: then a raw value stays text ("no" is not False, "007" is not 7)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return all(a is str or (typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)))
+               for a in args)
+
+
+def _field(dotted: str):
+    """The pydantic field a dotted name refers to, or None when there is none."""
+    model: type[BaseModel] = RunConfig
+    *sections, name = dotted.split(".")
+    for sec in sections:
+        f = model.model_fields.get(sec)
+        if f is None or not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)):
+            return None
+        model = f.annotation
+    return model.model_fields.get(name)
+
+
+def parse_value(dotted: str, raw: str) -> Any:
+    """A flag's or environment variable's text as the setting's type: text fields keep the text (YAML 1.1
+    would turn "no" into False); other fields parse as YAML scalars ("true", "16", "null")."""
+    f = _field(dotted)
+    if f is not None and _is_str_field(f.annotation):
+        nullable = type(None) in typing.get_args(f.annotation)
+        return None if nullable and raw.strip() in ("", "null", "~") else raw
+    return yaml.safe_load(raw) if raw else raw
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """``ARCHIVE_RESTORE_RESTORE__PRECISION=fp32`` -> ``{"restore": {"precision": "fp32"}}``."""
+    """``ARCHIVE_RESTORE_RESTORE__PRECISION=fp32`` -> ``{"restore": {"precision": "fp32"}}``.
+
+    Only names that address the config tree are settings: ``SECTION__FIELD`` (a misspelt field is an error,
+    since it was meant as a setting) or a top-level field (``WEIGHTS_DIR``). Anything else that happens to
+    share the prefix (a test helper's variable, another tool's) is not ours and is ignored.
+    """
     tree: dict[str, Any] = {}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
         dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
-        # YAML parsing turns "true"/"16"/"null" into the types pydantic expects.
-        _set_dotted(tree, dotted, yaml.safe_load(value) if value else value)
+        if "." not in dotted and dotted not in RunConfig.model_fields:
+            continue
+        if "." in dotted and dotted.split(".")[0] not in RunConfig.model_fields:
+            continue
+        _set_dotted(tree, dotted, parse_value(dotted, value))
     return tree
 
 

@@ -24,3 +24,7 @@ class WeightsError(PipelineError):
 
 class StorageError(PipelineError):
     """An input or output location cannot be used."""
+
+
+class Fenced(StorageError):
+    """This run no longer holds its output (another run has taken it over): nothing more may be written."""

@@ -1,7 +1,7 @@
-"""The only module that imports Ray: preflight, plan, and the Ray Data chain
+"""The only module that imports Ray: preflight, lease, plan, and the Ray Data chain
 
-    from_arrow(todo) -> DecodeDetect (CPU actors) -> Restore (1 actor per GPU) -> Compose (CPU tasks)
-                     -> write_parquet(_results/run=<run_id>)
+    from_arrow(todo) -> DecodeDetect (CPU actors) -> Restore (1 actor per GPU)
+                     -> Compose + its batch's result file (CPU tasks) -> summaries to the driver
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, resume, storage, weights
+from . import __version__, layout, ledger, resume, runs, storage, weights
 from .config import ClusterConfig, RunConfig
 from .errors import ConfigError, StorageError
 from .manifest import Manifest, read_manifest
@@ -73,26 +72,38 @@ class Preflight:
     fingerprint: str
     untrained: bool
 
+    @property
+    def hashes(self) -> dict[str, str]:
+        return {name: r.sha256 for name, r in self.resolved.items()}
 
-def preflight(cfg: RunConfig, run_id: str) -> Preflight:
-    """Every check that can fail before any image work: output location, manifest, weights."""
-    if not cfg.output.root:
-        raise ConfigError("no output: pass --output (a folder or s3:// prefix)")
-    manifest = read_manifest(cfg)
+
+def _probe_input(manifest: Manifest, cfg: RunConfig, tries: int = 3) -> None:
+    """Read the first bytes of a listed input, so that missing credentials, a wrong endpoint or a denied
+    bucket stop the run at once instead of becoming a million read_error rows. Missing files are the
+    inputs' own problem (their rows will say so): up to ``tries`` are tried before giving up quietly."""
+    uris = manifest.table["uri"]
+    for i in range(min(tries, len(uris))):
+        uri = uris[i].as_py()
+        try:
+            storage.read_head(uri, cfg.storage)
+            return
+        except (FileNotFoundError, IsADirectoryError, ValueError):
+            continue  # that row's own problem (missing, a folder, a malformed URI): its row will say so
+        except Exception as e:
+            raise StorageError(f"cannot read the inputs: {uri}: {type(e).__name__}: {e} (check credentials, "
+                               "endpoint and permissions)") from None
+
+
+def preflight(cfg: RunConfig, run_id: str, manifest: Manifest) -> Preflight:
+    """Every check that can fail before any image work: output writable, an input readable, weights."""
     out = storage.normalize(cfg.output.root)
-    if manifest.root and storage.is_inside(out, manifest.root):
-        raise StorageError(f"output {out!r} is inside the input {manifest.root!r}: choose an output outside it, "
-                           "so derivatives can never overwrite or be mistaken for originals")
-    if cfg.input.manifest and storage.is_inside(cfg.input.manifest, out) and \
-            storage.is_inside(storage.join(out, "images"), cfg.input.manifest):
-        raise StorageError("the manifest lies inside the output's images/ folder")
-    probe = storage.join(resume.runs_dir(out), f".preflight-{run_id}")
+    probe = storage.join(runs.runs_dir(out), f".preflight-{run_id}")
     try:
         storage.write_bytes(probe, b"ok", cfg.storage)
-        fs, path = storage.get_fs(probe, cfg.storage)
-        fs.rm(path)
-    except OSError as e:
+        storage.delete(probe, cfg.storage)
+    except Exception as e:
         raise StorageError(f"cannot write to output {out!r}: {type(e).__name__}: {e}") from None
+    _probe_input(manifest, cfg)
     resolved = weights.resolve_all(cfg)
     hashes = {name: r.sha256 for name, r in resolved.items()}
     return Preflight(manifest, resolved, cfg.fingerprint(hashes), any(r.untrained for r in resolved.values()))
@@ -101,7 +112,7 @@ def preflight(cfg: RunConfig, run_id: str) -> Preflight:
 def _software(cfg: RunConfig, pre: Preflight) -> str:
     """What restored the faces, for the derivative's metadata: tool, model and its weights' hash."""
     w = pre.resolved[cfg.restore.model]
-    return (f"archive-restore {__version__}; {cfg.restore.model} "
+    return (f"archive-restore {__version__}; {w.spec.name} "
             + ("UNTRAINED" if w.untrained else f"sha256:{w.sha256[:16]}"))
 
 
@@ -115,28 +126,56 @@ def _versions() -> dict[str, str]:
             "torch": torch.__version__, "facexlib": getattr(facexlib, "__version__", "?"), "pyarrow": pa.__version__}
 
 
-def _init_ray(cfg: RunConfig) -> None:
+def _init_ray(cfg: RunConfig) -> str | None:
+    """Connect to (or start) Ray; the session folder of a local Ray started here, else None."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # "local": always a fresh local instance. A bare ray.init() would follow /tmp/ray/ray_current_cluster,
-        # which a head that died without `ray stop` leaves behind, and fail to connect to it.
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus,
-                 include_dashboard=False)
+        return None
+    # "local": always a fresh local instance. A bare ray.init() would follow /tmp/ray/ray_current_cluster,
+    # which a head that died without `ray stop` leaves behind, and fail to connect to it.
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus,
+             include_dashboard=False)
+    return ray._private.worker._global_node.get_session_dir_path()
 
 
-def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str) -> None:
+class Progress:
+    """What the driver learns from each finished Compose batch: counts for the log and the run record."""
+
+    def __init__(self):
+        self.by_status: dict[str, int] = {}
+        self.images = self.faces = self.reused = self.parts = 0
+
+    def add(self, t: pa.Table) -> None:
+        self.images += t.num_rows
+        self.faces += int(pc.sum(t["n_faces"]).as_py() or 0)
+        self.reused += int(pc.sum(pc.cast(pc.fill_null(t["detect_reused"], False), pa.int64())).as_py() or 0)
+        self.parts += len(pc.unique(t["part"]))
+        for k, v in count_by_status(t).items():
+            self.by_status[k] = self.by_status.get(k, 0) + v
+
+    def summary(self, elapsed_s: float) -> dict:
+        return {"images": self.images, "by_status": dict(sorted(self.by_status.items())), "faces": self.faces,
+                "detections_reused": self.reused, "result_files": self.parts, "elapsed_s": round(elapsed_s, 2),
+                "images_per_s": round(self.images / elapsed_s, 3) if elapsed_s > 0 else None,
+                "faces_per_s": round(self.faces / elapsed_s, 3) if elapsed_s > 0 else None}
+
+
+def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease: runs.Lease, record: dict,
+             progress: Progress, t0: float) -> None:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from .stages import DecodeDetect, Restore, compose_batch
+    from .stages import DecodeDetect, Restore, compose_and_record
 
-    _init_ray(cfg)
+    session = _init_ray(cfg)
+    if session:  # a killed driver leaves some of its local Ray behind: the next run stops them (runs.py)
+        lease.update(ray_session=session)
+        lease.renew()
     rp = plan_resources(ray.cluster_resources(), cfg.cluster)
     log.info("resources: %s", rp)
     per_block = max(cfg.cluster.rows_per_block, math.ceil(todo.num_rows / MAX_BLOCKS))
@@ -144,79 +183,102 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str) -> Non
     blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
     passthrough = pre.manifest.passthrough
+    expected = pre.hashes  # workers refuse files other than those preflight checked
+    # Fault tolerance is Ray Data's default, kept on purpose: an actor that dies is restarted
+    # (max_restarts=-1) and its batches are retried (max_task_retries=-1); a Compose task whose worker
+    # dies is retried (max_retries=-1). A retried Compose batch rewrites the same result file.
     ds = ds.map_batches(
-        DecodeDetect, fn_constructor_kwargs={"cfg": cfg, "root": pre.manifest.root, "passthrough": passthrough},
+        DecodeDetect, fn_constructor_kwargs={"cfg": cfg, "root": pre.manifest.root, "passthrough": passthrough,
+                                             "expected_weights": expected},
         batch_size=cfg.cluster.decode_batch_size, batch_format="pyarrow", num_cpus=rp.decode_cpus,
         compute=ActorPoolStrategy(min_size=rp.decode_min, max_size=rp.decode_max))
     ds = ds.map_batches(
-        Restore, fn_constructor_kwargs={"cfg": cfg, "passthrough": passthrough},
+        Restore, fn_constructor_kwargs={"cfg": cfg, "passthrough": passthrough, "expected_weights": expected},
         batch_size=cfg.cluster.restore_batch_size, batch_format="pyarrow", num_gpus=rp.restore_gpus,
         num_cpus=rp.restore_cpus, compute=ActorPoolStrategy(size=rp.restore_actors))
     ds = ds.map_batches(
-        compose_batch, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
-                                  "untrained": pre.untrained, "passthrough": passthrough,
-                                  "software": _software(cfg, pre)},
+        compose_and_record, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
+                                       "untrained": pre.untrained, "passthrough": passthrough,
+                                       "software": _software(cfg, pre), "fence": lease.fence()},
         batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus)
-    fs, path = storage.get_arrow_fs(resume.results_dir(cfg.output.root), cfg.storage)
-    # The write must ask for exactly what Compose asks for, so Ray fuses the two into one task. A
-    # separate write operator wants 1 CPU by default; on a small node whose CPUs are held by the actor
-    # pools it is starved until the actors exit, and every result row waits in memory to the very end
-    # (measured: all Parquet files of a run appeared in its last 200 ms), so a killed run kept nothing.
-    ds.write_parquet(f"{path}/run={run_id}", filesystem=fs, ray_remote_args={"num_cpus": rp.compose_cpus})
-
-
-def summarize(results: pa.Table, elapsed_s: float) -> dict:
-    by_status = count_by_status(results)
-    faces = int(pc.sum(results["n_faces"]).as_py() or 0) if results.num_rows else 0
-    reused = int(pc.sum(pc.cast(pc.fill_null(results["detect_reused"], False), pa.int64())).as_py() or 0) \
-        if results.num_rows and "detect_reused" in results.column_names else 0
-    n = results.num_rows
-    return {"images": n, "by_status": by_status, "faces": faces, "detections_reused": reused,
-            "elapsed_s": round(elapsed_s, 2),
-            "images_per_s": round(n / elapsed_s, 3) if elapsed_s > 0 else None,
-            "faces_per_s": round(faces / elapsed_s, 3) if elapsed_s > 0 else None}
+    last = time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        progress.add(batch)
+        if lease.lost.is_set():
+            raise StorageError("this run lost the output's lease (another run may have taken it over); stopping")
+        if time.monotonic() - last >= cfg.cluster.progress_s:
+            last = time.monotonic()
+            record["progress"] = progress.summary(time.perf_counter() - t0)
+            log.info("run %s: %d of %d images done (%s)", run_id, progress.images, todo.num_rows,
+                     record["progress"]["by_status"])
+            runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
 
 
 def run(cfg: RunConfig) -> dict:
     """Run (or resume) the job described by ``cfg``; return the run record."""
-    run_id = resume.new_run_id()
+    run_id = runs.new_run_id()
     t0 = time.perf_counter()
-    pre = preflight(cfg, run_id)
+    if not cfg.output.root:
+        raise ConfigError("no output: pass --output (a folder or s3:// prefix)")
     out = storage.normalize(cfg.output.root)
-    if pre.untrained:
-        log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives are "
-                    "NOT restorations and every result row says untrained=true", run_id)
-    resume.wait_for_other_runs(out, cfg.storage, run_id, cfg.cluster.heartbeat_s)
-    ledger = resume.load_results(out, cfg.storage, columns=resume.LEDGER_COLUMNS)
-    plan = resume.plan(pre.manifest.table, ledger, pre.fingerprint, cfg.reprocess)
+    manifest = read_manifest(cfg)
+    # Before anything is written, not even the lease: the output may be where the originals are.
+    layout.check(manifest.table["uri"], cfg.input.manifest, out, manifest.root)
+    lease = runs.Lease(out, cfg.storage, run_id, cfg.cluster.heartbeat_s).acquire()
     record = {
-        "run_id": run_id, "state": "running", "started_at": datetime.now(timezone.utc).isoformat(),
-        "fingerprint": pre.fingerprint, "untrained": pre.untrained, "reprocess": cfg.reprocess,
-        "manifest": cfg.input.manifest, "input_root": pre.manifest.root, "output": out,
-        "manifest_rows": pre.manifest.rows_read, "duplicate_rows": pre.manifest.duplicates,
-        "rows_without_uri": pre.manifest.without_uri, "plan": plan.counts,
-        "weights": {n: {"file": r.spec.filename, "sha256": r.sha256, "untrained": r.untrained,
-                        "licence": r.spec.licence} for n, r in pre.resolved.items()},
-        "versions": _versions(), "config": cfg.model_dump(mode="json"),
+        "run_id": run_id, "state": "running", "phase": "preflight", "started_at": runs.now_iso(),
+        "reprocess": cfg.reprocess, "manifest": cfg.input.manifest, "input_root": manifest.root, "output": out,
+        "manifest_rows": manifest.rows_read, "duplicate_rows": manifest.duplicates,
+        "rows_without_uri": manifest.without_uri, "lease_generation": lease.generation,
+        "config": cfg.model_dump(mode="json"),
     }
-    log.info("run %s: %d of %d images to process (%s)", run_id, plan.counts["todo"], plan.counts["manifest"],
-             plan.counts)
-    with resume.Heartbeat(out, record, cfg.storage, cfg.cluster.heartbeat_s):
+    if lease.taken_over:
+        prior = lease.taken_over
+        record["took_over_from"] = prior.get("run_id")
+        runs.mark_killed(out, prior, run_id, cfg.storage)
+        runs.stop_leftovers(prior)
+    progress = Progress()
+    try:
+        runs.write_record(out, record, cfg.storage)
+        lease.start()
+        pre = preflight(cfg, run_id, manifest)
+        if pre.untrained:
+            log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives "
+                        "are NOT restorations and every result row says untrained=true", run_id)
+        record.update(fingerprint=pre.fingerprint, untrained=pre.untrained, versions=_versions(),
+                      weights={n: r.describe() for n, r in pre.resolved.items()})
+        torn: list[str] = []
+        results = ledger.load_results(out, cfg.storage, columns=resume.PLAN_COLUMNS, torn=torn)
+        if torn:  # we hold the lease: no live run can be writing them
+            record["set_aside"] = ledger.set_aside(torn, cfg.storage)
+        plan = resume.plan(manifest.table, results, pre.fingerprint, cfg.reprocess, cfg.max_attempts)
+        record.update(plan=plan.counts, phase="processing")
+        runs.write_record(out, record, cfg.storage)
+        log.info("run %s: %d of %d images to process (%s)", run_id, plan.counts["todo"], plan.counts["manifest"],
+                 plan.counts)
+        if plan.todo.num_rows:
+            keyed = resume.assign_keys(manifest.table.select(["image_id", "uri"]), manifest.root, cfg.output,
+                                       resume.claims(results, out))
+            todo = plan.todo.join(keyed.select(["image_id", "output_key", "key_error"]), "image_id")
+            order = plan.todo.select(["image_id"]).append_column("_o", pa.array(range(plan.todo.num_rows), pa.int64()))
+            todo = todo.join(order, "image_id").sort_by("_o").drop_columns(["_o"])
+            if not cfg.redetect:
+                todo = resume.attach_prior_detections(todo, results, out, cfg.storage)
+            del results
+            _execute(cfg, pre, todo, run_id, lease, record, progress, t0)
+        record.update(state="finished", phase="done", finished_at=runs.now_iso(),
+                      summary=progress.summary(time.perf_counter() - t0), results=ledger.results_dir(out))
+        record.pop("progress", None)
+    except BaseException as e:  # Ctrl-C included: the record says how the run ended
+        record.update(state="lost" if lease.lost.is_set() else "failed", phase=record.get("phase"),
+                      error=f"{type(e).__name__}: {e}", finished_at=runs.now_iso(),
+                      summary=progress.summary(time.perf_counter() - t0))
+        raise
+    finally:
+        lease.stop()  # no renewal may land after the final record
         try:
-            if plan.todo.num_rows:
-                todo = plan.todo if cfg.redetect else resume.attach_prior_detections(plan.todo, ledger, out,
-                                                                                     cfg.storage)
-                _execute(cfg, pre, todo, run_id)
-        except BaseException as e:  # Ctrl-C included: the record says how the run ended
-            record.update(state="failed", error=f"{type(e).__name__}: {e}",
-                          finished_at=datetime.now(timezone.utc).isoformat())
-            resume.write_run_record(out, record, cfg.storage)
-            raise
-        mine = resume.load_results(out, cfg.storage, columns=["status", "n_faces", "detect_reused"], run_id=run_id)
-        record.update(state="finished", finished_at=datetime.now(timezone.utc).isoformat(),
-                      summary=summarize(mine, time.perf_counter() - t0), results=resume.results_dir(out))
-    resume.write_run_record(out, record, cfg.storage)
+            runs.write_record(out, record, cfg.storage)
+        finally:
+            lease.release()
     log.info("run %s finished: %s", run_id, record["summary"])
     return record
-
-

@@ -14,10 +14,11 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from . import storage
+from . import keys, storage
 from .config import RunConfig, StorageConfig
 from .errors import ManifestError
 from .imageio import EXTENSIONS
+from .schema import MANIFEST_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def read_manifest(cfg: RunConfig) -> Manifest:
     else:  # hashing is the one per-row Python loop left: about 1 s per million rows
         ids = pa.array([image_id_for(u) for u in norm.to_pylist()], pa.string())
     extra = table.drop_columns([c for c in (col, id_col) if c in table.column_names])
-    extra = extra.drop_columns([c for c in extra.column_names if c in ("image_id", "uri", "output_key")])
+    extra = extra.drop_columns([c for c in extra.column_names if c in MANIFEST_COLUMNS])
     out = pa.table({"image_id": ids, "uri": norm})
     for name in extra.column_names:
         out = out.append_column(name, extra[name])
@@ -116,7 +117,7 @@ def read_manifest(cfg: RunConfig) -> Manifest:
     elif len(norm):
         # The common prefix of all strings is the common prefix of the smallest and the largest.
         lo_hi = pc.min_max(norm)
-        root = storage.common_root([lo_hi["min"].as_py(), lo_hi["max"].as_py()])
+        root = keys.common_root([lo_hi["min"].as_py(), lo_hi["max"].as_py()])
     else:
         root = ""
     return Manifest(out, root, extra.schema, rows_read, duplicates, without_uri)

@@ -8,7 +8,7 @@ import html
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import resume, storage
+from . import ledger, resume, runs, storage
 from .config import StorageConfig
 
 
@@ -21,11 +21,11 @@ def count_by_status(results: pa.Table) -> dict[str, int]:
 
 
 def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = None,
-           fingerprint: str | None = None, results: pa.Table | None = None) -> dict:
+           fingerprint: str | None = None, results: pa.Table | None = None, max_attempts: int | None = None) -> dict:
     """Counts over the latest row per image; with a manifest (and fingerprint), what remains to do.
     ``results``: the ledger when the caller already loaded it (with at least the ledger columns and n_faces)."""
     if results is None:
-        results = resume.load_results(output_root, cfg, columns=resume.LEDGER_COLUMNS + ["n_faces", "run_id"])
+        results = ledger.load_results(output_root, cfg, columns=ledger.LEDGER_COLUMNS + ["n_faces", "run_id"])
     latest = resume.latest_rows(results)
     out = {
         "output": output_root,
@@ -34,13 +34,14 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
         "by_status": count_by_status(latest),
         "faces": int(pc.sum(latest["n_faces"]).as_py() or 0) if latest.num_rows else 0,
         "runs": [{k: r.get(k) for k in ("run_id", "state", "fingerprint", "started_at", "finished_at", "summary")}
-                 for r in resume.read_run_records(output_root, cfg)],
+                 for r in runs.read_records(output_root, cfg)],
     }
     if manifest is not None:
         # Without a fingerprint from the caller, "current" means: made with the latest run's settings.
         fp = fingerprint or (out["runs"][-1]["fingerprint"] if out["runs"] else None)
-        counts = resume.plan(manifest, results, fp or "", "missing").counts
-        out["against_manifest"] = {k: counts[k] for k in ("manifest", "current", "outdated", "failed", "missing")}
+        counts = resume.plan(manifest, results, fp or "", "missing", max_attempts).counts
+        out["against_manifest"] = {k: counts[k] for k in ("manifest", "current", "outdated", "failed", "missing",
+                                                           "gave_up")}
     return out
 
 
@@ -61,7 +62,7 @@ def flagged_faces(results: pa.Table, limit: int = 200) -> list[dict]:
 
 
 def render_html(output_root: str, cfg: StorageConfig) -> str:
-    results = resume.load_results(output_root, cfg)  # once, for the counts and the flagged faces
+    results = ledger.load_results(output_root, cfg)  # once, for the counts and the flagged faces
     st = status(output_root, cfg, results=results)
     flagged = flagged_faces(results)
     esc = html.escape

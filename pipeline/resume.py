@@ -1,82 +1,31 @@
-"""Resume and re-processing: the results ledger, the run record, and what a run still has to do.
+"""Resume and re-processing: what a run still has to do, and under which output keys.
 
-The ledger is ``<output>/_results/run=<run_id>/*.parquet``: every run appends its own rows, so the
-history stays; the latest row per image is current. Planning is column projection plus Arrow
-joins — no Python loop over rows — so a 10-million-image archive plans in seconds.
+The ledger (``ledger.py``) holds every run's rows; the latest row per image is current. Planning is
+column projection plus Arrow joins, with no Python loop over rows, so a 10-million-image archive plans
+in seconds. An image whose latest results are ``max_attempts`` retryable errors under the current
+fingerprint is not tried again unless asked (``--reprocess failed``): a deterministic failure must not
+be retried forever.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import posixpath
-import secrets
-import threading
-import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from . import storage
-from .config import StorageConfig
+from . import keys, storage
+from .config import OutputConfig, StorageConfig
+from .ledger import LEDGER_COLUMNS, load_results
 from .schema import ERROR_STATUSES, FINAL_STATUSES, Status
 
 log = logging.getLogger(__name__)
 
-LEDGER_COLUMNS = ["image_id", "status", "fingerprint", "finished_at"]
-
-
-def results_dir(output_root: str) -> str:
-    return storage.join(output_root, "_results")
-
-
-def runs_dir(output_root: str) -> str:
-    return storage.join(output_root, "_runs")
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def result_files(output_root: str, cfg: StorageConfig, run_id: str | None = None) -> list[str]:
-    where = results_dir(output_root)
-    fs, path = storage.get_fs(storage.join(where, f"run={run_id}") if run_id else where, cfg)
-    if not fs.exists(path):
-        return []
-    return sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
-
-
-def _read_columns(path: str, fs, columns: list[str] | None) -> pa.Table:
-    """Read ``columns``; a file written before a column existed gets it as nulls (after the concat)."""
-    try:
-        return pq.read_table(path, filesystem=fs, columns=columns)
-    except (pa.ArrowInvalid, KeyError):
-        if columns is None:
-            raise
-        present = set(pq.read_schema(path, filesystem=fs).names)
-        return pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in present])
-
-
-def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None = None,
-                 run_id: str | None = None) -> pa.Table:
-    """All readable result rows. A file torn by a killed writer is renamed aside (hidden), logged and
-    skipped: its images were never recorded as done, so the next run redoes them."""
-    fs, _ = storage.get_arrow_fs(output_root, cfg)
-    ffs, _ = storage.get_fs(output_root, cfg)
-    tables = []
-    for path in result_files(output_root, cfg, run_id):
-        try:
-            tables.append(_read_columns(path, fs, columns))
-        except (pa.ArrowInvalid, OSError) as e:
-            aside = posixpath.join(posixpath.dirname(path), ".torn-" + posixpath.basename(path))
-            log.warning("result file %s is unreadable (%s); moved to %s, its images will be redone", path, e, aside)
-            ffs.mv(path, aside)
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in (columns or LEDGER_COLUMNS)})
-    return pa.concat_tables(tables, promote_options="permissive")
+# Errors that another attempt may mend (storage, GPU, a detector hiccup); the others are final.
+RETRYABLE = frozenset(ERROR_STATUSES - FINAL_STATUSES)
+PLAN_COLUMNS = LEDGER_COLUMNS + ["output_uri", "access_uri"]
 
 
 def latest_rows(results: pa.Table) -> pa.Table:
@@ -101,13 +50,15 @@ def _is_in(values, statuses) -> pa.ChunkedArray:
     return pc.is_in(values, value_set=pa.array(sorted(s.value for s in statuses)))
 
 
-def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str) -> Plan:
+def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max_attempts: int | None = None) -> Plan:
     """Which manifest rows to process now.
 
     missing: images never completed (no row with a final status), incl. passing failures (read/write errors)
     outdated: missing + images whose latest completed result has another fingerprint
     failed: missing + images whose latest row is an error
     all: every image
+    In ``missing`` and ``outdated``, images that have failed ``max_attempts`` times with retryable errors under
+    this fingerprint, and never completed since, are left out (``gave_up``).
     """
     ids = manifest.select(["image_id"])
     final = results.filter(_is_in(results["status"], FINAL_STATUSES)) if results.num_rows else results
@@ -128,6 +79,8 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str) -> 
         "failed": known(failed),
     }
     counts["missing"] = counts["manifest"] - counts["completed"]
+    gave_up = _gave_up(results, fingerprint, max_attempts, current)
+    counts["gave_up"] = known(gave_up)
     if mode == "all":
         done = ids.slice(0, 0)
     elif mode == "missing":
@@ -138,6 +91,9 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str) -> 
         done = completed.join(failed.select(["image_id"]), "image_id", join_type="left anti")
     else:
         raise ValueError(f"unknown reprocess mode {mode!r}")
+    if mode in ("missing", "outdated") and gave_up.num_rows:
+        done = pa.concat_tables([done.select(["image_id"]).cast(pa.schema([("image_id", pa.string())])),
+                                 gave_up.select(["image_id"]).cast(pa.schema([("image_id", pa.string())]))])
     todo = manifest.join(done, "image_id", join_type="left anti") if done.num_rows else manifest
     # Arrow's hash join does not keep order; manifest order keeps runs reproducible and logs readable.
     if todo is not manifest:
@@ -146,6 +102,21 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str) -> 
     counts["todo"] = todo.num_rows
     counts["skipped"] = manifest.num_rows - todo.num_rows
     return Plan(todo, counts)
+
+
+def _gave_up(results: pa.Table, fingerprint: str, max_attempts: int | None, current: pa.Table) -> pa.Table:
+    """Images with at least ``max_attempts`` retryable errors under ``fingerprint`` and no current result."""
+    empty = pa.table({"image_id": pa.array([], pa.string())})
+    if not max_attempts or not results.num_rows:
+        return empty
+    errs = results.filter(pc.and_(pc.equal(results["fingerprint"], fingerprint), _is_in(results["status"], RETRYABLE)))
+    if not errs.num_rows:
+        return empty
+    n = errs.group_by("image_id").aggregate([("image_id", "count")])
+    out = n.filter(pc.greater_equal(n["image_id_count"], max_attempts)).select(["image_id"])
+    if current.num_rows and out.num_rows:
+        out = out.join(current.select(["image_id"]), "image_id", join_type="left anti")
+    return out
 
 
 PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces", "faces_skipped"]
@@ -163,7 +134,9 @@ def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, 
     seen = pc.is_in(todo["image_id"], value_set=ledger["image_id"].combine_chunks().unique())
     if not pc.any(seen).as_py():
         return todo
-    prior = load_results(output_root, cfg, columns=PRIOR_COLUMNS)
+    wanted = todo["image_id"].filter(seen).combine_chunks()
+    prior = load_results(output_root, cfg, columns=PRIOR_COLUMNS,
+                         transform=lambda t: t.filter(pc.is_in(t["image_id"], value_set=wanted)))
     if "detect_fingerprint" not in prior.column_names:
         return todo
     keep = pc.and_(pc.and_(_is_in(prior["status"], {Status.OK, Status.NO_FACE}),
@@ -184,76 +157,35 @@ def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, 
     return order.join(lookup, "image_id", join_type="left outer").sort_by("_o").drop_columns(["_o"])
 
 
-def write_run_record(output_root: str, record: dict, cfg: StorageConfig) -> str:
-    uri = storage.join(runs_dir(output_root), f"{record['run_id']}.json")
-    storage.write_bytes(uri, json.dumps(record, indent=2, default=str).encode(), cfg)
-    return uri
 
 
-class Heartbeat:
-    """Keeps ``record['heartbeat_at']`` fresh in ``_runs/<run_id>.json`` while a run is alive."""
-
-    def __init__(self, output_root: str, record: dict, cfg: StorageConfig, every_s: float):
-        self.output_root, self.record, self.cfg, self.every_s = output_root, record, cfg, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="run-heartbeat", daemon=True)
-
-    def beat(self) -> None:
-        self.record["heartbeat_at"] = datetime.now(timezone.utc).isoformat()
-        write_run_record(self.output_root, self.record, self.cfg)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.beat()
-            except OSError as e:  # a storage hiccup must not kill the run; the next beat retries
-                log.warning("heartbeat write failed: %s", e)
-
-    def __enter__(self) -> "Heartbeat":
-        self.beat()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _age_s(record: dict) -> float:
-    at = record.get("heartbeat_at") or record.get("started_at")
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(at)).total_seconds() if at else float("inf")
-
-
-def wait_for_other_runs(output_root: str, cfg: StorageConfig, run_id: str, heartbeat_s: float) -> None:
-    """Return once no other run on this output is alive; raise if one is.
-
-    A run killed without notice leaves its record in state ``running``; tasks it had in flight may
-    still write results for a moment. Waiting until its heartbeat is ``3 * heartbeat_s`` old means
-    they are gone before we plan, so nothing is done twice. A heartbeat that moves while we wait is
-    a live run: two runs on one output would duplicate work, so that is an error.
-    """
-    stale = 3 * heartbeat_s
-    for r in read_run_records(output_root, cfg):
-        if r.get("state") != "running" or r.get("run_id") == run_id or _age_s(r) >= stale:
+def claims(results: pa.Table, output_root: str) -> pa.Table:
+    """(image_id, ns, name) of every derivative and access copy that the latest result of each image holds."""
+    cols = [c for c in ("output_uri", "access_uri") if c in results.column_names]
+    if not results.num_rows or not cols:
+        return pa.table({"image_id": pa.array([], pa.string()), "ns": pa.array([], pa.string()),
+                         "name": pa.array([], pa.string())})
+    latest = latest_rows(results.select(["image_id", "finished_at", *cols]))
+    parts = []
+    for col, ns in (("output_uri", "images"), ("access_uri", "access")):
+        if col not in cols:
             continue
-        seen = r.get("heartbeat_at")
-        wait = stale - _age_s(r) + 0.5
-        log.warning("run %s on this output was alive %.0f s ago; waiting %.0f s for it to be stale",
-                    r["run_id"], _age_s(r), wait)
-        time.sleep(max(0.0, wait))
-        now = next((x for x in read_run_records(output_root, cfg) if x.get("run_id") == r["run_id"]), r)
-        if now.get("state") == "running" and now.get("heartbeat_at") != seen:
-            from .errors import StorageError
-            raise StorageError(f"run {r['run_id']} is still running on this output (heartbeat {_age_s(now):.0f} s "
-                               "ago); wait for it to finish or stop it first")
+        prefix = storage.join(output_root, ns) + "/"
+        uris = pc.cast(latest[col], pa.string())
+        inside = pc.fill_null(pc.starts_with(uris, prefix), False)
+        sub = latest.filter(inside)
+        names = pc.utf8_slice_codeunits(pc.cast(sub[col], pa.string()), len(prefix))
+        parts.append(pa.table({"image_id": sub["image_id"], "ns": pa.array([ns] * sub.num_rows, pa.string()),
+                               "name": names}))
+    return pa.concat_tables(parts)
 
 
-def read_run_records(output_root: str, cfg: StorageConfig) -> list[dict]:
-    fs, path = storage.get_fs(runs_dir(output_root), cfg)
-    if not fs.exists(path):
-        return []
-    out = []
-    for p in sorted(fs.glob(posixpath.join(path, "*.json"))):
-        with fs.open(p, "rb") as f:
-            out.append(json.loads(f.read()))
-    return out
+def assign_keys(manifest: pa.Table, root: str, output: OutputConfig, held: pa.Table | None) -> pa.Table:
+    """``manifest`` with ``output_key`` (unique across the manifest and earlier results) and ``key_error``
+    (why an image cannot be given a unique name; practically always null). See ``keys.assign``."""
+    k, err = keys.assign(manifest["image_id"], manifest["uri"], root, output.format, output.access_copy, held)
+    collided = pc.sum(pc.invert(pc.equal(k, keys.output_keys(manifest["uri"], root, manifest["image_id"])))).as_py()
+    if collided:
+        log.warning("%d images would share an output file with another image; their keys get a ~suffix", collided)
+    out = manifest.drop_columns([c for c in ("output_key", "key_error") if c in manifest.column_names])
+    return out.append_column("output_key", k).append_column("key_error", err)

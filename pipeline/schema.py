@@ -43,6 +43,7 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("output_uri", pa.string()),
         ("access_uri", pa.string()),         # the JPEG access copy, when output.access_copy is set
+        ("output_key", pa.string()),         # the image's key below images/ and access/ (unique, see keys.py)
         ("src_sha256", pa.string()),
         ("out_sha256", pa.string()),
         ("width", pa.int32()),
@@ -65,7 +66,7 @@ RESULT_SCHEMA = pa.schema(
 )
 
 # Columns the manifest reader produces for every row; other manifest columns pass through to results.
-MANIFEST_COLUMNS = ("image_id", "uri", "output_key")
+MANIFEST_COLUMNS = ("image_id", "uri", "output_key", "key_error")
 
 # Between stages: one row per image. The original travels as its encoded bytes (decoded again in
 # Compose), faces as JSON (bbox, landmarks, alignment matrices, QA), crops as packed uint8 arrays.
@@ -74,6 +75,7 @@ WORK_SCHEMA = pa.schema(
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("output_key", pa.string()),
+        ("key_error", pa.string()),          # set by planning when no unique output name could be given
         ("status", pa.string()),
         ("error", pa.string()),
         ("src_bytes", pa.large_binary()),

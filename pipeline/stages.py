@@ -20,10 +20,12 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from . import __version__, imageio, metadata, storage, weights
+from . import __version__, imageio, keys, ledger, metadata, storage, weights
 from .config import RunConfig, detect_fingerprint
+from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .identity import arcface_matrix
+from .errors import Fenced
 from .restorer import FaceRestorer
 from .schema import FACE_TYPE, RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
 
@@ -53,18 +55,39 @@ def _error(row: dict, status: Status, message: str) -> dict:
     return row
 
 
+def _each(rows: list[dict], process, status: Status) -> list[dict]:
+    """``process`` on every row; whatever it raises becomes that row's ``status`` and ``error`` (logged with
+    its traceback), so one image can never fail the batch, and with it the Ray job."""
+    out = []
+    for row in rows:
+        try:
+            out.append(process(row))
+        except Fenced:
+            raise
+        except Exception as e:
+            log.exception("unexpected failure on %s", row.get("image_id"))
+            out.append(_error(row, status, f"unexpected {type(e).__name__}: {e}"))
+    return out
+
+
 class DecodeDetect:
     """Fetch, hash, decode, detect faces, align crops. CPU actor."""
 
-    def __init__(self, cfg: RunConfig, root: str, passthrough: pa.Schema | None = None):
+    def __init__(self, cfg: RunConfig, root: str, passthrough: pa.Schema | None = None,
+                 expected_weights: dict[str, str] | None = None):
         self.cfg, self.root = cfg, root
         self.schema = with_passthrough(WORK_SCHEMA, passthrough)
-        resolved = weights.resolve(cfg.detect.model, cfg)
+        resolved = weights.resolve(cfg.detect.model, cfg, (expected_weights or {}).get(cfg.detect.model))
         self.detector = FaceDetector(cfg.detect, resolved)
         self.detect_fp = detect_fingerprint(cfg.detect, resolved.sha256)
 
     def __call__(self, batch: Batch) -> pa.Table:
-        return rows_to_table([self.process(row) for row in _rows(batch)], self.schema)
+        rows = _rows(batch)
+        if rows and rows[0].get("output_key") is None:  # a hand-built batch: the job's plan assigns keys
+            assigned = keys.output_keys([r["uri"] for r in rows], self.root, [r["image_id"] for r in rows])
+            for r, k in zip(rows, assigned.to_pylist()):
+                r["output_key"] = k
+        return rows_to_table(_each(rows, self.process, Status.DETECT_ERROR), self.schema)
 
     def _reusable(self, row: dict) -> bool:
         """Stored detections stand when the bytes and the detector (settings + weights) are unchanged."""
@@ -73,13 +96,14 @@ class DecodeDetect:
 
     def process(self, row: dict) -> dict:
         row.update(status=Status.OK.value, error=None, n_faces=0)
-        row["output_key"] = storage.output_key(row["uri"], self.root, row["image_id"])
+        if row.get("key_error"):
+            return _error(row, Status.WRITE_ERROR, row["key_error"])
         t0 = time.perf_counter()
         try:
             data = storage.read_bytes(row["uri"], self.cfg.storage)
         except FileNotFoundError:
             return _error(row, Status.READ_ERROR, "file not found: check the manifest's uri")
-        except OSError as e:  # permission, directory, network after retries
+        except Exception as e:  # permission, a directory, network after retries, a malformed URI, no credentials
             return _error(row, Status.READ_ERROR, f"cannot read: {type(e).__name__}: {e}")
         row["src_sha256"] = hashlib.sha256(data).hexdigest()
         try:
@@ -88,6 +112,8 @@ class DecodeDetect:
             return _error(row, Status.TOO_LARGE, str(e))
         except imageio.DecodeError as e:
             return _error(row, Status.DECODE_ERROR, str(e))
+        except Exception as e:  # a decoder's own failure on odd bytes (cv2.error, MemoryError, ...)
+            return _error(row, Status.DECODE_ERROR, f"cannot decode: {type(e).__name__}: {e}")
         row.update(src_format=img.format, width=img.width, height=img.height, notes=img.notes)
         t1 = time.perf_counter()
         row["decode_s"] = t1 - t0
@@ -156,6 +182,14 @@ def _gather_faces(spans: list[tuple[pa.Buffer, int, int]]) -> np.ndarray:
     return flat.reshape(-1, FACE_SIZE, FACE_SIZE, 3)
 
 
+def _merge_binary(num_rows: int, parts: dict[int, pa.Array]) -> pa.Array:
+    """One large_binary column from per-row columns (row i taken from ``parts[i]``; others null)."""
+    values = [None] * num_rows
+    for i, col in parts.items():
+        values[i] = col[i].as_py()
+    return pa.array(values, pa.large_binary())
+
+
 def _binary_column(flat: np.ndarray, rows: list[int], sizes: list[int], num_rows: int) -> pa.Array:
     """A large_binary column whose ``rows`` hold consecutive ``sizes`` bytes of ``flat`` (others null),
     built on ``flat``'s memory without a copy."""
@@ -179,10 +213,11 @@ class Restore:
     side of a GPU actor at 453 faces/s with 6 MB masters (BENCHMARKS.md, ``bench/restore_host.py``).
     """
 
-    def __init__(self, cfg: RunConfig, passthrough: pa.Schema | None = None, device: str | None = None):
+    def __init__(self, cfg: RunConfig, passthrough: pa.Schema | None = None, device: str | None = None,
+                 expected_weights: dict[str, str] | None = None):
         self.cfg = cfg
         self.schema = with_passthrough(WORK_SCHEMA, passthrough)
-        self.restorer = FaceRestorer(cfg, device)
+        self.restorer = FaceRestorer(cfg, device, expected_weights)
 
     def __call__(self, batch: Batch) -> pa.Table:
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
@@ -197,7 +232,11 @@ class Restore:
                 self._fail(cols, i, f"crops hold {b - a} bytes for {cols['n_faces'][i]} faces")
                 todo.remove(i)
         if todo:
-            restored = self._restore(table.num_rows, todo, [spans[i] for i in todo], cols) or restored
+            restored = self._restore(table.num_rows, todo, [spans[i] for i in todo], cols)
+            if restored is None:  # the batch failed: image by image, so only the culprit fails
+                log.warning("restoring a batch of %d images failed; retrying them one by one", len(todo))
+                parts = {i: self._restore(table.num_rows, [i], [spans[i]], cols, last_try=True) for i in todo}
+                restored = _merge_binary(table.num_rows, {i: p for i, p in parts.items() if p is not None})
         updates = {"crops": pa.nulls(table.num_rows, pa.large_binary()),  # not needed downstream
                    "restored": restored, **{k: pa.array(cols[k], self.schema.field(k).type)
                                             for k in ("status", "error", "faces_json", "restore_s")}}
@@ -211,18 +250,22 @@ class Restore:
         _error(row, Status.RESTORE_ERROR, message)
         cols["status"][i], cols["error"][i] = row["status"], row["error"]
 
-    def _restore(self, num_rows: int, todo: list[int], spans, cols: dict) -> pa.Array | None:
-        counts = [cols["n_faces"][i] for i in todo]
-        crops = _gather_faces(spans)
-        faces = [json.loads(cols["faces_json"][i]) for i in todo]
-        mats = np.array([f["arcface"] for fs in faces for f in fs["faces"]], np.float32).reshape(-1, 2, 3)
+    def _restore(self, num_rows: int, todo: list[int], spans, cols: dict, last_try: bool = False) -> pa.Array | None:
+        """Restore the faces of rows ``todo``; None if that failed (and, on the ``last_try``, the rows say why)."""
         t0 = time.perf_counter()
         try:
+            counts = [cols["n_faces"][i] for i in todo]
+            crops = _gather_faces(spans)
+            faces = [json.loads(cols["faces_json"][i]) for i in todo]
+            mats = np.array([f["arcface"] for fs in faces for f in fs["faces"]], np.float32).reshape(-1, 2, 3)
+            if not np.isfinite(mats).all():
+                raise ValueError("an alignment matrix is not finite")
             out = self.restorer.restore(crops, mats)
         except Exception as e:
-            log.exception("restoration failed for a batch of %d images", len(todo))
-            for i in todo:
-                self._fail(cols, i, f"restoration failed: {type(e).__name__}: {e}")
+            if last_try:
+                log.exception("restoration failed for %s", cols["image_id"][todo[0]])
+                for i in todo:
+                    self._fail(cols, i, f"restoration failed: {type(e).__name__}: {e}")
             return None
         per_face = (time.perf_counter() - t0) / max(1, len(crops))
         qa = self.cfg.qa
@@ -243,28 +286,37 @@ class Restore:
 
 
 class Compose:
-    """Paste restored faces back, encode, write the derivative, and emit the result row. CPU task."""
+    """Paste restored faces back, encode, write the derivative, and emit the result row. CPU task.
+
+    Every write is checked first: by ``fence`` (the run still holds the output; see runs.py) and by the
+    layout's ``WriteGuard`` (the target is in its area and is not the image's own input).
+    """
 
     def __init__(self, cfg: RunConfig, run_id: str, fingerprint: str, untrained: bool,
-                 passthrough: pa.Schema | None = None, software: str | None = None):
+                 passthrough: pa.Schema | None = None, software: str | None = None, fence=None):
         self.cfg, self.run_id, self.fingerprint, self.untrained = cfg, run_id, fingerprint, untrained
         # Written into every derivative that had a face restored, next to the AI-edit label.
         self.software = software or f"archive-restore {__version__}; {cfg.restore.model}"
         self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
         self.images_root = storage.join(cfg.output.root, "images")
         self.access_root = storage.join(cfg.output.root, "access")
+        self.guard = WriteGuard(cfg.output.root)
+        self.fence = fence
 
     def __call__(self, batch: Batch) -> pa.Table:
-        return rows_to_table([self.process(r) for r in _rows(batch)], self.schema)
+        return rows_to_table(_each(_rows(batch), self._process_row, Status.WRITE_ERROR), self.schema)
 
-    def _out_uri(self, row: dict, fmt: str, root: str | None = None) -> str:
-        """The derivative keeps its input's key; the extension changes only when the format does."""
-        root = root or self.images_root
-        key = row["output_key"]
-        stem, dot, old = key.rpartition(".")
-        if dot and "/" not in old and imageio.EXTENSIONS.get("." + old.lower()) == fmt:
-            return storage.join(root, key)
-        return storage.join(root, f"{stem if dot and '/' not in old else key}{imageio.FORMATS[fmt]}")
+    def _write(self, uri: str, area: str, data: bytes, row: dict) -> None:
+        if self.fence is not None:
+            self.fence.check()
+        self.guard.check(uri, area, row["uri"])
+        storage.write_bytes(uri, data, self.cfg.storage)
+
+    def _out_uri(self, row: dict, fmt: str) -> str:
+        """The derivative keeps its planned key; the extension changes only when the format does (and then
+        the image's suffix keeps the name apart from every other image's, see keys.written_name)."""
+        name = keys.written_name(row["output_key"], row["image_id"], fmt, self.cfg.output.format)
+        return storage.join(self.images_root, name)
 
     def _write_access_copy(self, row: dict, master, restored: bool) -> None:
         """A small 8-bit JPEG for browsing and the web; the derivative stays the archival master copy."""
@@ -276,8 +328,8 @@ class Compose:
             px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
         data = imageio.encode(px, ".jpg", o.access_quality)
         data, _ = metadata.carry(row["src_bytes"], data, "JPEG", restored=restored, software=self.software)
-        uri = self._out_uri(row, "JPEG", self.access_root)
-        storage.write_bytes(uri, data, self.cfg.storage)
+        uri = storage.join(self.access_root, keys.derivative_key(row["output_key"], "JPEG"))
+        self._write(uri, "access", data, row)
         row["access_uri"] = uri
 
     def _master(self, row: dict) -> None:
@@ -287,7 +339,7 @@ class Compose:
             return
         try:
             data = storage.read_bytes(row["uri"], self.cfg.storage)
-        except OSError as e:
+        except Exception as e:
             _error(row, Status.READ_ERROR, f"cannot read the master again: {type(e).__name__}: {e}")
             return
         if hashlib.sha256(data).hexdigest() != row["src_sha256"]:
@@ -295,28 +347,48 @@ class Compose:
             return
         row["src_bytes"] = data
 
+    def _process_row(self, row: dict) -> dict:
+        try:
+            return self.process(row)
+        finally:
+            self._finish(row)
+
     def process(self, row: dict) -> dict:
         t0 = time.perf_counter()
+        row["_t0"] = t0
         info = json.loads(row["faces_json"]) if row.get("faces_json") else {"faces": []}
-        faces = info["faces"]
+        row["_faces"] = info["faces"]
         copy = row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face
         if row["status"] == Status.OK.value or copy:
             self._master(row)
         try:
             if row["status"] == Status.OK.value:
-                self._write_restored(row, faces)
+                self._write_restored(row, row["_faces"])
             elif row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face:
                 uri = self._out_uri(row, row["src_format"])
-                storage.write_bytes(uri, row["src_bytes"], self.cfg.storage)
+                self._write(uri, "images", row["src_bytes"], row)
                 row.update(output_uri=uri, out_sha256=row["src_sha256"])
         except imageio.DecodeError as e:
             _error(row, Status.DECODE_ERROR, str(e))
-        except (OSError, ValueError) as e:
+        except Fenced:
+            raise  # fenced: this run lost its output; nothing of it may be written or recorded
+        except Exception as e:  # OSError, ValueError, an encoder's cv2.error, exiv2's RuntimeError, ...
             _error(row, Status.WRITE_ERROR, f"cannot write derivative: {type(e).__name__}: {e}")
-        row["faces"] = [{k: f.get(k) for k in FACE_TYPE.names} for f in faces]
-        row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
-                   compose_s=time.perf_counter() - t0, finished_at=datetime.now(timezone.utc))
         return row
+
+    def _finish(self, row: dict) -> None:
+        """The result row's own fields, whatever happened before: faces say what reached the derivative."""
+        faces = row.pop("_faces", None)
+        if faces is None:
+            faces = json.loads(row["faces_json"])["faces"] if row.get("faces_json") else []
+        written = row["status"] == Status.OK.value
+        row["faces"] = [{**{k: f.get(k) for k in FACE_TYPE.names}, **({} if written else {"action": None})}
+                        for f in faces]
+        if not written:
+            row["output_uri"] = row.get("output_uri") if row["status"] == Status.NO_FACE.value else None
+        t0 = row.pop("_t0", None)
+        row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
+                   compose_s=time.perf_counter() - t0 if t0 else None, finished_at=datetime.now(timezone.utc))
 
     def _write_restored(self, row: dict, faces: list[dict]) -> None:
         img = imageio.decode(row["src_bytes"], self.cfg.input.max_pixels)
@@ -336,12 +408,31 @@ class Compose:
         if note:
             row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
         uri = self._out_uri(row, fmt)
-        storage.write_bytes(uri, data, self.cfg.storage)
+        self._write(uri, "images", data, row)
         row.update(output_uri=uri, out_sha256=hashlib.sha256(data).hexdigest())
         if self.cfg.output.access_copy:
             self._write_access_copy(row, master, restored_any)
 
 
 def compose_batch(batch: Batch, **kwargs) -> pa.Table:
-    """Function form of Compose for Ray tasks (Compose loads no model, so an actor buys nothing)."""
+    """Function form of Compose (Compose loads no model, so an actor buys nothing)."""
     return Compose(**kwargs)(batch)
+
+
+SUMMARY_SCHEMA = pa.schema([("image_id", pa.string()), ("status", pa.string()), ("n_faces", pa.int32()),
+                            ("detect_reused", pa.bool_()), ("part", pa.string())])
+
+
+def compose_and_record(batch: Batch, **kwargs) -> pa.Table:
+    """The job's last step, as one Ray task per batch: Compose, then the batch's rows into the ledger as one
+    file (see ledger.py), written only while the run still holds the output. Returns a small summary per
+    image for the driver's progress and run record; the rows themselves never travel to the driver."""
+    stage = Compose(**kwargs)
+    rows = stage(batch)
+    uri = ledger.part_uri(stage.cfg.output.root, stage.run_id, rows["image_id"].to_pylist())
+    if stage.fence is not None:
+        stage.fence.check()
+    ledger.write_part(rows, uri, stage.cfg.storage)
+    return pa.table({"image_id": rows["image_id"], "status": rows["status"], "n_faces": rows["n_faces"],
+                     "detect_reused": rows["detect_reused"], "part": pa.array([uri] * rows.num_rows, pa.string())},
+                    schema=SUMMARY_SCHEMA)

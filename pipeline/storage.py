@@ -1,15 +1,16 @@
-"""Locations: URI -> filesystem (fsspec/s3fs, pyarrow.fs), reads with bounded retries, atomic writes,
-and the mapping from an input URI to an output key that cannot escape the output root."""
+"""Locations: URI -> filesystem (fsspec/s3fs, pyarrow.fs); reads, writes and listings with bounded
+retries; atomic writes and atomic create-if-absent; where a path really leads (symlinks, ``..``)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import posixpath
+import random
 import re
 import tempfile
 import time
-import unicodedata
+from typing import Callable, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
@@ -17,6 +18,7 @@ import pyarrow.fs as pafs
 from .config import StorageConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -38,8 +40,12 @@ def get_fs(uri: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str
     """The fsspec filesystem for ``uri`` and the path inside it (fsspec caches instances)."""
     uri = normalize(uri)
     opts = {}
-    if uri.startswith(("s3://", "s3a://")) and cfg.s3_endpoint_url:
-        opts["client_kwargs"] = {"endpoint_url": cfg.s3_endpoint_url}
+    if uri.startswith(("s3://", "s3a://")):
+        # botocore's "standard" mode retries throttling (503 SlowDown), 500s and resets with exponential
+        # backoff and jitter; its default ("legacy", 5 attempts) gives up on a HEAD that met a few 503s.
+        opts["config_kwargs"] = {"retries": {"max_attempts": cfg.s3_max_attempts, "mode": "standard"}}
+        if cfg.s3_endpoint_url:
+            opts["client_kwargs"] = {"endpoint_url": cfg.s3_endpoint_url}
     fs, path = fsspec.core.url_to_fs(uri, **opts)
     return fs, path
 
@@ -56,37 +62,74 @@ def join(root: str, *parts: str) -> str:
     return posixpath.join(normalize(root), *parts) if is_remote(root) else os.path.join(normalize(root), *parts)
 
 
+# Errors that retrying cannot mend: the object is not there, not ours to read, or not a file.
+PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def retrying(fn: Callable[[], T], what: str, cfg: StorageConfig) -> T:
+    """``fn()``, retried with exponential backoff (0.2 s, 0.4 s, ...) on transient ``OSError``s, at most
+    ``cfg.retries`` times; permanent errors and the last transient one are raised to the caller."""
+    for attempt in range(cfg.retries + 1):
+        try:
+            return fn()
+        except PERMANENT:
+            raise
+        except OSError as e:
+            if attempt == cfg.retries:
+                raise
+            delay = min(10.0, 0.2 * 2**attempt) * (0.5 + random.random() / 2)
+            log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(e).__name__, e, attempt + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
     """Read a whole object; transient failures are retried with backoff, a missing object is not."""
     fs, path = get_fs(uri, cfg)
-    for attempt in range(cfg.read_retries + 1):
-        try:
-            with fs.open(path, "rb") as f:
-                return f.read()
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise
-        except OSError as e:
-            if attempt == cfg.read_retries:
-                raise
-            delay = 0.2 * 2**attempt
-            log.warning("read of %s failed (%s); retry %d in %.1fs", uri, e, attempt + 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    return retrying(read, f"read of {uri}", cfg)
+
+
+def read_head(uri: str, cfg: StorageConfig, n: int = 1024) -> bytes:
+    """The first ``n`` bytes of an object (one ranged GET): proof that it can be read at all."""
+    fs, path = get_fs(uri, cfg)
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            return f.read(n)
+
+    return retrying(read, f"read of {uri}", cfg)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask can only be read by setting it, which is not safe while other threads create files.
+UMASK = _umask()
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
     """Write so that readers see the old object or the whole new one, never a torn file.
 
     Object stores publish an object only when its upload completes; on a local disk we write a
-    temporary file beside the target and rename it over the target.
+    temporary file beside the target and rename it over the target. The file gets the permissions any
+    plain write would (0666 less the umask), not the temporary file's private 0600.
     """
     fs, path = get_fs(uri, cfg)
     if is_remote(uri):
-        fs.pipe_file(path, data)
+        retrying(lambda: fs.pipe_file(path, data), f"write of {uri}", cfg)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -96,56 +139,72 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
         raise
 
 
+def create_exclusive(uri: str, data: bytes, cfg: StorageConfig) -> bool:
+    """Create ``uri`` with ``data`` only if nothing is there: True if we created it, False if it existed.
+
+    Atomic: of several writers racing for one name exactly one gets True, and no reader ever sees the
+    object half-written. Locally a finished temporary file is hard-linked to the name (``link`` fails
+    when the name exists); on S3 a conditional PUT (``If-None-Match: *``).
+    """
+    fs, path = get_fs(uri, cfg)
+    if is_remote(uri):
+        try:
+            retrying(lambda: fs.pipe_file(path, data, mode="create"), f"create of {uri}", cfg)
+            return True
+        except FileExistsError:
+            return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def exists(uri: str, cfg: StorageConfig) -> bool:
+    """Whether an object exists now (no cached listing is trusted)."""
+    fs, path = get_fs(uri, cfg)
+    if is_remote(uri):
+        fs.invalidate_cache(path)
+    return retrying(lambda: fs.exists(path), f"lookup of {uri}", cfg)
+
+
+def list_files(uri: str, cfg: StorageConfig) -> list[str]:
+    """Every file below ``uri`` (recursive), as URIs, freshly listed; [] if there is nothing there."""
+    fs, path = get_fs(uri, cfg)
+    if is_remote(uri):
+        fs.invalidate_cache(path)
+    found = retrying(lambda: fs.find(path) if fs.exists(path) else [], f"listing of {uri}", cfg)
+    proto = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    return sorted(proto + p for p in found)
+
+
+def delete(uri: str, cfg: StorageConfig) -> None:
+    fs, path = get_fs(uri, cfg)
+    try:
+        retrying(lambda: fs.rm(path), f"delete of {uri}", cfg)
+    except FileNotFoundError:
+        pass
+
+
+def resolve(uri: str) -> str:
+    """Where a write to ``uri`` really lands: local paths with symlinks and ``..`` resolved (the file itself
+    need not exist); remote URIs with ``.`` and ``..`` segments and doubled slashes folded, as a client or
+    proxy may fold them."""
+    uri = normalize(uri)
+    if not is_remote(uri):
+        return os.path.realpath(uri)
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://" + posixpath.normpath("/" + rest).lstrip("/")
+
+
 def is_inside(child: str, parent: str) -> bool:
     """Whether ``child`` equals or lies below ``parent`` (both normalised, compared by path segments)."""
     c, p = normalize(child).rstrip("/"), normalize(parent).rstrip("/")
     return c == p or c.startswith(p + "/")
-
-
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\:*?\"<>|]")
-
-
-def sanitize_key(relative: str) -> str:
-    """Turn a relative input path into an output key that stays below the output root.
-
-    ``..`` and ``.`` segments, empty segments, control characters and characters that are invalid on
-    common filesystems are neutralised; unicode letters and spaces are kept (NFC-normalised) so keys
-    stay recognisable to the archive's users.
-    """
-    relative = unicodedata.normalize("NFC", relative)
-    parts = []
-    for seg in relative.replace("\\", "/").split("/"):
-        seg = _UNSAFE.sub("_", seg).strip()
-        if seg in ("", "."):
-            continue
-        if set(seg) == {"."}:
-            seg = "_" * len(seg)
-        parts.append(seg)
-    if not parts:
-        raise ValueError(f"no usable path segment in {relative!r}")
-    return "/".join(parts)
-
-
-def common_root(uris: list[str]) -> str:
-    """The deepest directory containing every URI (a prefix ending at a ``/`` boundary)."""
-    if not uris:
-        return ""
-    prefix = os.path.commonprefix([normalize(u) for u in uris])
-    return prefix[: prefix.rfind("/") + 1] if "/" in prefix else ""
-
-
-def output_key(uri: str, root: str, image_id: str) -> str:
-    """Key of ``uri``'s derivative: its path relative to ``root``, sanitised.
-
-    A URI outside ``root`` (possible when the user sets ``input.root``) goes under ``_external/<id>/``
-    rather than anywhere its path would lead.
-    """
-    u, r = normalize(uri), root
-    if r and u.startswith(r):
-        rel = u[len(r):]
-    else:
-        rel = f"_external/{image_id}/{posixpath.basename(u)}"
-    try:
-        return sanitize_key(rel)
-    except ValueError:
-        return f"_external/{image_id}/image"

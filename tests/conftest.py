@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # the S3 fault proxy and the fault harness live there
-SHARED = Path(os.environ.get("ARCHIVE_RESTORE_SHARED", REPO.parent / "shared"))
+# Not ARCHIVE_RESTORE_*: that prefix belongs to the config's environment variables.
+SHARED = Path(os.environ.get("ARCHIVE_SHARED_DIR", REPO.parent / "shared"))
 IMAGES = SHARED / "images"
 MODELS = SHARED / "models"
 FIXTURES = SHARED / "fixtures" / "gfpgan"
@@ -48,18 +49,21 @@ def need(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
-    """Real detector and identity weights, and the tiny seeded GFP-GAN checkpoint as GFPGAN-tiny.pth."""
+    """Real detector and identity weights (the tiny GFP-GAN is given by its path: see TINY_GFPGAN)."""
     d = tmp_path_factory.mktemp("weights")
     for name in ("detection_mobilenet0.25_Final.pth", "identity_mobilefacenet_arcface.onnx"):
         os.symlink(need(MODELS / name), d / name)
-    os.symlink(need(FIXTURES / "gfpgan_tiny_a_checkpoint.pth"), d / "GFPGAN-tiny.pth")
     return d
+
+
+# The tiny seeded GFP-GAN of the golden fixture: a user-supplied checkpoint, its architecture read from it.
+TINY_GFPGAN = FIXTURES / "gfpgan_tiny_a_checkpoint.pth"
 
 
 def test_overrides(weights_dir: Path, out: Path, manifest: Path | str | None = None, **extra) -> dict:
     """Settings for a fast CPU job: real mobile0.25 detector, tiny seeded GFP-GAN, untrained ArcFace."""
     o = {"weights_dir": str(weights_dir), "allow_download": False, "untrained": True,
-         "detect.model": "retinaface_mobile0.25", "restore.model": "GFPGAN-tiny", "output.root": str(out),
+         "detect.model": "retinaface_mobile0.25", "restore.model": str(need(TINY_GFPGAN)), "output.root": str(out),
          "input.manifest": str(manifest) if manifest else None, "cluster.rows_per_block": 2,
          "cluster.restore_batch_size": 4}
     o.update(extra)

@@ -74,7 +74,8 @@ def test_status_and_report(tmp_path):
     assert r.exit_code == 0, r.output
     st = json.loads(r.output)
     assert st["by_status"] == {"no_face": 1, "ok": 1} and st["faces"] == 1
-    assert st["against_manifest"] == {"manifest": 3, "current": 2, "outdated": 0, "failed": 0, "missing": 1}
+    assert st["against_manifest"] == {"manifest": 3, "current": 2, "outdated": 0, "failed": 0, "missing": 1,
+                                      "gave_up": 0}
     r = CliRunner().invoke(cli, ["report", str(out)])
     assert r.exit_code == 0, r.output
     html = (out / "report" / "index.html").read_text()
@@ -101,7 +102,7 @@ def test_ray_job_submit_runs_the_job_on_a_ray_head(weights_dir, archive, tmp_pat
         out = tmp_path / "out"
         o = test_overrides(weights_dir, out)
         args = ["-m", str(tmp_path / "m.parquet"), "-o", str(out), "--weights-dir", o["weights_dir"],
-                "--untrained", "--detector", "retinaface_mobile0.25", "--set", "restore.model=GFPGAN-tiny",
+                "--untrained", "--detector", "retinaface_mobile0.25", "--set", f"restore.model={o['restore.model']}",
                 "--set", "allow_download=false"]
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",

@@ -16,7 +16,7 @@ import pytest
 from pipeline import imageio, job, resume
 from pipeline.config import ClusterConfig, StorageConfig, load_config
 
-from conftest import E2E_IMAGES, REPO, test_overrides
+from conftest import E2E_IMAGES, REPO, TINY_GFPGAN, test_overrides
 from test_faces import EXPECTED
 
 
@@ -162,7 +162,7 @@ def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path)
     n = build_manifest(str(src), str(manifest), StorageConfig())
     out = tmp_path / "out"
     args = ["run", "-m", str(manifest), "-o", str(out), "--weights-dir", str(weights_dir), "--untrained",
-            "--detector", "retinaface_mobile0.25", "--set", "restore.model=GFPGAN-tiny",
+            "--detector", "retinaface_mobile0.25", "--set", f"restore.model={TINY_GFPGAN}",
             "--set", "allow_download=false", "--set", "cluster.num_cpus=2", "--set", "cluster.num_gpus=1",
             "--set", "cluster.rows_per_block=2", "--set", "cluster.restore_batch_size=4",
             "--set", "cluster.heartbeat_s=1"]

@@ -10,7 +10,7 @@ from pipeline import imageio, job, resume
 from pipeline.config import StorageConfig, load_config
 from pipeline.manifest import build_manifest
 
-from conftest import E2E_IMAGES, IMAGES, test_overrides
+from conftest import E2E_IMAGES, IMAGES, TINY_GFPGAN, test_overrides
 from test_faces import EXPECTED
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -45,7 +45,7 @@ def test_job_reads_and_writes_s3(ray_local, s3_endpoint, s3fs_client, weights_di
         data = fs.cat_file(r["output_uri"])
         assert imageio.decode(data, 10**9).width == r["width"]
     runs = json.loads(fs.cat_file(f"museum/restored/_runs/{record['run_id']}.json"))
-    assert runs["state"] == "finished" and runs["weights"]["GFPGAN-tiny"]["untrained"] is False
+    assert runs["state"] == "finished" and runs["weights"][str(TINY_GFPGAN)]["untrained"] is False
     # pyarrow reads the ledger straight from S3, as a user would
     t = pq.read_table("museum/restored/_results", filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs)))
     assert t.num_rows == 6

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from pipeline import storage
+from pipeline import keys, storage
 from pipeline.config import StorageConfig
 
 
@@ -16,21 +16,22 @@ from pipeline.config import StorageConfig
     ("bad\x00name?.tif", "bad_name_.tif"),
 ])
 def test_sanitized_keys_stay_below_the_root(rel, key, tmp_path):
-    got = storage.sanitize_key(rel)
+    got = keys.sanitize_key(rel)
     assert got == key
     root = tmp_path / "out"
     assert storage.is_inside(os.path.join(root, got), str(root))
 
 
 def test_output_key_is_relative_to_root_or_external():
-    assert storage.output_key("/data/archive/x/y.jpg", "/data/archive/", "id1") == "x/y.jpg"
-    assert storage.output_key("/elsewhere/y.jpg", "/data/archive/", "id1") == "_external/id1/y.jpg"
-    assert storage.output_key("s3://b/scans/a b.jpg", "s3://b/scans/", "i") == "a b.jpg"
+    got = keys.output_keys(["/data/archive/x/y.jpg", "/elsewhere/y.jpg", "/data/archive/.."],
+                           "/data/archive/", ["id1", "id1", "id3"]).to_pylist()
+    assert got == ["x/y.jpg", "_external/id1/y.jpg", "__"]
+    assert keys.output_keys(["s3://b/scans/a b.jpg"], "s3://b/scans/", ["i"]).to_pylist() == ["a b.jpg"]
 
 
 def test_common_root_and_is_inside():
-    assert storage.common_root(["/a/bc/x.jpg", "/a/bd/y.jpg"]) == "/a/"
-    assert storage.common_root(["s3://b/p/x.jpg", "s3://b/p/q/y.jpg"]) == "s3://b/p/"
+    assert keys.common_root(["/a/bc/x.jpg", "/a/bd/y.jpg"]) == "/a/"
+    assert keys.common_root(["s3://b/p/x.jpg", "s3://b/p/q/y.jpg"]) == "s3://b/p/"
     assert storage.is_inside("/a/b/c", "/a/b") and not storage.is_inside("/a/bc", "/a/b")
     assert storage.is_inside("s3://b/x/out", "s3://b/x/") and not storage.is_inside("s3://b/xy", "s3://b/x")
 

@@ -1,0 +1,104 @@
+"""Output keys: vectorised sanitising equal to the per-path rule, and unique names for every image."""
+
+import random
+import unicodedata
+
+import pyarrow as pa
+import pytest
+
+from pipeline import keys
+
+
+def reference(relative: str) -> str:
+    """The per-path rule, written plainly (the vectorised version must agree with it everywhere)."""
+    import re
+
+    relative = unicodedata.normalize("NFC", relative)
+    parts = []
+    for seg in relative.replace("\\", "/").split("/"):
+        seg = re.sub(r"[\x00-\x1f\x7f\\:*?\"<>|]", "_", seg).strip()
+        if seg in ("", "."):
+            continue
+        if set(seg) == {"."}:
+            seg = "_" * len(seg)
+        parts.append(seg)
+    return "/".join(parts)
+
+
+def test_vectorised_sanitising_agrees_with_the_per_path_rule():
+    spaces = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+    alphabet = "ab./\\ :*?\"<>|\x00\x1fé." + spaces
+    rnd = random.Random(0)
+    samples = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12))) for _ in range(20_000)]
+    samples += [f"a{c}/{c}b{c}" for c in spaces] + [unicodedata.normalize("NFD", "Müller/é.jpg"), "", "/", "...."]
+    assert keys.sanitize_keys(samples).to_pylist() == [reference(s) for s in samples]
+
+
+@pytest.mark.parametrize("rel,key", [
+    ("../../etc/passwd", "__/__/etc/passwd"), ("a/./b//c.jpg", "a/b/c.jpg"), ("/abs/x.png", "abs/x.png"),
+    ("Ölgemälde von Anna/Foto 1.JPG", "Ölgemälde von Anna/Foto 1.JPG"), ("bad\x00name?.tif", "bad_name_.tif"),
+])
+def test_keys_stay_below_the_root(rel, key):
+    assert keys.sanitize_key(rel) == key
+
+
+def test_derivative_names_follow_the_format():
+    got = keys.derivative_keys(["a.JPG", "a.tif", "b", "c.d/e", "x.jpeg", "y.TIFF"], "JPEG").to_pylist()
+    assert got == ["a.JPG", "a.jpg", "b.jpg", "c.d/e.jpg", "x.jpeg", "y.jpg"]
+    assert keys.derivative_keys(["a.tif", "a.png"], ["TIFF", "TIFF"]).to_pylist() == ["a.tif", "a.tif"]
+
+
+NFC, NFD = unicodedata.normalize("NFC", "Müller.jpg"), unicodedata.normalize("NFD", "Müller.jpg")
+URIS = ["/in/a?b.jpg", "/in/a*b.jpg", "/in/x.jpg ", "/in/x.jpg", f"/in/{NFC}", f"/in/{NFD}", "/in/p.png", "/in/p.tif",
+        "/in/lone.jpg"]
+IDS = [f"id{i}" for i in range(len(URIS))]
+
+
+def _names(k, fmt, access):
+    out = set(keys.planned_names(k, fmt).to_pylist())
+    if access:
+        out |= {"access/" + n for n in keys.derivative_keys(k, "JPEG").to_pylist()}
+    return out
+
+
+@pytest.mark.parametrize("fmt,access", [("same", False), ("jpeg", False), ("same", True), ("tiff", True)])
+def test_every_image_gets_its_own_files(fmt, access):
+    k, err = keys.assign(IDS, URIS, "/in/", fmt, access)
+    assert err.null_count == len(URIS)
+    names = keys.planned_names(k, fmt).to_pylist()
+    assert len(set(names)) == len(URIS)
+    if access:
+        assert len(set(keys.derivative_keys(k, "JPEG").to_pylist())) == len(URIS)
+    k = k.to_pylist()
+    # who keeps the plain name: the one whose path needed no change; the others get their id's suffix
+    assert k[3] == "x.jpg" and k[2] == keys.with_tag("x.jpg", "id2")
+    assert k[4] == NFC and k[5] == keys.with_tag(NFC, "id5")
+    assert k[0] == keys.with_tag("a_b.jpg", "id0") and k[1] == keys.with_tag("a_b.jpg", "id1")
+    assert k[8] == "lone.jpg"
+    if fmt == "same" and not access:  # p.png and p.tif do not collide when each keeps its format
+        assert k[6:8] == ["p.png", "p.tif"]
+    # the same manifest always gets the same keys
+    assert keys.assign(IDS, URIS, "/in/", fmt, access)[0].to_pylist() == k
+
+
+def test_an_earlier_result_keeps_its_name():
+    claims = pa.table({"image_id": ["id1"], "ns": ["images"], "name": ["a_b.jpg"]})
+    k = keys.assign(IDS, URIS, "/in/", "same", False, claims)[0].to_pylist()
+    assert k[1] == "a_b.jpg" and k[0] == keys.with_tag("a_b.jpg", "id0")
+    # an image no longer in the manifest still owns the file it was given
+    gone = pa.table({"image_id": ["removed"], "ns": ["images"], "name": ["lone.jpg"]})
+    assert keys.assign(IDS, URIS, "/in/", "same", False, gone)[0][8].as_py() == keys.with_tag("lone.jpg", "id8")
+
+
+def test_a_clash_that_suffixes_cannot_resolve_is_an_error():
+    tagged = keys.with_tag("a_b.jpg", "id0")
+    uris = ["/in/a?b.jpg", "/in/a*b.jpg", f"/in/{tagged}"]  # a file literally named like id0's suffixed name
+    k, err = keys.assign(["id0", "id1", "x"], uris, "/in/", "same", False)
+    assert err.to_pylist()[0] and err.to_pylist()[2] and err[1].as_py() is None
+
+
+def test_a_name_the_plan_could_not_know_gets_the_suffix():
+    assert keys.written_name("a.jpg", "i", "JPEG", "same") == "a.jpg"
+    assert keys.written_name("a.jpg", "i", "PNG", "same") == keys.with_tag("a.png", "i")  # a PNG named .jpg
+    assert keys.written_name("scan.dat", "i", "TIFF", "same") == keys.with_tag("scan.tif", "i")
+    assert keys.written_name("a.tif", "i", "JPEG", "jpeg") == "a.jpg"

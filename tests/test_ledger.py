@@ -1,0 +1,78 @@
+"""The results ledger: idempotent per-batch files, reads that never change anything, torn vs damaged files."""
+
+import datetime as dt
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ledger
+from pipeline.config import StorageConfig
+from pipeline.errors import StorageError
+
+CFG = StorageConfig(retries=1)
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _rows(ids, run="r1"):
+    return pa.table({"image_id": ids, "status": ["ok"] * len(ids), "fingerprint": ["f"] * len(ids),
+                     "run_id": [run] * len(ids),
+                     "finished_at": pa.array([T0] * len(ids), pa.timestamp("ms", tz="UTC"))})
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_retried_batch_rewrites_its_own_file(tmp_path):
+    out = str(tmp_path)
+    a = ledger.part_uri(out, "r1", ["b", "a"])
+    assert a == ledger.part_uri(out, "r1", ["a", "b"]) != ledger.part_uri(out, "r2", ["a", "b"])
+    ledger.write_part(_rows(["a", "b"]), a, CFG)
+    ledger.write_part(_rows(["a", "b"]), a, CFG)  # the same batch again, after its task was retried
+    assert ledger.load_results(out, CFG).num_rows == 2
+    assert [p.name for p in (tmp_path / "_results" / "run=r1").iterdir()] == [a.rsplit("/", 1)[1]]
+
+
+def test_torn_files_are_skipped_by_readers_and_moved_only_by_set_aside(tmp_path, caplog):
+    out = str(tmp_path)
+    ledger.write_part(_rows(["a", "b"]), ledger.part_uri(out, "r1", ["a", "b"]), CFG)
+    good = next((tmp_path / "_results" / "run=r1").iterdir())
+    torn = good.with_name("written-in-place.parquet")
+    torn.write_bytes(good.read_bytes()[:-30])  # a writer killed before its footer
+    before = _files(tmp_path)
+    seen = []
+    with caplog.at_level(logging.WARNING):
+        assert ledger.load_results(out, CFG, torn=seen).num_rows == 2
+    assert seen == [str(torn)] and "incomplete" in caplog.text
+    assert _files(tmp_path) == before  # reading changed nothing
+    assert ledger.set_aside(seen, CFG) == [str(torn)]
+    assert not torn.exists() and torn.with_name(".torn-" + torn.name).exists()
+    assert ledger.load_results(out, CFG).num_rows == 2
+
+
+def test_a_damaged_file_stops_the_reader_and_says_which(tmp_path):
+    out = str(tmp_path)
+    uri = ledger.part_uri(out, "r1", ["a"])
+    ledger.write_part(_rows(["a"]), uri, CFG)
+    data = bytearray(open(uri, "rb").read())
+    data[10:40] = b"\0" * 30  # footer intact, pages garbled: not torn, damaged
+    open(uri, "wb").write(bytes(data))
+    before = _files(tmp_path)
+    with pytest.raises(StorageError, match="damaged") as e:
+        ledger.load_results(out, CFG)
+    assert uri in str(e.value)
+    assert ledger.set_aside([uri], CFG) == []  # a whole (footer-complete) file is never moved
+    assert _files(tmp_path) == before
+
+
+def test_older_files_without_a_column_read_as_nulls(tmp_path):
+    out = str(tmp_path)
+    old = _rows(["a"]).drop_columns(["run_id"])
+    pq.write_table(old, tmp_path / "old.parquet")
+    (tmp_path / "_results" / "run=r0").mkdir(parents=True)
+    (tmp_path / "old.parquet").rename(tmp_path / "_results" / "run=r0" / "part-old.parquet")
+    ledger.write_part(_rows(["b"]), ledger.part_uri(out, "r1", ["b"]), CFG)
+    t = ledger.load_results(out, CFG, columns=["image_id", "run_id"]).sort_by("image_id")
+    assert t["run_id"].to_pylist() == [None, "r1"]

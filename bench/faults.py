@@ -247,9 +247,11 @@ def _sessions_alive(out: Path) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- scenarios
 
-def driver_kills(work: Path, seed: int = 0, n: int = 24, kills: int = 5) -> Outcome:
+def driver_kills(work: Path, seed: int = 0, n: int = 64, kills: int = 5) -> Outcome:
     """The driver SIGKILLed at ``kills`` seeded moments of one job (its local Ray left to itself, as kill -9
-    leaves it), restarted each time, then a clean finish."""
+    leaves it), restarted each time, then a clean finish. The first kill lands while the run starts up;
+    the others a seeded 0-1.5 s after the run has written its first new derivative, so they hit images in
+    every stage of the pipeline."""
     files, manifest, originals = _local_setup(work, n, seed)
     out = work / "out"
     args = run_args(str(manifest), str(out), work)
@@ -260,8 +262,12 @@ def driver_kills(work: Path, seed: int = 0, n: int = 24, kills: int = 5) -> Outc
     for k in range(kills):
         before = view.derivatives()
         p = start(args, log=work / "runs.log")
-        delay = rnd.uniform(4.0, 25.0)
-        if p.poll() is None and not wait_for(lambda: p.poll() is not None, delay):
+        if k == 0:
+            wait_for(lambda: p.poll() is not None, rnd.uniform(1.0, 6.0))
+        else:
+            wait_for(lambda: p.poll() is not None or len(view.derivatives()) > len(before), 300)
+            wait_for(lambda: p.poll() is not None, rnd.uniform(0.0, 1.5))
+        if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)  # the driver only: its Ray is left as a kill -9 leaves it
             o.injected += 1
         p.wait()
@@ -286,22 +292,30 @@ def driver_kills(work: Path, seed: int = 0, n: int = 24, kills: int = 5) -> Outc
     return audit(o, str(out), StorageConfig(), _ids_of(manifest), originals, lambda u: Path(u).read_bytes(), view)
 
 
-def _kill_actor(name: str, out: Path, timeout: float) -> int:
-    """SIGKILL the Ray worker running the ``name`` actor once the run has written a derivative; 1 if done."""
-    if not wait_for(lambda: any((out / "images").rglob("*.*")) if (out / "images").exists() else False, timeout):
-        return 0
+def _actor_pid(name: str) -> int | None:
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-            if f"MapBatches({name})" in cmd:
-                os.kill(int(pid), signal.SIGKILL)
-                return 1
-    return 0
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                if f"MapBatches({name})" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"):
+                    return int(pid)
+    return None
 
 
-def actor_kill(work: Path, seed: int = 0, n: int = 16, actor: str = "DecodeDetect") -> Outcome:
+def _kill_actor(name: str, out: Path, rnd: random.Random, timeout: float) -> int:
+    """SIGKILL the Ray worker that runs the ``name`` actor mid-run: a seeded 0-1 s after the run has written
+    its first derivative, or after the actor has worked 2 s, whichever comes first; 1 if it was killed."""
+    if not wait_for(lambda: _actor_pid(name) is not None, timeout, every=0.05):
+        return 0
+    wait_for(lambda: (out / "images").exists() and any((out / "images").rglob("*.*")), 2.0, every=0.05)
+    time.sleep(rnd.uniform(0.0, 1.0))
+    pid = _actor_pid(name)
+    if pid is None:
+        return 0
+    os.kill(pid, signal.SIGKILL)
+    return 1
+
+
+def actor_kill(work: Path, seed: int = 0, n: int = 48, actor: str = "DecodeDetect") -> Outcome:
     """A stage's actor SIGKILLed mid-run: Ray Data restarts it (max_restarts=-1) and retries its batches
     (max_task_retries=-1), as configured on purpose; the job finishes."""
     files, manifest, originals = _local_setup(work, n, seed)
@@ -309,7 +323,10 @@ def actor_kill(work: Path, seed: int = 0, n: int = 16, actor: str = "DecodeDetec
     o = Outcome(f"{actor} actor SIGKILL", 0, n, 0, 0, 0, 0)
     view = LocalOutput(out)
     p = start(run_args(str(manifest), str(out), work), log=work / "runs.log")
-    o.injected = _kill_actor(actor, out, 300)
+    o.injected = _kill_actor(actor, out, random.Random(seed), 300)
+    records = runs.read_records(str(out), StorageConfig())
+    if o.injected and records and records[-1]["state"] != "running":
+        o.problems.append("the actor was killed after the run had ended")
     rc = p.wait(600)
     if rc != 0:
         o.problems.append(f"run exited {rc}")
@@ -318,7 +335,7 @@ def actor_kill(work: Path, seed: int = 0, n: int = 16, actor: str = "DecodeDetec
     return audit(o, str(out), StorageConfig(), _ids_of(manifest), originals, lambda u: Path(u).read_bytes(), view)
 
 
-def node_removed(work: Path, seed: int = 0, n: int = 16) -> Outcome:
+def node_removed(work: Path, seed: int = 0, n: int = 32) -> Outcome:
     """A multi-node local cluster (a head, a CPU node, a node with a logical GPU); the CPU node is removed
     mid-run and a fresh one joins a few seconds later, as an autoscaler replaces a lost node."""
     from ray.cluster_utils import Cluster
@@ -506,6 +523,7 @@ SCENARIOS = {
     "restore_actor_kill": lambda w, s: actor_kill(w, s, actor="Restore"),
     "node_removed": node_removed,
     "s3_faults": s3_faults,
+    "s3_throttled": lambda w, s: s3_faults(w, s, rates={"503": 0.5}),  # the issue's measured case; ~5 min
     "two_runs_local": lambda w, s: two_runs(w, s, s3=False),
     "two_runs_s3": lambda w, s: two_runs(w, s, s3=True),
     "readers_during_job": readers_during_job,

@@ -6,7 +6,8 @@
 
 A GPU actor has one CPU. Everything it does around the network (Arrow batch in, crops out of it, results
 and restored crops into the Arrow batch going out) is host work that the GPU waits for unless it is
-cheaper than the GPU's ceiling of ~2,000 faces/s (395.5 GFLOP/face at 790 TFLOP/s). Here the
+cheaper than the GPU's ceiling of ~2,000 faces/s (395.5 GFLOP/face at ~790 TFLOP/s, a quoted dense
+half-precision rate, not one measured by this project). Here the
 FaceRestorer is replaced by a stub that returns copies of its input, so what is timed is exactly that
 host work. The baseline row is the Python-rows round trip the stage first used (``to_pylist`` and back),
 which copies every column, including the compressed master carried to Compose.

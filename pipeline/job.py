@@ -94,15 +94,17 @@ def _probe_input(manifest: Manifest, cfg: RunConfig, tries: int = 3) -> None:
                                "endpoint and permissions)") from None
 
 
-def preflight(cfg: RunConfig, run_id: str, manifest: Manifest) -> Preflight:
-    """Every check that can fail before any image work: output writable, an input readable, weights."""
-    out = storage.normalize(cfg.output.root)
+def _probe_output(out: str, run_id: str, cfg: RunConfig) -> None:
     probe = storage.join(runs.runs_dir(out), f".preflight-{run_id}")
     try:
         storage.write_bytes(probe, b"ok", cfg.storage)
         storage.delete(probe, cfg.storage)
     except Exception as e:
         raise StorageError(f"cannot write to output {out!r}: {type(e).__name__}: {e}") from None
+
+
+def preflight(cfg: RunConfig, run_id: str, manifest: Manifest) -> Preflight:
+    """The checks that need the lease held: an input readable, the weights found and hashed."""
     _probe_input(manifest, cfg)
     resolved = weights.resolve_all(cfg)
     hashes = {name: r.sha256 for name, r in resolved.items()}
@@ -224,7 +226,12 @@ def run(cfg: RunConfig) -> dict:
     manifest = read_manifest(cfg)
     # Before anything is written, not even the lease: the output may be where the originals are.
     layout.check(manifest.table["uri"], cfg.input.manifest, out, manifest.root)
-    lease = runs.Lease(out, cfg.storage, run_id, cfg.cluster.heartbeat_s).acquire()
+    _probe_output(out, run_id, cfg)
+    lease = runs.Lease(out, cfg.storage, run_id, cfg.cluster.heartbeat_s)
+    try:
+        lease.acquire()
+    except OSError as e:
+        raise StorageError(f"cannot take the output's lease in {out!r}: {type(e).__name__}: {e}") from None
     record = {
         "run_id": run_id, "state": "running", "phase": "preflight", "started_at": runs.now_iso(),
         "reprocess": cfg.reprocess, "manifest": cfg.input.manifest, "input_root": manifest.root, "output": out,
@@ -237,6 +244,7 @@ def run(cfg: RunConfig) -> dict:
         record["took_over_from"] = prior.get("run_id")
         runs.mark_killed(out, prior, run_id, cfg.storage)
         runs.stop_leftovers(prior)
+        lease.settle()
     progress = Progress()
     try:
         runs.write_record(out, record, cfg.storage)

@@ -14,6 +14,7 @@ path needed no change. Nothing is ever overwritten silently.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 
@@ -22,6 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .imageio import EXTENSIONS, FORMATS
+
+log = logging.getLogger(__name__)
 
 _UNSAFE = r"[\x00-\x1f\x7f\\:*?\"<>|]"
 # What str.strip() removes once control characters are gone: Unicode separators and NEL (tested).
@@ -34,9 +37,27 @@ def _as_array(values) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
+# A path that needs no sanitising: printable ASCII (NFC leaves it alone) without an unsafe character, an
+# empty, all-dots or space-edged segment. Most archives' paths are like this and skip the segment work.
+_ASCII = r"^[\x20-\x7e]+$"
+_DIRTY = r"[\\:*?\"<>|]|//|^/|/$|(^|/)\.+(/|$)|(^|/) | (/|$)|^ | $"
+
+
 def sanitize_keys(relative) -> pa.Array:
     """Sanitised keys of relative paths, vectorised; "" where no usable segment is left."""
-    rel = pc.replace_substring(pc.utf8_normalize(_as_array(relative), form="NFC"), "\\", "/")
+    rel = _as_array(relative)
+    clean = pc.and_(pc.fill_null(pc.match_substring_regex(rel, _ASCII), False),
+                    pc.invert(pc.fill_null(pc.match_substring_regex(rel, _DIRTY), True)))
+    if pc.all(clean).as_py():
+        return rel
+    dirty = pc.invert(clean)
+    if pc.any(clean).as_py():
+        return pc.replace_with_mask(rel, dirty, _sanitize(rel.filter(dirty)))
+    return _sanitize(rel)
+
+
+def _sanitize(relative: pa.Array) -> pa.Array:
+    rel = pc.replace_substring(pc.utf8_normalize(relative, form="NFC"), "\\", "/")
     segments = pc.split_pattern(rel, "/")
     flat = pc.list_flatten(segments)
     parent = pc.list_parent_indices(segments)
@@ -159,6 +180,8 @@ def assign(image_ids, uris, root: str, output_format: str, access_copy: bool,
     tagged = [with_tag(k, i) for k, i in zip(pc.take(keys, idx).to_pylist(), pc.take(ids, idx).to_pylist())]
     if idx:
         keys = pc.replace_with_mask(keys, lose, pa.array(tagged, pa.string()))
+        log.warning("%d images would share an output file with another image; their keys get a ~suffix "
+                    "(e.g. %s)", len(idx), tagged[0])
     still = _contested(ids, _names(keys, output_format, access_copy), claims)
     error = pc.if_else(still, pa.scalar("its output name collides with another image's; rename one of the files"),
                        pa.scalar(None, pa.string()))

@@ -40,6 +40,7 @@ from .errors import Fenced, StorageError
 log = logging.getLogger(__name__)
 
 LEASE_HEARTBEATS = 3  # a lease lapses after this many missed renewals
+TAKEOVER_GRACE = 1   # heartbeats a taker waits before planning, for writes that passed their fence check
 
 
 def new_run_id() -> str:
@@ -98,16 +99,24 @@ def _alive_here(holder: dict) -> bool | None:
 
 
 class Fence:
-    """Picklable check for the run's tasks: raises StorageError once a later generation holds the output."""
+    """Picklable check for the run's tasks: raises Fenced once a later generation holds the output.
 
-    def __init__(self, output_root: str, generation: int, cfg: StorageConfig):
+    A passed check is trusted for ``ttl_s`` (on S3 a check costs a HEAD and a LIST): a takeover of a
+    live-looking run only happens after its lease lapsed, and the taker then waits ``TAKEOVER_GRACE``
+    heartbeats more (see Lease.settle), far longer than that."""
+
+    def __init__(self, output_root: str, generation: int, cfg: StorageConfig, ttl_s: float = 1.0):
         self.next_uri = gen_uri(output_root, generation + 1)
-        self.cfg = cfg
+        self.cfg, self.ttl_s = cfg, ttl_s
+        self._ok_until = 0.0
 
     def check(self) -> None:
+        if time.monotonic() < self._ok_until:
+            return
         if storage.exists(self.next_uri, self.cfg):
             raise Fenced("this run no longer holds its output (another run has taken it over); "
                          "nothing more is written")
+        self._ok_until = time.monotonic() + self.ttl_s
 
 
 class Lease:
@@ -130,7 +139,14 @@ class Lease:
         return LEASE_HEARTBEATS * self.heartbeat_s
 
     def fence(self) -> Fence:
-        return Fence(self.output_root, self.generation, self.cfg)
+        return Fence(self.output_root, self.generation, self.cfg, ttl_s=min(1.0, self.heartbeat_s / 2))
+
+    def settle(self) -> None:
+        """After taking the output from a run on another host (whose tasks may outlive it), wait until a write
+        that passed its fence check just before our generation existed has landed, so planning sees it.
+        A dead holder on this host needs no wait: its leftover processes were stopped (stop_leftovers)."""
+        if self.taken_over and _alive_here(self.taken_over) is None:
+            time.sleep(TAKEOVER_GRACE * float(self.taken_over.get("lease_s") or self.lease_s) / LEASE_HEARTBEATS)
 
     def _body(self, state: str = "held") -> bytes:
         return json.dumps({"generation": self.generation, "run_id": self.run_id, "host": socket.gethostname(),
@@ -149,7 +165,12 @@ class Lease:
             if holder and holder.get("state") != "released" and not self._dead(holder, n):
                 continue  # someone else moved first while we watched
             self.generation = n + 1
-            if storage.create_exclusive(gen_uri(self.output_root, n + 1), self._body(), self.cfg):
+            uri = gen_uri(self.output_root, n + 1)
+            storage.create_exclusive(uri, self._body(), self.cfg)
+            # Read back rather than trust the answer: a conditional PUT retried after a lost response says
+            # "exists" for our own object, and a store that ignores If-None-Match would let a racer's
+            # object replace ours (the one read back wins; the other run sees a live holder).
+            if (_read_json(uri, self.cfg) or {}).get("run_id") == self.run_id:
                 self._last_renewal = time.monotonic()
                 if holder and holder.get("state") != "released":
                     self.taken_over = holder
@@ -193,8 +214,8 @@ class Lease:
         """Bump the counter in our generation file (from the heartbeat thread, or at once after ``update``)."""
         with self._renewing:
             try:
-                self.fence().check()
-            except StorageError:
+                Fence(self.output_root, self.generation, self.cfg, ttl_s=0).check()
+            except Fenced:
                 log.error("run %s has lost the output to a later run", self.run_id)
                 self.lost.set()
                 return
@@ -231,7 +252,7 @@ class Lease:
         if self.lost.is_set():
             return
         try:
-            self.fence().check()
+            Fence(self.output_root, self.generation, self.cfg, ttl_s=0).check()
             storage.write_bytes(gen_uri(self.output_root, self.generation), self._body("released"), self.cfg)
         except Exception as e:
             log.warning("could not release the output's lease (%s); the next run waits for it to lapse", e)

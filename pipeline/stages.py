@@ -304,7 +304,10 @@ class Compose:
         self.fence = fence
 
     def __call__(self, batch: Batch) -> pa.Table:
-        return rows_to_table(_each(_rows(batch), self._process_row, Status.WRITE_ERROR), self.schema)
+        rows = _rows(batch)
+        for row in _each(rows, self.process, Status.WRITE_ERROR):
+            self._finish(row)
+        return rows_to_table(rows, self.schema)
 
     def _write(self, uri: str, area: str, data: bytes, row: dict) -> None:
         if self.fence is not None:
@@ -347,17 +350,9 @@ class Compose:
             return
         row["src_bytes"] = data
 
-    def _process_row(self, row: dict) -> dict:
-        try:
-            return self.process(row)
-        finally:
-            self._finish(row)
-
     def process(self, row: dict) -> dict:
-        t0 = time.perf_counter()
-        row["_t0"] = t0
-        info = json.loads(row["faces_json"]) if row.get("faces_json") else {"faces": []}
-        row["_faces"] = info["faces"]
+        row["_t0"] = time.perf_counter()
+        row["_faces"] = json.loads(row["faces_json"])["faces"] if row.get("faces_json") else []
         copy = row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face
         if row["status"] == Status.OK.value or copy:
             self._master(row)
@@ -378,9 +373,7 @@ class Compose:
 
     def _finish(self, row: dict) -> None:
         """The result row's own fields, whatever happened before: faces say what reached the derivative."""
-        faces = row.pop("_faces", None)
-        if faces is None:
-            faces = json.loads(row["faces_json"])["faces"] if row.get("faces_json") else []
+        faces = row.pop("_faces", None) or []
         written = row["status"] == Status.OK.value
         row["faces"] = [{**{k: f.get(k) for k in FACE_TYPE.names}, **({} if written else {"action": None})}
                         for f in faces]

@@ -115,27 +115,36 @@ def _umask() -> int:
 UMASK = _umask()
 
 
-def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
-    """Write so that readers see the old object or the whole new one, never a torn file.
-
-    Object stores publish an object only when its upload completes; on a local disk we write a
-    temporary file beside the target and rename it over the target. The file gets the permissions any
-    plain write would (0666 less the umask), not the temporary file's private 0600.
-    """
-    fs, path = get_fs(uri, cfg)
-    if is_remote(uri):
-        retrying(lambda: fs.pipe_file(path, data), f"write of {uri}", cfg)
-        return
+def _finished_temp(path: str, data: bytes) -> str:
+    """A temporary file beside ``path`` holding ``data``, with the permissions a plain write would get
+    (0666 less the umask) rather than a temporary file's private 0600."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
+    """Write so that readers see the old object or the whole new one, never a torn file.
+
+    Object stores publish an object only when its upload completes; on a local disk we write a
+    temporary file beside the target and rename it over the target.
+    """
+    fs, path = get_fs(uri, cfg)
+    if is_remote(uri):
+        retrying(lambda: fs.pipe_file(path, data), f"write of {uri}", cfg)
+        return
+    tmp = _finished_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
 
 
@@ -144,7 +153,8 @@ def create_exclusive(uri: str, data: bytes, cfg: StorageConfig) -> bool:
 
     Atomic: of several writers racing for one name exactly one gets True, and no reader ever sees the
     object half-written. Locally a finished temporary file is hard-linked to the name (``link`` fails
-    when the name exists); on S3 a conditional PUT (``If-None-Match: *``).
+    when the name exists); on S3 a conditional PUT (``If-None-Match: *``). On S3 a retried PUT whose
+    first attempt did land answers False: callers that must know read the object back.
     """
     fs, path = get_fs(uri, cfg)
     if is_remote(uri):
@@ -153,12 +163,8 @@ def create_exclusive(uri: str, data: bytes, cfg: StorageConfig) -> bool:
             return True
         except FileExistsError:
             return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    tmp = _finished_temp(path, data)
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
         os.link(tmp, path)
         return True
     except FileExistsError:

@@ -31,6 +31,8 @@ def test_vectorised_sanitising_agrees_with_the_per_path_rule():
     rnd = random.Random(0)
     samples = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 12))) for _ in range(20_000)]
     samples += [f"a{c}/{c}b{c}" for c in spaces] + [unicodedata.normalize("NFD", "Müller/é.jpg"), "", "/", "...."]
+    # plain ASCII paths take a fast path (no segment work) that must agree too, dots and spaces included
+    samples += ["".join(rnd.choice("ab./ -_~") for _ in range(rnd.randint(0, 10))) for _ in range(20_000)]
     assert keys.sanitize_keys(samples).to_pylist() == [reference(s) for s in samples]
 
 

@@ -171,16 +171,27 @@ def rewritten(before: dict, after: dict) -> int:
     return sum(1 for k, v in before.items() if k in after and after[k] != v)
 
 
+def recorded(out: str, storage: StorageConfig) -> set[tuple[str, str]]:
+    """(image_id, run_id) of every result row now in the ledger."""
+    t = ledger.load_results(out, storage, columns=["image_id", "run_id"])
+    return set(zip(t["image_id"].to_pylist(), t["run_id"].to_pylist())) if t.num_rows else set()
+
+
 def audit(o: Outcome, out: str, storage: StorageConfig, ids: set[str], originals: dict[str, str], read_original,
-          reader) -> Outcome:
+          reader, seen: set[tuple[str, str]] = frozenset()) -> Outcome:
+    """The invariants. ``seen``: rows recorded while the faults ran; each must still be there (a row hidden or
+    removed is a lost result, even if a later run redid its image)."""
     rows = ledger.load_results(out, storage).to_pylist()
+    gone = set(seen) - {(r["image_id"], r["run_id"]) for r in rows}
+    if gone:
+        o.problems.append(f"{len(gone)} result rows recorded during the faults vanished, e.g. {sorted(gone)[:2]}")
     final: dict[tuple[str, str], int] = {}
     for r in rows:
         if r["status"] in FINAL:
             final[(r["image_id"], r["fingerprint"])] = final.get((r["image_id"], r["fingerprint"]), 0) + 1
     o.duplicated = sum(1 for n in final.values() if n > 1)
     done = {i for i, _ in final}
-    o.lost = len(ids - done)
+    o.lost = len(ids - done) + len({i for i, _ in gone})
     latest: dict[str, dict] = {}
     for r in sorted(rows, key=lambda r: r["finished_at"]):
         latest[r["image_id"]] = r
@@ -259,6 +270,7 @@ def driver_kills(work: Path, seed: int = 0, n: int = 64, kills: int = 5) -> Outc
     o = Outcome("driver SIGKILL x%d" % kills, 0, n, 0, 0, 0, 0)
     view = LocalOutput(out)
     worst = 0
+    seen: set[tuple[str, str]] = set()
     for k in range(kills):
         before = view.derivatives()
         p = start(args, log=work / "runs.log")
@@ -272,6 +284,7 @@ def driver_kills(work: Path, seed: int = 0, n: int = 64, kills: int = 5) -> Outc
             o.injected += 1
         p.wait()
         time.sleep(0.5)
+        seen |= recorded(str(out), StorageConfig())
         redone = rewritten(before, view.derivatives())
         worst = max(worst, redone)
         o.redone += redone
@@ -288,8 +301,10 @@ def driver_kills(work: Path, seed: int = 0, n: int = 64, kills: int = 5) -> Outc
     if leftovers:
         o.problems.append(f"leftover Ray processes of killed runs: {leftovers}")
     o.redone_bound = kills * 2 * COMPOSE_BATCH  # per kill: the Compose batches in flight (2 CPUs: 2 tasks)
-    o.notes.append(f"worst kill redid {worst} derivatives; run states {states}")
-    return audit(o, str(out), StorageConfig(), _ids_of(manifest), originals, lambda u: Path(u).read_bytes(), view)
+    o.notes.append(f"worst kill redid {worst} derivatives; run states {states}; {len(seen)} rows recorded by "
+                   "the killed runs")
+    return audit(o, str(out), StorageConfig(), _ids_of(manifest), originals, lambda u: Path(u).read_bytes(), view,
+                 seen)
 
 
 def _actor_pid(name: str) -> int | None:
@@ -351,12 +366,16 @@ def node_removed(work: Path, seed: int = 0, n: int = 32) -> Outcome:
         p = start(run_args(str(manifest), str(out), work, "--ray-address", cluster.address,
                            "--set", "cluster.num_cpus=null", "--set", "cluster.num_gpus=null"),
                   log=work / "runs.log")
+        view, before = LocalOutput(out), {}
         if wait_for(lambda: (out / "images").exists() and any((out / "images").rglob("*.*")), 300):
+            before = view.derivatives()
             cluster.remove_node(cpu)
             o.injected = 1
             time.sleep(5)
             cluster.add_node(num_cpus=2)
         rc = p.wait(600)
+        o.redone = rewritten(before, view.derivatives())  # Compose batches retried after the node died
+        o.redone_bound = 2 * COMPOSE_BATCH
         if rc != 0:
             o.problems.append(f"run exited {rc}")
         if not o.injected:
@@ -442,6 +461,7 @@ def s3_faults(work: Path, seed: int = 0, n: int = 16, rates: dict | None = None)
             o.injected = proxy.injected
             o.notes.append(f"{proxy.requests} requests, faults {proxy.counts}, {attempt + 1} runs")
         storage = StorageConfig(s3_endpoint_url=endpoint)
+        seen = recorded("s3://faults/out", storage)
         args = run_args(manifest, "s3://faults/out", work, "--s3-endpoint-url", endpoint,
                         "--weights-dir", "s3://faults/models")
         if finish(args, env=_s3_env(), log=work / "runs.log") != 0:  # faults off: anything left is done now
@@ -450,13 +470,17 @@ def s3_faults(work: Path, seed: int = 0, n: int = 16, rates: dict | None = None)
         from pipeline.config import load_config
         ids = set(read_manifest(load_config(None, {"input.manifest": manifest, "storage.s3_endpoint_url": endpoint},
                                             environ={})).table["image_id"].to_pylist())
-        o = audit(o, "s3://faults/out", storage, ids, originals, lambda u: fs.cat_file(u), S3Output(fs, "s3://faults/out"))
+        unaccounted = ids - {i for i, _ in seen}
+        if unaccounted:
+            o.problems.append(f"{len(unaccounted)} images had no row at all after the runs with faults")
+        o = audit(o, "s3://faults/out", storage, ids, originals, lambda u: fs.cat_file(u),
+                  S3Output(fs, "s3://faults/out"), seen)
     return o
 
 
 def two_runs(work: Path, seed: int = 0, n: int = 8, s3: bool = False) -> Outcome:
     """Two runs on one output started within 100 ms: one does the work, the other is refused."""
-    o = Outcome(f"two runs at once ({'S3' if s3 else 'local'})", 1, n, 0, 0, 0, 0)
+    o = Outcome(f"two runs at once ({'S3' if s3 else 'local'})", 0, n, 0, 0, 0, 0)
     gap = random.Random(seed).uniform(0.0, 0.1)
     with (moto_server() if s3 else contextlib.nullcontext()) as endpoint:
         if s3:
@@ -474,7 +498,9 @@ def two_runs(work: Path, seed: int = 0, n: int = 8, s3: bool = False) -> Outcome
         args = run_args(manifest, out, work, *extra)
         a = start(args, env=_s3_env(), log=work / "a.log")
         time.sleep(gap)
+        both = a.poll() is None
         b = start(args, env=_s3_env(), log=work / "b.log")
+        o.injected = int(both)  # the fault: a second run while the first is alive
         codes = sorted([a.wait(600), b.wait(600)])
         logs = (work / "a.log").read_text() + (work / "b.log").read_text()
         if codes != [0, 1] or "still running" not in logs:
@@ -495,8 +521,9 @@ def readers_during_job(work: Path, seed: int = 0, n: int = 16) -> Outcome:
     out = work / "out"
     o = Outcome("status/report during a job", 0, n, 0, 0, 0, 0)
     p = start(run_args(str(manifest), str(out), work), log=work / "runs.log")
-    changed = []
+    changed, seen = [], set()
     while p.poll() is None:
+        seen |= recorded(str(out), StorageConfig()) if (out / "_results").exists() else set()
         results = out / "_results"
         before = {str(f): f.read_bytes() for f in results.rglob("*") if f.is_file()} if results.exists() else {}
         cmd = ["status", str(out), "--json"] if o.injected % 2 == 0 else ["report", str(out)]
@@ -514,7 +541,7 @@ def readers_during_job(work: Path, seed: int = 0, n: int = 16) -> Outcome:
         o.problems.append(f"the run's summary counts {rec[-1]['summary']['images'] if rec else None} images of {n}")
     o.notes.append(f"{o.injected} reads while the job ran")
     return audit(o, str(out), StorageConfig(), _ids_of(manifest), originals, lambda u: Path(u).read_bytes(),
-                 LocalOutput(out))
+                 LocalOutput(out), seen)
 
 
 SCENARIOS = {

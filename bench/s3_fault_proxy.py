@@ -51,8 +51,11 @@ class FaultProxy:
     """``with FaultProxy(upstream, rules, seed) as p:`` then point s3fs at ``p.url``. ``p.counts`` has
     the faults injected by kind, ``p.requests`` the requests seen."""
 
-    def __init__(self, upstream: str, rules: list[Rule] | None = None, seed: int = 0, port: int = 0):
+    def __init__(self, upstream: str, rules: list[Rule] | None = None, seed: int = 0, port: int = 0,
+                 drop_headers: tuple[str, ...] = ()):
         self.upstream = urlsplit(upstream)
+        # e.g. ("If-None-Match",): a store that ignores conditional writes, as some S3-compatible ones do
+        self.drop = {h.lower() for h in drop_headers}
         self.rules = list(rules or [])
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -141,7 +144,7 @@ class FaultProxy:
             time.sleep(self._latency(h.command, path))
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
         try:
-            headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+            headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() not in self.drop}
             conn.request(h.command, h.path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()

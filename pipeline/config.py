@@ -155,6 +155,12 @@ class ClusterConfig(_Section):
         "process on the same host).",
     )
     progress_s: float = Field(30.0, gt=0, description="How often a run logs progress and updates its _runs record.")
+    takeover_grace_s: float = Field(
+        60.0, ge=0,
+        description="After taking the output over from a run whose lease lapsed (not one that died on this host, "
+        "whose processes are stopped), wait this long before planning, so that a write its surviving tasks "
+        "began just before the takeover lands first. Longer than one write takes with its retries.",
+    )
 
 
 class RunConfig(_Section):

@@ -168,7 +168,7 @@ class Progress:
 
 
 def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease: runs.Lease, record: dict,
-             progress: Progress, t0: float) -> None:
+             progress: Progress, t0: float, input_folders) -> None:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -201,7 +201,8 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     ds = ds.map_batches(
         compose_and_record, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
                                        "untrained": pre.untrained, "passthrough": passthrough,
-                                       "software": _software(cfg, pre), "fence": lease.fence()},
+                                       "software": _software(cfg, pre), "fence": lease.fence(),
+                                       "input_folders": input_folders},
         batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus)
     last = time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -225,7 +226,7 @@ def run(cfg: RunConfig) -> dict:
     out = storage.normalize(cfg.output.root)
     manifest = read_manifest(cfg)
     # Before anything is written, not even the lease: the output may be where the originals are.
-    layout.check(manifest.table["uri"], cfg.input.manifest, out, manifest.root)
+    inputs = layout.check(manifest.table["uri"], cfg.input.manifest, out, manifest.root)
     _probe_output(out, run_id, cfg)
     lease = runs.Lease(out, cfg.storage, run_id, cfg.cluster.heartbeat_s)
     try:
@@ -239,16 +240,17 @@ def run(cfg: RunConfig) -> dict:
         "rows_without_uri": manifest.without_uri, "lease_generation": lease.generation,
         "config": cfg.model_dump(mode="json"),
     }
-    if lease.taken_over:
-        prior = lease.taken_over
-        record["took_over_from"] = prior.get("run_id")
-        runs.mark_killed(out, prior, run_id, cfg.storage)
-        runs.stop_leftovers(prior)
-        lease.settle()
     progress = Progress()
     try:
+        if lease.taken_over:
+            prior = lease.taken_over
+            record["took_over_from"] = prior.get("run_id")
+            runs.mark_killed(out, prior, run_id, cfg.storage)
+            if lease.takeover == "dead":
+                runs.stop_leftovers(prior)
         runs.write_record(out, record, cfg.storage)
         lease.start()
+        lease.settle(cfg.cluster.takeover_grace_s)
         pre = preflight(cfg, run_id, manifest)
         if pre.untrained:
             log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives "
@@ -273,7 +275,7 @@ def run(cfg: RunConfig) -> dict:
             if not cfg.redetect:
                 todo = resume.attach_prior_detections(todo, results, out, cfg.storage)
             del results
-            _execute(cfg, pre, todo, run_id, lease, record, progress, t0)
+            _execute(cfg, pre, todo, run_id, lease, record, progress, t0, inputs.folders)
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),
                       summary=progress.summary(time.perf_counter() - t0), results=ledger.results_dir(out))
         record.pop("progress", None)

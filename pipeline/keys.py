@@ -195,11 +195,18 @@ def _names(keys, output_format: str, access_copy: bool) -> dict[str, pa.Array]:
     return out
 
 
+def _fold(names) -> pa.Array:
+    """Names as the most forgiving filesystem compares them: case-insensitive (macOS, SMB, exFAT) and blind
+    to trailing dots and spaces in a segment (SMB, Windows). Names equal after folding are one file there."""
+    return pc.replace_substring_regex(pc.utf8_lower(_as_array(names)), r"[. ]+(/|$)", r"\1")
+
+
 def _claims_table(ids: pa.Array, names: dict[str, pa.Array], claims: pa.Table | None) -> pa.Table:
-    parts = [pa.table({"image_id": ids, "ns": pa.array([ns] * len(ids), pa.string()), "name": n})
+    parts = [pa.table({"image_id": ids, "ns": pa.array([ns] * len(ids), pa.string()), "name": _fold(n)})
              for ns, n in names.items()]
     if claims is not None and claims.num_rows:
-        parts.append(claims.select(["image_id", "ns", "name"]).cast(parts[0].schema))
+        c = claims.select(["image_id", "ns", "name"])
+        parts.append(c.set_column(2, "name", _fold(c["name"])).cast(parts[0].schema))
     return pa.concat_tables(parts)
 
 
@@ -218,9 +225,14 @@ def _holders(sub: pa.Table, names: dict[str, pa.Array], claims: pa.Table | None)
     """Of the contested images (``sub``), those that keep their plain names: for each contested name, the
     image whose earlier result holds it, else the only one whose path needed no change, else nobody.
     An image keeps its key only if it holds every one of its contested names."""
+    names = {ns: _fold(col) for ns, col in names.items()}
     held: dict[tuple[str, str], str] = {}
     if claims is not None and claims.num_rows:
-        for r in claims.select(["image_id", "ns", "name"]).to_pylist():
+        contested = pa.table({"ns": pa.array([ns for ns, col in names.items() for _ in range(len(col))], pa.string()),
+                              "name": pa.concat_arrays(list(names.values()))})
+        c = claims.select(["image_id", "ns", "name"])
+        mine = c.set_column(2, "name", _fold(c["name"])).join(contested, ["ns", "name"], join_type="left semi")
+        for r in mine.sort_by([("ns", "ascending"), ("name", "ascending"), ("image_id", "ascending")]).to_pylist():
             held.setdefault((r["ns"], r["name"]), r["image_id"])
     members: dict[tuple[str, str], set[str]] = {}
     for ns, col in names.items():

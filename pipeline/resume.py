@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Errors that another attempt may mend (storage, GPU, a detector hiccup); the others are final.
 RETRYABLE = frozenset(ERROR_STATUSES - FINAL_STATUSES)
-PLAN_COLUMNS = LEDGER_COLUMNS + ["output_uri", "access_uri"]
+PLAN_COLUMNS = LEDGER_COLUMNS + ["output_uri", "access_uri", "output_name", "access_name"]
 
 
 def latest_rows(results: pa.Table) -> pa.Table:
@@ -161,24 +161,31 @@ def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, 
 
 
 def claims(results: pa.Table, output_root: str) -> pa.Table:
-    """(image_id, ns, name) of every derivative and access copy that the latest result of each image holds."""
-    cols = [c for c in ("output_uri", "access_uri") if c in results.column_names]
-    if not results.num_rows or not cols:
+    """(image_id, ns, name) of every file that any result row says it wrote below images/ or access/: an
+    image keeps every name it was ever given (history rows stay true), not only its latest one."""
+    parts = []
+    for name_col, uri_col, ns in (("output_name", "output_uri", "images"), ("access_name", "access_uri", "access")):
+        names = None
+        if name_col in results.column_names:
+            names = pc.cast(results[name_col], pa.string())
+        if uri_col in results.column_names:  # rows of earlier versions: the name from the URI
+            prefix = storage.join(output_root, ns) + "/"
+            uris = pc.cast(results[uri_col], pa.string())
+            from_uri = pc.if_else(pc.fill_null(pc.starts_with(uris, prefix), False),
+                                  pc.utf8_slice_codeunits(uris, len(prefix)), pa.scalar(None, pa.string()))
+            names = from_uri if names is None else pc.coalesce(names, from_uri)
+        if names is None:
+            continue
+        t = pa.table({"image_id": pc.cast(results["image_id"], pa.string()), "name": names}).filter(pc.is_valid(names))
+        parts.append(_with_ns(t.group_by(["image_id", "name"]).aggregate([]), ns))
+    if not parts:
         return pa.table({"image_id": pa.array([], pa.string()), "ns": pa.array([], pa.string()),
                          "name": pa.array([], pa.string())})
-    latest = latest_rows(results.select(["image_id", "finished_at", *cols]))
-    parts = []
-    for col, ns in (("output_uri", "images"), ("access_uri", "access")):
-        if col not in cols:
-            continue
-        prefix = storage.join(output_root, ns) + "/"
-        uris = pc.cast(latest[col], pa.string())
-        inside = pc.fill_null(pc.starts_with(uris, prefix), False)
-        sub = latest.filter(inside)
-        names = pc.utf8_slice_codeunits(pc.cast(sub[col], pa.string()), len(prefix))
-        parts.append(pa.table({"image_id": sub["image_id"], "ns": pa.array([ns] * sub.num_rows, pa.string()),
-                               "name": names}))
     return pa.concat_tables(parts)
+
+
+def _with_ns(t: pa.Table, ns: str) -> pa.Table:
+    return pa.table({"image_id": t["image_id"], "ns": pa.array([ns] * t.num_rows, pa.string()), "name": t["name"]})
 
 
 def assign_keys(manifest: pa.Table, root: str, output: OutputConfig, held: pa.Table | None) -> pa.Table:

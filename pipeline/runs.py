@@ -40,7 +40,6 @@ from .errors import Fenced, StorageError
 log = logging.getLogger(__name__)
 
 LEASE_HEARTBEATS = 3  # a lease lapses after this many missed renewals
-TAKEOVER_GRACE = 1   # heartbeats a taker waits before planning, for writes that passed their fence check
 
 
 def new_run_id() -> str:
@@ -67,7 +66,7 @@ def _generations(output_root: str, cfg: StorageConfig) -> list[int]:
     out = []
     for uri in storage.list_files(lock_dir(output_root), cfg):
         name = uri.rsplit("/", 1)[-1]
-        if name.startswith("gen-") and name.endswith(".json"):
+        if name.startswith("gen-") and name.endswith(".json") and name[4:-5].isdigit():
             out.append(int(name[4:-5]))
     return sorted(out)
 
@@ -77,6 +76,8 @@ def _read_json(uri: str, cfg: StorageConfig) -> dict | None:
         return json.loads(storage.read_bytes(uri, cfg))
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError) as e:  # e.g. emptied by a crash of the machine that wrote it
+        raise StorageError(f"{uri} is damaged ({e}); if no run is working on this output, delete it and run again")
 
 
 def _proc_start(pid: int) -> str | None:
@@ -88,22 +89,41 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_space() -> dict:
+    """What makes a pid meaningful: the host, its boot, and the pid namespace (containers share hostnames)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": pid_ns}
+
+
 def _alive_here(holder: dict) -> bool | None:
-    """Whether the holder's process is alive, when it ran on this host; None when that cannot be known."""
-    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+    """Whether the holder's process is alive, when its pid can be looked up from here (same host, boot and
+    pid namespace); None when that cannot be known."""
+    space = _process_space()
+    if not holder.get("pid") or space["boot_id"] is None or space["pid_ns"] is None or \
+            any(holder.get(k) != v for k, v in space.items()):
         return None
     start = _proc_start(int(holder["pid"]))
-    if start is None:
-        return False if os.path.isdir("/proc") else None
-    return start == holder.get("pid_start")
+    return start is not None and start == holder.get("pid_start")
 
 
 class Fence:
     """Picklable check for the run's tasks: raises Fenced once a later generation holds the output.
 
     A passed check is trusted for ``ttl_s`` (on S3 a check costs a HEAD and a LIST): a takeover of a
-    live-looking run only happens after its lease lapsed, and the taker then waits ``TAKEOVER_GRACE``
-    heartbeats more (see Lease.settle), far longer than that."""
+    live-looking run only happens after its lease lapsed, and the taker then waits
+    ``cluster.takeover_grace_s`` more (see Lease.settle), far longer than that."""
 
     def __init__(self, output_root: str, generation: int, cfg: StorageConfig, ttl_s: float = 1.0):
         self.next_uri = gen_uri(output_root, generation + 1)
@@ -127,6 +147,7 @@ class Lease:
         self.generation = 0
         self.lost = threading.Event()
         self.taken_over: dict | None = None
+        self.takeover: str | None = None  # "dead" (its process gone, on this host) or "stale" (lease lapsed)
         self._counter = 0
         self._info: dict = {}
         self._stop = threading.Event()
@@ -141,22 +162,43 @@ class Lease:
     def fence(self) -> Fence:
         return Fence(self.output_root, self.generation, self.cfg, ttl_s=min(1.0, self.heartbeat_s / 2))
 
-    def settle(self) -> None:
-        """After taking the output from a run on another host (whose tasks may outlive it), wait until a write
-        that passed its fence check just before our generation existed has landed, so planning sees it.
-        A dead holder on this host needs no wait: its leftover processes were stopped (stop_leftovers)."""
-        if self.taken_over and _alive_here(self.taken_over) is None:
-            time.sleep(TAKEOVER_GRACE * float(self.taken_over.get("lease_s") or self.lease_s) / LEASE_HEARTBEATS)
+    def settle(self, grace_s: float) -> None:
+        """After taking the output from a run whose lease lapsed (its tasks may outlive it, on any host), wait
+        ``grace_s`` so that a write that passed its fence check just before our generation existed lands
+        before we plan. A holder that died on this host needs no wait: its leftovers were stopped."""
+        if self.taken_over and self.takeover == "stale" and grace_s > 0:
+            log.warning("waiting %.0f s for writes of run %s that may still be in flight", grace_s,
+                        self.taken_over.get("run_id"))
+            time.sleep(grace_s)
 
     def _body(self, state: str = "held") -> bytes:
-        return json.dumps({"generation": self.generation, "run_id": self.run_id, "host": socket.gethostname(),
+        return json.dumps({"generation": self.generation, "run_id": self.run_id, **_process_space(),
                            "pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "counter": self._counter,
                            "state": state, "lease_s": self.lease_s, "renewed_at": now_iso(), **self._info},
                           indent=1).encode()
 
+    def _check_store(self) -> None:
+        """An object store that ignores If-None-Match would let two runs create one generation: find out first
+        (two conditional creates of one probe key; the second must be refused), and refuse such a store."""
+        if not storage.is_remote(self.output_root):
+            return
+        probe = storage.join(lock_dir(self.output_root), f".probe-{self.run_id}")
+        first = storage.create_exclusive(probe, b"first", self.cfg)
+        second = storage.create_exclusive(probe, b"second", self.cfg)
+        kept = storage.read_bytes(probe, self.cfg)
+        storage.delete(probe, self.cfg)
+        if not first or second or kept != b"first":
+            raise StorageError(f"the object store of {self.output_root!r} does not honour conditional writes "
+                               "(If-None-Match: *), so one run per output cannot be guaranteed there; use a store "
+                               "that does (AWS S3, MinIO) for the output")
+
     def acquire(self) -> "Lease":
         """Take the output, or raise StorageError when another run holds it and is alive."""
-        while True:
+        self._check_store()
+        wait_for_legacy_runs(self.output_root, self.cfg, self.run_id)
+        for attempt in range(100):
+            if attempt:
+                time.sleep(min(1.0, 0.05 * attempt))
             gens = _generations(self.output_root, self.cfg)
             n = gens[-1] if gens else 0
             holder = _read_json(gen_uri(self.output_root, n), self.cfg) if n else None
@@ -168,24 +210,22 @@ class Lease:
             uri = gen_uri(self.output_root, n + 1)
             storage.create_exclusive(uri, self._body(), self.cfg)
             # Read back rather than trust the answer: a conditional PUT retried after a lost response says
-            # "exists" for our own object, and a store that ignores If-None-Match would let a racer's
-            # object replace ours (the one read back wins; the other run sees a live holder).
+            # "exists" for our own object.
             if (_read_json(uri, self.cfg) or {}).get("run_id") == self.run_id:
                 self._last_renewal = time.monotonic()
                 if holder and holder.get("state") != "released":
                     self.taken_over = holder
                 return self
+        raise StorageError(f"could not take the output's lease in {lock_dir(self.output_root)!r}: it keeps "
+                           "changing hands, or a generation file is unreadable")
 
     def _dead(self, holder: dict, n: int) -> bool:
         """True when ``holder`` (generation n) is provably dead or its lease is stale; raise if it is alive;
         False when the output changed hands meanwhile (the caller looks again)."""
-        alive = _alive_here(holder)
-        if alive is True:
-            raise StorageError(f"run {holder.get('run_id')} is still running on this output (pid {holder.get('pid')} "
-                               "on this host); wait for it to finish or stop it first")
-        if alive is False:
+        if _alive_here(holder) is False:
             log.warning("run %s (pid %s on this host) died without releasing the output; taking over",
                         holder.get("run_id"), holder.get("pid"))
+            self.takeover = "dead"
             return True
         lease_s = float(holder.get("lease_s") or self.lease_s)
         seen, t0 = holder.get("counter"), time.monotonic()
@@ -200,10 +240,11 @@ class Lease:
                     not storage.exists(gen_uri(self.output_root, n + 1), self.cfg)
             if now.get("counter") != seen:
                 raise StorageError(f"run {holder.get('run_id')} is still running on this output (host "
-                                   f"{holder.get('host')}, lease renewed while we watched); wait for it to finish "
-                                   "or stop it first")
+                                   f"{holder.get('host')}, pid {holder.get('pid')}, lease renewed while we "
+                                   "watched); wait for it to finish or stop it first")
         log.warning("run %s has not renewed its lease for %.0f s; taking over the output", holder.get("run_id"),
                     lease_s)
+        self.takeover = "stale"
         return True
 
     def update(self, **info) -> None:
@@ -215,8 +256,11 @@ class Lease:
         with self._renewing:
             try:
                 Fence(self.output_root, self.generation, self.cfg, ttl_s=0).check()
-            except Fenced:
-                log.error("run %s has lost the output to a later run", self.run_id)
+                mine = (_read_json(gen_uri(self.output_root, self.generation), self.cfg) or {}).get("run_id")
+                if mine != self.run_id:
+                    raise Fenced(f"generation {self.generation} now names run {mine}")
+            except Fenced as e:
+                log.error("run %s has lost the output to a later run (%s)", self.run_id, e)
                 self.lost.set()
                 return
             self._counter += 1
@@ -275,10 +319,37 @@ def read_records(output_root: str, cfg: StorageConfig) -> list[dict]:
     out = []
     for uri in storage.list_files(runs_dir(output_root), cfg):
         if uri.endswith(".json") and not uri.rsplit("/", 1)[-1].startswith("."):
-            r = _read_json(uri, cfg)
+            try:
+                r = _read_json(uri, cfg)
+            except StorageError as e:  # one damaged record must not hide the others
+                log.warning("%s", e)
+                continue
             if r is not None:
                 out.append(r)
     return sorted(out, key=lambda r: str(r.get("run_id")))
+
+
+def wait_for_legacy_runs(output_root: str, cfg: StorageConfig, run_id: str) -> None:
+    """Runs of versions before the lease kept a heartbeat in their record (``heartbeat_at``). One whose record
+    still says running is watched for three of its heartbeats: if it moves, that run is alive (refused);
+    if not, it is dead and its record says so from now on."""
+    legacy = [r for r in read_records(output_root, cfg)
+              if r.get("state") == "running" and "lease_generation" not in r and r.get("run_id") != run_id]
+    for r in legacy:
+        every = float(((r.get("config") or {}).get("cluster") or {}).get("heartbeat_s") or 10.0)
+        seen, t0 = r.get("heartbeat_at"), time.monotonic()
+        log.warning("run %s of an earlier version says it is running; watching its heartbeat for %.0f s",
+                    r.get("run_id"), LEASE_HEARTBEATS * every)
+        while time.monotonic() - t0 < LEASE_HEARTBEATS * every:
+            time.sleep(min(1.0, every / 2))
+            now = _read_json(record_uri(output_root, r["run_id"]), cfg) or {}
+            if now.get("state") != "running":
+                break
+            if now.get("heartbeat_at") != seen:
+                raise StorageError(f"run {r['run_id']} of an earlier version is still running on this output; "
+                                   "wait for it to finish or stop it first")
+        else:
+            mark_killed(output_root, r, run_id, cfg)
 
 
 def mark_killed(output_root: str, holder: dict, by_run: str, cfg: StorageConfig) -> None:
@@ -297,7 +368,7 @@ def stop_leftovers(holder: dict) -> int:
     workers behind). Found by the Ray session folder in their command line or in their open log files;
     returns how many were signalled. Linux only (reads /proc); elsewhere does nothing."""
     session = holder.get("ray_session")
-    if not session or holder.get("host") != socket.gethostname() or not os.path.isdir("/proc"):
+    if not session or not os.path.isdir("/proc") or any(holder.get(k) != v for k, v in _process_space().items()):
         return 0
     killed = 0
     for pid in os.listdir("/proc"):

@@ -44,6 +44,8 @@ RESULT_SCHEMA = pa.schema(
         ("output_uri", pa.string()),
         ("access_uri", pa.string()),         # the JPEG access copy, when output.access_copy is set
         ("output_key", pa.string()),         # the image's key below images/ and access/ (unique, see keys.py)
+        ("output_name", pa.string()),        # the file written below images/ (kept on error rows: it exists)
+        ("access_name", pa.string()),        # the file written below access/
         ("src_sha256", pa.string()),
         ("out_sha256", pa.string()),
         ("width", pa.int32()),

@@ -293,14 +293,15 @@ class Compose:
     """
 
     def __init__(self, cfg: RunConfig, run_id: str, fingerprint: str, untrained: bool,
-                 passthrough: pa.Schema | None = None, software: str | None = None, fence=None):
+                 passthrough: pa.Schema | None = None, software: str | None = None, fence=None,
+                 input_folders: np.ndarray | None = None):
         self.cfg, self.run_id, self.fingerprint, self.untrained = cfg, run_id, fingerprint, untrained
         # Written into every derivative that had a face restored, next to the AI-edit label.
         self.software = software or f"archive-restore {__version__}; {cfg.restore.model}"
         self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
         self.images_root = storage.join(cfg.output.root, "images")
         self.access_root = storage.join(cfg.output.root, "access")
-        self.guard = WriteGuard(cfg.output.root)
+        self.guard = WriteGuard(cfg.output.root, input_folders)
         self.fence = fence
 
     def __call__(self, batch: Batch) -> pa.Table:
@@ -315,11 +316,10 @@ class Compose:
         self.guard.check(uri, area, row["uri"])
         storage.write_bytes(uri, data, self.cfg.storage)
 
-    def _out_uri(self, row: dict, fmt: str) -> str:
+    def _out_name(self, row: dict, fmt: str) -> str:
         """The derivative keeps its planned key; the extension changes only when the format does (and then
         the image's suffix keeps the name apart from every other image's, see keys.written_name)."""
-        name = keys.written_name(row["output_key"], row["image_id"], fmt, self.cfg.output.format)
-        return storage.join(self.images_root, name)
+        return keys.written_name(row["output_key"], row["image_id"], fmt, self.cfg.output.format)
 
     def _write_access_copy(self, row: dict, master, restored: bool) -> None:
         """A small 8-bit JPEG for browsing and the web; the derivative stays the archival master copy."""
@@ -331,9 +331,10 @@ class Compose:
             px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
         data = imageio.encode(px, ".jpg", o.access_quality)
         data, _ = metadata.carry(row["src_bytes"], data, "JPEG", restored=restored, software=self.software)
-        uri = storage.join(self.access_root, keys.derivative_key(row["output_key"], "JPEG"))
+        name = keys.derivative_key(row["output_key"], "JPEG")
+        uri = storage.join(self.access_root, name)
         self._write(uri, "access", data, row)
-        row["access_uri"] = uri
+        row.update(access_uri=uri, access_name=name)
 
     def _master(self, row: dict) -> None:
         """The master's bytes into ``row``: carried from DecodeDetect, or read again and checked against the
@@ -360,9 +361,10 @@ class Compose:
             if row["status"] == Status.OK.value:
                 self._write_restored(row, row["_faces"])
             elif row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face:
-                uri = self._out_uri(row, row["src_format"])
+                name = self._out_name(row, row["src_format"])
+                uri = storage.join(self.images_root, name)
                 self._write(uri, "images", row["src_bytes"], row)
-                row.update(output_uri=uri, out_sha256=row["src_sha256"])
+                row.update(output_uri=uri, output_name=name, out_sha256=row["src_sha256"])
         except imageio.DecodeError as e:
             _error(row, Status.DECODE_ERROR, str(e))
         except Fenced:
@@ -377,8 +379,9 @@ class Compose:
         written = row["status"] == Status.OK.value
         row["faces"] = [{**{k: f.get(k) for k in FACE_TYPE.names}, **({} if written else {"action": None})}
                         for f in faces]
-        if not written:
-            row["output_uri"] = row.get("output_uri") if row["status"] == Status.NO_FACE.value else None
+        if not written and row["status"] != Status.NO_FACE.value:
+            # An error row describes no derivative; the names of files it did write stay (claimed, see keys.py).
+            row.update(output_uri=None, out_sha256=None, access_uri=None)
         t0 = row.pop("_t0", None)
         row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
                    compose_s=time.perf_counter() - t0 if t0 else None, finished_at=datetime.now(timezone.utc))
@@ -400,9 +403,10 @@ class Compose:
                                     copy_icc=not img.cmyk)
         if note:
             row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
-        uri = self._out_uri(row, fmt)
+        name = self._out_name(row, fmt)
+        uri = storage.join(self.images_root, name)
         self._write(uri, "images", data, row)
-        row.update(output_uri=uri, out_sha256=hashlib.sha256(data).hexdigest())
+        row.update(output_uri=uri, output_name=name, out_sha256=hashlib.sha256(data).hexdigest())
         if self.cfg.output.access_copy:
             self._write_access_copy(row, master, restored_any)
 

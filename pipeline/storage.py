@@ -124,10 +124,21 @@ def _finished_temp(path: str, data: bytes) -> str:
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it gets its name: a power loss leaves no empty file
     except BaseException:
         os.unlink(tmp)
         raise
     return tmp
+
+
+def _sync_folder(path: str) -> None:
+    """Make a rename or link in the folder of ``path`` durable."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
@@ -146,6 +157,7 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+    _sync_folder(path)
 
 
 def create_exclusive(uri: str, data: bytes, cfg: StorageConfig) -> bool:
@@ -166,11 +178,12 @@ def create_exclusive(uri: str, data: bytes, cfg: StorageConfig) -> bool:
     tmp = _finished_temp(path, data)
     try:
         os.link(tmp, path)
-        return True
     except FileExistsError:
         return False
     finally:
         os.unlink(tmp)
+    _sync_folder(path)
+    return True
 
 
 def exists(uri: str, cfg: StorageConfig) -> bool:
@@ -199,14 +212,19 @@ def delete(uri: str, cfg: StorageConfig) -> None:
         pass
 
 
+# Spellings of one protocol that fsspec serves with the same filesystem: compared as one.
+SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}
+
+
 def resolve(uri: str) -> str:
     """Where a write to ``uri`` really lands: local paths with symlinks and ``..`` resolved (the file itself
-    need not exist); remote URIs with ``.`` and ``..`` segments and doubled slashes folded, as a client or
-    proxy may fold them."""
+    need not exist); remote URIs with one spelling per protocol (``s3a://`` is ``s3://``) and ``.``/``..``
+    segments and doubled slashes folded, as a client or proxy may fold them."""
     uri = normalize(uri)
     if not is_remote(uri):
         return os.path.realpath(uri)
     scheme, rest = uri.split("://", 1)
+    scheme = SCHEME_ALIASES.get(scheme.lower(), scheme.lower())
     return f"{scheme}://" + posixpath.normpath("/" + rest).lstrip("/")
 
 

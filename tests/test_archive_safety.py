@@ -403,6 +403,9 @@ def test_results_land_per_compose_batch(ray_local, weights_dir, tmp_path):
     parts = list((out / "_results").rglob("*.parquet"))
     assert len(parts) >= 4, parts
     assert sum(pq.read_metadata(p).num_rows for p in parts) == 8
+    # Incremental: the first results were on disk before the block's last derivative was written.
+    derivatives = [p.stat().st_mtime_ns for p in (out / "images").rglob("*.*")]
+    assert min(p.stat().st_mtime_ns for p in parts) < max(derivatives)
 
 
 # ------------------------------------------------------------------------------------- 10. permissions

@@ -104,3 +104,12 @@ def test_a_name_the_plan_could_not_know_gets_the_suffix():
     assert keys.written_name("a.jpg", "i", "PNG", "same") == keys.with_tag("a.png", "i")  # a PNG named .jpg
     assert keys.written_name("scan.dat", "i", "TIFF", "same") == keys.with_tag("scan.tif", "i")
     assert keys.written_name("a.tif", "i", "JPEG", "jpeg") == "a.jpg"
+
+
+def test_names_one_filesystem_would_merge_count_as_one():
+    """Case (macOS, SMB, exFAT) and trailing dots or spaces (SMB, Windows): one file there, so one owner."""
+    k, err = keys.assign(["a", "b", "c", "d"], ["/in/Foto.JPG", "/in/foto.jpg", "/in/x/a.", "/in/x/a"], "/in/",
+                         "same", False)
+    k = k.to_pylist()
+    assert k[0] != k[1] and k[2] != k[3] and err.null_count == 4
+    assert len({n.lower() for n in k}) == 4

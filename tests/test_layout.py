@@ -88,3 +88,61 @@ def test_the_write_guard_refuses_what_appears_mid_run(tmp_path):
         layout.WriteGuard(str(other)).check(str(other / "images" / "a.jpg"), "images", src)
     with pytest.raises(layout.UnsafeWrite, match="own input"):
         layout.WriteGuard("s3://b/out").check("s3://b/out/images/a.jpg", "images", "s3://b/out/images/./a.jpg")
+
+
+def test_one_protocol_under_two_spellings_is_one_location():
+    with pytest.raises(StorageError, match="images/"):
+        _check(["s3a://b/x/images/a.jpg"], "s3://b/x", "s3a://b/x/images/")
+    with pytest.raises(layout.UnsafeWrite, match="own input"):
+        layout.WriteGuard("s3://b/out").check("s3://b/out/images/a.jpg", "images", "s3a://b/out/images/a.jpg")
+
+
+_IN_NAMESPACE = """
+import os, sys, pyarrow as pa
+from pipeline import layout
+from pipeline.errors import StorageError
+a, b = sys.argv[1], sys.argv[2]
+os.system(f"mount --bind {a} {b}")
+try:
+    layout.check(pa.array([f"{a}/x.jpg", f"{a}/images/x.jpg"]), None, b, a + "/")
+    print("ACCEPTED")
+except StorageError as e:
+    print("REFUSED", e)
+"""
+
+
+def test_a_folder_under_two_names_is_one_folder(tmp_path):
+    """A bind mount (or a share mounted twice): no string comparison can see it, folder identity does."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.fail("util-linux's unshare is needed (it keeps the test's bind mount in its own namespace)")
+    a, b = tmp_path / "a", tmp_path / "b"
+    _files(a, ("x.jpg",))
+    _files(a / "images", ("x.jpg",))
+    b.mkdir()
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", _IN_NAMESPACE,
+                        str(a), str(b)], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))))
+    assert "REFUSED" in r.stdout and "another name" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_symlinked_input_in_a_folder_that_cannot_be_listed(tmp_path, monkeypatch):
+    """Mode 0711: its files are read by name, but listing it fails (for anyone but root, who runs this test:
+    the failure is injected at the listing); its files are then resolved one by one."""
+    _files(tmp_path / "out" / "images", ("a.jpg",))
+    private = tmp_path / "in" / "private"
+    private.mkdir(parents=True)
+    os.symlink(tmp_path / "out" / "images" / "a.jpg", private / "a.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.realpath(path) == str(private):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(layout.os, "scandir", scandir)
+    with pytest.raises(StorageError, match="images/"):
+        _check([private / "a.jpg"], tmp_path / "out", str(private) + "/")

@@ -44,3 +44,20 @@ def test_nothing_to_do_when_everything_is_current():
 def test_latest_row_per_image():
     latest = resume.latest_rows(RESULTS).sort_by("image_id")
     assert latest["status"].to_pylist() == ["ok", "read_error", "decode_error", "ok", "no_face"]
+
+
+def test_an_image_keeps_every_name_it_was_ever_given():
+    """A's derivative a_b.jpg was made by an ok row; a later error row must not let B take the name."""
+    from pipeline import keys
+    from pipeline.config import OutputConfig
+
+    results = pa.table({
+        "image_id": ["A", "A"], "status": ["ok", "read_error"], "fingerprint": ["f", "f"],
+        "finished_at": pa.array([T0, T0 + dt.timedelta(days=1)], pa.timestamp("ms", tz="UTC")),
+        "output_uri": ["/out/images/a_b.jpg", None], "access_uri": [None, None],
+        "output_name": ["a_b.jpg", None], "access_name": [None, None]})
+    manifest = pa.table({"image_id": ["A", "B"], "uri": ["/in/a?b.jpg", "/in/a_b.jpg"]})
+    held = resume.claims(results, "/elsewhere/out")  # the output spelled differently: names, not URIs, count
+    keyed = resume.assign_keys(manifest, "/in/", OutputConfig(), held)
+    assert keyed["output_key"].to_pylist() == ["a_b.jpg", keys.with_tag("a_b.jpg", "B")]
+    assert resume.plan(manifest, results, "f", "missing").todo["image_id"].to_pylist() == ["B"]

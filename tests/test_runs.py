@@ -31,10 +31,10 @@ def test_of_runs_starting_together_exactly_one_takes_the_output(tmp_path):
     barrier = threading.Barrier(6)
 
     def start(i):
-        lease = runs.Lease(str(tmp_path), CFG, f"run-{i}", heartbeat_s=5)
+        lease = runs.Lease(str(tmp_path), CFG, f"run-{i}", heartbeat_s=0.2)
         barrier.wait()
         try:
-            won.append(lease.acquire())
+            won.append(lease.acquire().start())  # a run renews from the moment it holds the output
         except StorageError as e:
             refused.append(str(e))
 
@@ -43,6 +43,8 @@ def test_of_runs_starting_together_exactly_one_takes_the_output(tmp_path):
         t.start()
     for t in threads:
         t.join()
+    for lease in won:
+        lease.stop()
     assert len(won) == 1 and len(refused) == 5, (won, refused)
     assert all("still running" in m for m in refused)
     assert os.listdir(tmp_path / "_lock") == ["gen-000000000001.json"]
@@ -59,8 +61,8 @@ def test_a_released_output_is_taken_at_once_by_the_next_generation(tmp_path):
 def test_a_dead_holder_on_this_host_is_taken_over_at_once_and_its_record_says_killed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    _holder(tmp_path, 1, host=socket.gethostname(), pid=dead.pid, pid_start="1", lease_s=3600)
-    runs.write_record(str(tmp_path), {"run_id": "other-1", "state": "running"}, CFG)
+    _holder(tmp_path, 1, **runs._process_space(), pid=dead.pid, pid_start="1", lease_s=3600)
+    runs.write_record(str(tmp_path), {"run_id": "other-1", "state": "running", "lease_generation": 1}, CFG)
     t0 = time.monotonic()
     lease = runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
     assert time.monotonic() - t0 < 2 and lease.generation == 2 and lease.taken_over["run_id"] == "other-1"
@@ -143,10 +145,10 @@ def test_one_run_takes_an_s3_output(s3_endpoint, s3fs_client):
     barrier = threading.Barrier(4)
 
     def start(i):
-        lease = runs.Lease("s3://lease/out", cfg, f"run-{i}", heartbeat_s=5)
+        lease = runs.Lease("s3://lease/out", cfg, f"run-{i}", heartbeat_s=0.3)
         barrier.wait()
         try:
-            won.append(lease.acquire())
+            won.append(lease.acquire().start())
         except StorageError:
             refused.append(i)
 
@@ -169,10 +171,70 @@ def test_leftovers_of_a_dead_local_ray_are_stopped(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=log, stderr=log)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        n = runs.stop_leftovers({"run_id": "x", "host": socket.gethostname(), "ray_session": session})
+        here = runs._process_space()
+        assert runs.stop_leftovers({"run_id": "x", **here, "host": "another-host", "ray_session": session}) == 0
+        assert runs.stop_leftovers({"run_id": "x", **here, "pid_ns": "pid:[1]", "ray_session": session}) == 0
+        n = runs.stop_leftovers({"run_id": "x", **here, "ray_session": session})
         assert n == 1 and proc.wait(5) == -9
         assert other.poll() is None
-        assert runs.stop_leftovers({"run_id": "x", "host": "another-host", "ray_session": session}) == 0
     finally:
         other.kill()
         proc.kill()
+
+
+def test_a_live_process_that_stopped_renewing_does_not_hold_the_output_forever(tmp_path):
+    stuck = runs.Lease(str(tmp_path), CFG, "stuck", heartbeat_s=0.2).acquire()  # alive, never renews
+    t0 = time.monotonic()
+    lease = runs.Lease(str(tmp_path), CFG, "next", heartbeat_s=0.2).acquire()
+    assert lease.generation == 2 and lease.takeover == "stale" and time.monotonic() - t0 >= 0.6
+    stuck.renew()
+    assert stuck.lost.is_set()
+
+
+def test_a_pid_from_another_pid_namespace_is_not_judged_from_here(tmp_path):
+    """Same hostname, other container: its pid means nothing here; its lease is watched, not declared dead."""
+    _holder(tmp_path, 1, **{**runs._process_space(), "pid_ns": "pid:[4026500000]"}, pid=999999, lease_s=0.6)
+    lease = runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
+    assert lease.takeover == "stale"
+
+
+def test_an_older_versions_live_run_is_respected_and_a_dead_one_marked(tmp_path):
+    rec = {"run_id": "old", "state": "running", "heartbeat_at": "x", "config": {"cluster": {"heartbeat_s": 0.1}}}
+    runs.write_record(str(tmp_path), rec, CFG)
+    stop = threading.Event()
+
+    def beat():
+        k = 0
+        while not stop.wait(0.05):
+            k += 1
+            runs.write_record(str(tmp_path), {**rec, "heartbeat_at": str(k)}, CFG)
+
+    t = threading.Thread(target=beat)
+    t.start()
+    try:
+        with pytest.raises(StorageError, match="earlier version is still running"):
+            runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
+    finally:
+        stop.set()
+        t.join()
+    runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
+    assert runs.read_records(str(tmp_path), CFG)[0]["state"] == "killed"
+
+
+def test_damaged_or_foreign_lock_files_give_a_clear_error_not_a_traceback(tmp_path):
+    (tmp_path / "_lock").mkdir()
+    (tmp_path / "_lock" / "gen-old.json").write_text("{}")  # not a generation: ignored
+    (tmp_path / "_lock" / "gen-000000000001.json").write_text("")  # emptied by a crash
+    with pytest.raises(StorageError, match="damaged"):
+        runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
+
+
+@pytest.mark.integration
+def test_a_store_that_ignores_conditional_writes_is_refused(s3_endpoint, s3fs_client):
+    from s3_fault_proxy import FaultProxy
+
+    s3fs_client.mkdir("unconditional")
+    with FaultProxy(s3_endpoint, drop_headers=("If-None-Match",)) as proxy:
+        cfg = StorageConfig(s3_endpoint_url=proxy.url, retries=1)
+        with pytest.raises(StorageError, match="does not honour conditional writes"):
+            runs.Lease("s3://unconditional/out", cfg, "me", heartbeat_s=5).acquire()

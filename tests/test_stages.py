@@ -172,3 +172,17 @@ def test_carried_masters_are_not_read_again(weights_dir, tmp_path, detected):
     (src / "blake.jpg").unlink()
     res = Compose(carry, "r", "f", True, pt)(restored).to_pylist()
     assert res[0]["status"] == "ok" and res[0]["output_uri"]
+
+
+def test_an_error_row_describes_no_derivative_but_names_the_files_it_wrote(weights_dir, tmp_path, detected):
+    """The derivative is written, then the access copy fails: the row is an error and says so truthfully."""
+    t, pt = detected
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "access").write_text("a file where the access/ folder should be")
+    cfg = load_config(None, test_overrides(weights_dir, out, **{"output.access_copy": True}), environ={})
+    rows = Compose(cfg, "r", "f", True, pt)(Restore(cfg, pt)(t.slice(0, 1))).to_pylist()
+    r = rows[0]
+    assert r["status"] == "write_error" and r["output_uri"] is None and r["out_sha256"] is None
+    assert r["access_uri"] is None and (out / "images" / r["output_name"]).is_file()
+    assert all(f["action"] is None for f in r["faces"])

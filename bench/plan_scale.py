@@ -55,7 +55,7 @@ def plan_once(folder: str) -> None:
     """Runs in a subprocess: the timed part, exactly what `job.run` does before any image work."""
     import resource
 
-    from pipeline import layout, ledger, resume
+    from pipeline import layout, resume
     from pipeline.config import load_config
     from pipeline.manifest import read_manifest
 
@@ -64,11 +64,11 @@ def plan_once(folder: str) -> None:
                       environ={})
     m = read_manifest(cfg)
     layout.check(m.table["uri"], cfg.input.manifest, cfg.output.root, m.root)
-    results = ledger.load_results(cfg.output.root, cfg.storage, columns=resume.PLAN_COLUMNS)
+    results = resume.load_for_planning(cfg.output.root, cfg.storage)
     plan = resume.plan(m.table, results, "fp-current", "missing", cfg.max_attempts)
     t_plan = time.perf_counter() - t0
     keyed = resume.assign_keys(m.table.select(["image_id", "uri"]), m.root, cfg.output,
-                               resume.claims(results, cfg.output.root))
+                               resume.claims(results))
     todo = plan.todo.join(keyed.select(["image_id", "output_key", "key_error"]), "image_id")
     elapsed = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

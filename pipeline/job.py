@@ -258,7 +258,7 @@ def run(cfg: RunConfig) -> dict:
         record.update(fingerprint=pre.fingerprint, untrained=pre.untrained, versions=_versions(),
                       weights={n: r.describe() for n, r in pre.resolved.items()})
         torn: list[str] = []
-        results = ledger.load_results(out, cfg.storage, columns=resume.PLAN_COLUMNS, torn=torn)
+        results = resume.load_for_planning(out, cfg.storage, torn=torn)
         if torn:  # we hold the lease: no live run can be writing them
             record["set_aside"] = ledger.set_aside(torn, cfg.storage)
         plan = resume.plan(manifest.table, results, pre.fingerprint, cfg.reprocess, cfg.max_attempts)
@@ -268,7 +268,7 @@ def run(cfg: RunConfig) -> dict:
                  plan.counts)
         if plan.todo.num_rows:
             keyed = resume.assign_keys(manifest.table.select(["image_id", "uri"]), manifest.root, cfg.output,
-                                       resume.claims(results, out))
+                                       resume.claims(results))
             todo = plan.todo.join(keyed.select(["image_id", "output_key", "key_error"]), "image_id")
             order = plan.todo.select(["image_id"]).append_column("_o", pa.array(range(plan.todo.num_rows), pa.int64()))
             todo = todo.join(order, "image_id").sort_by("_o").drop_columns(["_o"])

@@ -28,6 +28,27 @@ RETRYABLE = frozenset(ERROR_STATUSES - FINAL_STATUSES)
 PLAN_COLUMNS = LEDGER_COLUMNS + ["output_uri", "access_uri", "output_name", "access_name"]
 
 
+def load_for_planning(output_root: str, cfg: StorageConfig, torn: list[str] | None = None) -> pa.Table:
+    """The ledger as planning needs it: the ledger columns plus the names of the files each row wrote
+    (``output_name``, ``access_name``; for rows of earlier versions taken from their URIs). The URIs
+    themselves are dropped file by file as they are read, so a large ledger costs its names only."""
+    def names_only(t: pa.Table) -> pa.Table:
+        for name_col, uri_col, ns in (("output_name", "output_uri", "images"), ("access_name", "access_uri", "access")):
+            names = pc.cast(t[name_col], pa.string()) if name_col in t.column_names else \
+                pa.nulls(t.num_rows, pa.string())
+            if uri_col in t.column_names:
+                prefix = storage.join(output_root, ns) + "/"
+                uris = pc.cast(t[uri_col], pa.string())
+                names = pc.coalesce(names, pc.if_else(pc.fill_null(pc.starts_with(uris, prefix), False),
+                                                      pc.utf8_slice_codeunits(uris, len(prefix)),
+                                                      pa.scalar(None, pa.string())))
+                t = t.drop_columns([uri_col])
+            t = t.drop_columns([c for c in (name_col,) if c in t.column_names]).append_column(name_col, names)
+        return t
+
+    return load_results(output_root, cfg, columns=PLAN_COLUMNS, torn=torn, transform=names_only)
+
+
 def latest_rows(results: pa.Table) -> pa.Table:
     """The current row per image: the one finished last."""
     if results.num_rows == 0:
@@ -160,22 +181,15 @@ def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, 
 
 
 
-def claims(results: pa.Table, output_root: str) -> pa.Table:
-    """(image_id, ns, name) of every file that any result row says it wrote below images/ or access/: an
-    image keeps every name it was ever given (history rows stay true), not only its latest one."""
+def claims(results: pa.Table) -> pa.Table:
+    """(image_id, ns, name) of every file that any result row says it wrote below images/ or access/ (from
+    ``load_for_planning``): an image keeps every name it was ever given, not only its latest one, so that
+    history rows stay true."""
     parts = []
-    for name_col, uri_col, ns in (("output_name", "output_uri", "images"), ("access_name", "access_uri", "access")):
-        names = None
-        if name_col in results.column_names:
-            names = pc.cast(results[name_col], pa.string())
-        if uri_col in results.column_names:  # rows of earlier versions: the name from the URI
-            prefix = storage.join(output_root, ns) + "/"
-            uris = pc.cast(results[uri_col], pa.string())
-            from_uri = pc.if_else(pc.fill_null(pc.starts_with(uris, prefix), False),
-                                  pc.utf8_slice_codeunits(uris, len(prefix)), pa.scalar(None, pa.string()))
-            names = from_uri if names is None else pc.coalesce(names, from_uri)
-        if names is None:
+    for name_col, ns in (("output_name", "images"), ("access_name", "access")):
+        if name_col not in results.column_names:
             continue
+        names = pc.cast(results[name_col], pa.string())
         t = pa.table({"image_id": pc.cast(results["image_id"], pa.string()), "name": names}).filter(pc.is_valid(names))
         parts.append(_with_ns(t.group_by(["image_id", "name"]).aggregate([]), ns))
     if not parts:

@@ -57,7 +57,24 @@ def test_an_image_keeps_every_name_it_was_ever_given():
         "output_uri": ["/out/images/a_b.jpg", None], "access_uri": [None, None],
         "output_name": ["a_b.jpg", None], "access_name": [None, None]})
     manifest = pa.table({"image_id": ["A", "B"], "uri": ["/in/a?b.jpg", "/in/a_b.jpg"]})
-    held = resume.claims(results, "/elsewhere/out")  # the output spelled differently: names, not URIs, count
+    held = resume.claims(results)  # names, not URIs: the output may be spelled differently today
     keyed = resume.assign_keys(manifest, "/in/", OutputConfig(), held)
     assert keyed["output_key"].to_pylist() == ["a_b.jpg", keys.with_tag("a_b.jpg", "B")]
     assert resume.plan(manifest, results, "f", "missing").todo["image_id"].to_pylist() == ["B"]
+
+
+def test_rows_of_earlier_versions_claim_their_files_by_uri(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.config import StorageConfig
+
+    d = tmp_path / "out" / "_results" / "run=old"
+    d.mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["A"], "status": ["ok"], "fingerprint": ["f"],
+                             "finished_at": pa.array([T0], pa.timestamp("ms", tz="UTC")),
+                             "output_uri": [str(tmp_path / "out" / "images" / "x" / "a.jpg")],
+                             "access_uri": [str(tmp_path / "out" / "access" / "x" / "a.jpg")]}), d / "part.parquet")
+    results = resume.load_for_planning(str(tmp_path / "out"), StorageConfig())
+    assert "output_uri" not in results.column_names
+    assert sorted(resume.claims(results).to_pylist(), key=lambda r: r["ns"]) == [
+        {"image_id": "A", "ns": "access", "name": "x/a.jpg"}, {"image_id": "A", "ns": "images", "name": "x/a.jpg"}]

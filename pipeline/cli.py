@@ -182,6 +182,11 @@ def status(output: str, manifest: str | None, as_json: bool, config_path: str | 
     click.echo(f"{output}: {st['images']} images, {st['faces']} faces, {len(st['runs'])} runs")
     for k, v in st["by_status"].items():
         click.echo(f"  {k:<14}{v}")
+    if st.get("signed"):
+        last = st.get("verification")
+        click.echo(f"  signed        {st['signed']} derivatives with Content Credentials"
+                   + (f"; last verify {last['verified_at'][:19]}: {last['valid']} valid, {last['invalid']} invalid"
+                      if last else "; not verified yet (archive-restore verify)"))
     if "against_manifest" in st:
         click.echo("  against manifest: " + ", ".join(f"{k} {v}" for k, v in st["against_manifest"].items()))
     for r in st["runs"][-5:]:
@@ -204,6 +209,52 @@ def report(output: str, config_path: str | None, s3_endpoint_url: str | None, se
 
     cfg = _config(config_path=config_path, s3_endpoint_url=s3_endpoint_url, sets=sets)
     click.echo(rep.write_report(output, cfg.storage))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--trust-anchors", help="PEM bundle of trusted roots (path, s3:// or env:NAME) "
+              "[default: provenance.trust_anchors].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_read_options
+@_clean_errors
+def verify(targets: tuple[str, ...], trust_anchors: str | None, as_json: bool, config_path: str | None,
+           s3_endpoint_url: str | None, sets: tuple[str, ...]) -> None:
+    """Check Content Credentials: signature, hard binding and parent ingredient. Exit 1 if any is invalid.
+
+    With one OUTPUT folder: every signed derivative and access copy of its latest results, each parent's
+    sha256 checked against the result row; the summary also goes to OUTPUT/_verify/latest.json for status
+    and report. With files (PATH...): each file on its own.
+
+    \b
+    Example:
+      archive-restore verify s3://museum/restored/ --trust-anchors museum-root.pem
+      archive-restore verify restored/images/box1/scan-0001.tif
+    """
+    from . import provenance, storage
+
+    cfg = _config(config_path=config_path, s3_endpoint_url=s3_endpoint_url, sets=sets)
+    ref = trust_anchors or cfg.provenance.trust_anchors
+    anchors = provenance.read_reference(ref, cfg.storage, "trust anchors") if ref else None
+    is_output = len(targets) == 1 and storage.exists(storage.join(targets[0], "_results"), cfg.storage)
+    if is_output:
+        summary = provenance.verify_output(targets[0], cfg.storage, anchors)
+        bad = summary["invalid_files"]
+    else:
+        bad, summary = [], {"files": len(targets)}
+        for t in targets:
+            v = provenance.verify_file(t, cfg.storage, anchors)
+            bad += [] if v["ok"] else [v]
+        summary.update(valid=len(targets) - len(bad), invalid=len(bad), invalid_files=bad)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for v in bad:
+            click.echo(f"INVALID {v['uri']}: {v['why']}")
+        click.echo(f"{summary['files']} files checked: {summary['valid']} valid, {summary['invalid']} invalid"
+                   + ("" if anchors else " (no trust anchors given: signers are not checked against a root)"))
+    if bad:
+        sys.exit(1)
 
 
 @cli.group(context_settings=CONTEXT)

@@ -116,6 +116,34 @@ class OutputConfig(_Section):
     )
 
 
+class ProvenanceConfig(_Section):
+    c2pa: Literal["off", "sign"] = Field(
+        "off", description="sign: embed a signed C2PA manifest (Content Credentials) in every derivative with a "
+        "restored face, and in its access copy.",
+    )
+    cert_chain: str | None = Field(
+        None, description="Signing certificate chain (PEM, end-entity first): a path, an s3:// URI or env:NAME.",
+    )
+    private_key: str | None = Field(
+        None, description="The signing key (PEM): a path, an s3:// URI or env:NAME. Read into memory only; never "
+        "logged or recorded.",
+    )
+    alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = Field(
+        "es256", description="Signature algorithm; must match the key (es*: EC, ps*: RSA, ed25519).",
+    )
+    tsa_url: str | None = Field(None, description="RFC 3161 timestamp authority URL (none offline).")
+    trust_anchors: str | None = Field(
+        None, description="PEM bundle of trusted roots for `verify`: a path, an s3:// URI or env:NAME.",
+    )
+
+    @field_validator("cert_chain", "private_key", "trust_anchors")
+    @classmethod
+    def _reference_not_material(cls, v: str | None) -> str | None:
+        if v and "-----BEGIN" in v:
+            raise ValueError("give a path, an s3:// URI or env:NAME, not the PEM itself (settings are recorded)")
+        return v
+
+
 class StorageConfig(_Section):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, Ceph). None: AWS.")
     retries: int = Field(
@@ -171,6 +199,7 @@ class RunConfig(_Section):
     output: OutputConfig = OutputConfig()
     storage: StorageConfig = StorageConfig()
     cluster: ClusterConfig = ClusterConfig()
+    provenance: ProvenanceConfig = ProvenanceConfig()
     weights_dir: str | None = Field(None, description="Folder or s3:// prefix holding the model files.")
     allow_download: bool = Field(True, description="Download missing weights from their official URL when online.")
     untrained: bool = Field(False, description="Smoke tests only: seeded random weights for missing model files.")
@@ -201,6 +230,8 @@ class RunConfig(_Section):
             "max_pixels": self.input.max_pixels,
             "weights": dict(sorted(weight_hashes.items())),
         }
+        if self.provenance.c2pa != "off":  # signed files differ from unsigned ones; the key does not matter here
+            relevant["provenance"] = self.provenance.model_dump(include={"c2pa", "alg"})
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -306,4 +337,5 @@ def load_config(
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"setting {where!r}: {first['msg']} (got {first.get('input')!r})") from None
+        got = "" if where.startswith("provenance.") else f" (got {first.get('input')!r})"  # may be key material
+        raise ConfigError(f"setting {where!r}: {first['msg']}{got}") from None

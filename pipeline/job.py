@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, layout, ledger, resume, runs, storage, weights
+from . import __version__, layout, ledger, provenance, resume, runs, storage, weights
 from .config import ClusterConfig, RunConfig
 from .errors import ConfigError, StorageError
 from .manifest import Manifest, read_manifest
@@ -71,6 +71,7 @@ class Preflight:
     resolved: dict[str, weights.Resolved]
     fingerprint: str
     untrained: bool
+    signing: provenance.Material | None = None
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -104,11 +105,14 @@ def _probe_output(out: str, run_id: str, cfg: RunConfig) -> None:
 
 
 def preflight(cfg: RunConfig, run_id: str, manifest: Manifest) -> Preflight:
-    """The checks that need the lease held: an input readable, the weights found and hashed."""
+    """The checks that need the lease held: an input readable, the weights found and hashed, the signing
+    material usable."""
     _probe_input(manifest, cfg)
+    signing = provenance.load(cfg.provenance, cfg.storage)
     resolved = weights.resolve_all(cfg)
     hashes = {name: r.sha256 for name, r in resolved.items()}
-    return Preflight(manifest, resolved, cfg.fingerprint(hashes), any(r.untrained for r in resolved.values()))
+    return Preflight(manifest, resolved, cfg.fingerprint(hashes), any(r.untrained for r in resolved.values()),
+                     signing)
 
 
 def _software(cfg: RunConfig, pre: Preflight) -> str:
@@ -202,7 +206,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         compose_and_record, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
                                        "untrained": pre.untrained, "passthrough": passthrough,
                                        "software": _software(cfg, pre), "fence": lease.fence(),
-                                       "input_folders": input_folders},
+                                       "input_folders": input_folders, "provenance": pre.signing},
         batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus)
     last = time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -256,7 +260,8 @@ def run(cfg: RunConfig) -> dict:
             log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives "
                         "are NOT restorations and every result row says untrained=true", run_id)
         record.update(fingerprint=pre.fingerprint, untrained=pre.untrained, versions=_versions(),
-                      weights={n: r.describe() for n, r in pre.resolved.items()})
+                      weights={n: r.describe() for n, r in pre.resolved.items()},
+                      signing=pre.signing.describe() if pre.signing else None)
         torn: list[str] = []
         results = resume.load_for_planning(out, cfg.storage, torn=torn)
         if torn:  # we hold the lease: no live run can be writing them

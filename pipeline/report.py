@@ -8,7 +8,7 @@ import html
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import ledger, resume, runs, storage
+from . import ledger, provenance, resume, runs, storage
 from .config import StorageConfig
 
 
@@ -25,7 +25,8 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
     """Counts over the latest row per image; with a manifest (and fingerprint), what remains to do.
     ``results``: the ledger when the caller already loaded it (with at least the ledger columns and n_faces)."""
     if results is None:
-        results = ledger.load_results(output_root, cfg, columns=ledger.LEDGER_COLUMNS + ["n_faces", "run_id"])
+        results = ledger.load_results(output_root, cfg, columns=ledger.LEDGER_COLUMNS + ["n_faces", "run_id",
+                                                                                      "c2pa_signed"])
     latest = resume.latest_rows(results)
     out = {
         "output": output_root,
@@ -35,6 +36,9 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
         "faces": int(pc.sum(latest["n_faces"]).as_py() or 0) if latest.num_rows else 0,
         "runs": [{k: r.get(k) for k in ("run_id", "state", "fingerprint", "started_at", "finished_at", "summary")}
                  for r in runs.read_records(output_root, cfg)],
+        "signed": int(pc.sum(pc.cast(pc.fill_null(latest["c2pa_signed"], False), pa.int64())).as_py() or 0)
+        if latest.num_rows and "c2pa_signed" in latest.column_names else 0,
+        "verification": provenance.last_verification(output_root, cfg),
     }
     if manifest is not None:
         # Without a fingerprint from the caller, "current" means: made with the latest run's settings.
@@ -67,6 +71,9 @@ def render_html(output_root: str, cfg: StorageConfig) -> str:
     flagged = flagged_faces(results)
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in st["by_status"].items())
+    last = st["verification"]
+    verified = (f"; last verified {esc(last['verified_at'][:19])}: {last['valid']} valid, {last['invalid']} invalid"
+                if last else "")
     runs = "".join(
         f"<tr><td>{esc(str(r['run_id']))}</td><td>{esc(str(r.get('state')))}</td>"
         f"<td>{esc(str((r.get('summary') or {}).get('images', '')))}</td>"
@@ -80,6 +87,7 @@ def render_html(output_root: str, cfg: StorageConfig) -> str:
 <h1>archive-restore: {esc(output_root)}</h1>
 <p>{st['images']} images, {st['faces']} faces, {st['result_rows']} result rows over {len(st['runs'])} runs.</p>
 <h2>Images by status (latest result per image)</h2><table>{rows}</table>
+<p>{st['signed']} derivatives carry signed Content Credentials (C2PA){verified}.</p>
 <h2>Runs</h2><table><tr><th>run</th><th>state</th><th>images</th><th>images/s</th></tr>{runs}</table>
 <h2>Faces flagged by identity QA ({len(flagged)})</h2>
 <table><tr><th>image</th><th>face</th><th>similarity</th><th>action</th><th></th><th></th></tr>{faces}</table>

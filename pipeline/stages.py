@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 import time
 from datetime import datetime, timezone
 from typing import Union
@@ -26,6 +27,7 @@ from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .identity import arcface_matrix
 from .errors import Fenced
+from .provenance import MIME
 from .restorer import FaceRestorer
 from .schema import FACE_TYPE, RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
 
@@ -285,6 +287,14 @@ class Restore:
         return _binary_column(out.faces.reshape(-1), todo, [n * FACE_BYTES for n in counts], num_rows)
 
 
+# Formats whose files can carry Content Credentials (c2pa-python): JPEG, PNG, TIFF, WebP.
+SIGNABLE = set(MIME)
+
+
+class SigningFailed(Exception):
+    pass
+
+
 class Compose:
     """Paste restored faces back, encode, write the derivative, and emit the result row. CPU task.
 
@@ -294,7 +304,7 @@ class Compose:
 
     def __init__(self, cfg: RunConfig, run_id: str, fingerprint: str, untrained: bool,
                  passthrough: pa.Schema | None = None, software: str | None = None, fence=None,
-                 input_folders: np.ndarray | None = None):
+                 input_folders: np.ndarray | None = None, provenance=None):
         self.cfg, self.run_id, self.fingerprint, self.untrained = cfg, run_id, fingerprint, untrained
         # Written into every derivative that had a face restored, next to the AI-edit label.
         self.software = software or f"archive-restore {__version__}; {cfg.restore.model}"
@@ -303,6 +313,8 @@ class Compose:
         self.access_root = storage.join(cfg.output.root, "access")
         self.guard = WriteGuard(cfg.output.root, input_folders)
         self.fence = fence
+        self.provenance = provenance  # provenance.Material: sign restored derivatives (None: do not)
+        self._signer = None
 
     def __call__(self, batch: Batch) -> pa.Table:
         rows = _rows(batch)
@@ -321,7 +333,7 @@ class Compose:
         the image's suffix keeps the name apart from every other image's, see keys.written_name)."""
         return keys.written_name(row["output_key"], row["image_id"], fmt, self.cfg.output.format)
 
-    def _write_access_copy(self, row: dict, master, restored: bool) -> None:
+    def _write_access_copy(self, row: dict, master, restored: bool, parent: tuple[bytes, str, str, str]) -> None:
         """A small 8-bit JPEG for browsing and the web; the derivative stays the archival master copy."""
         o = self.cfg.output
         px = imageio.to8(master)
@@ -332,9 +344,28 @@ class Compose:
         data = imageio.encode(px, ".jpg", o.access_quality)
         data, _ = metadata.carry(row["src_bytes"], data, "JPEG", restored=restored, software=self.software)
         name = keys.derivative_key(row["output_key"], "JPEG")
+        if restored and self.provenance is not None:  # its parent: the derivative, as written
+            data = self._sign(row, data, "JPEG", name, parent)
         uri = storage.join(self.access_root, name)
         self._write(uri, "access", data, row)
         row.update(access_uri=uri, access_name=name)
+
+    def _sign(self, row: dict, data: bytes, fmt: str, name: str, parent: tuple[bytes, str, str, str]) -> bytes:
+        """``data`` with its Content Credentials (see provenance.py); the last edit before the write."""
+        from . import provenance
+
+        faces = [{"box": dict(zip(("x1", "y1", "x2", "y2"), f["bbox"])),  # master pixels
+                  **{k: f.get(k) for k in ("identity_similarity", "qa", "action")}} for f in row["_faces"]]
+        facts = {"image_id": row["image_id"], "run_id": self.run_id, "fingerprint": self.fingerprint,
+                 "master_sha256": row["src_sha256"], "software": self.software, "faces": faces}
+        parent_bytes, parent_name, parent_fmt, parent_sha256 = parent
+        try:
+            if self._signer is None:
+                self._signer = provenance.Signer(self.provenance, self.software)
+            return self._signer.sign(data, fmt, posixpath.basename(name), parent_bytes, parent_name, parent_fmt,
+                                     facts, parent_sha256)
+        except Exception as e:  # never an unsigned file that the run says is signed: the image fails instead
+            raise SigningFailed(f"C2PA signing failed: {type(e).__name__}: {e}") from None
 
     def _master(self, row: dict) -> None:
         """The master's bytes into ``row``: carried from DecodeDetect, or read again and checked against the
@@ -367,6 +398,8 @@ class Compose:
                 row.update(output_uri=uri, output_name=name, out_sha256=row["src_sha256"])
         except imageio.DecodeError as e:
             _error(row, Status.DECODE_ERROR, str(e))
+        except SigningFailed as e:
+            _error(row, Status.WRITE_ERROR, str(e))
         except Fenced:
             raise  # fenced: this run lost its output; nothing of it may be written or recorded
         except Exception as e:  # OSError, ValueError, an encoder's cv2.error, exiv2's RuntimeError, ...
@@ -381,7 +414,7 @@ class Compose:
                         for f in faces]
         if not written and row["status"] != Status.NO_FACE.value:
             # An error row describes no derivative; the names of files it did write stay (claimed, see keys.py).
-            row.update(output_uri=None, out_sha256=None, access_uri=None)
+            row.update(output_uri=None, out_sha256=None, access_uri=None, c2pa_signed=None)
         t0 = row.pop("_t0", None)
         row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
                    compose_s=time.perf_counter() - t0 if t0 else None, finished_at=datetime.now(timezone.utc))
@@ -401,14 +434,21 @@ class Compose:
         restored_any = any(f.get("action") == "restored" for f in faces)
         data, note = metadata.carry(row["src_bytes"], data, fmt, restored=restored_any, software=self.software,
                                     copy_icc=not img.cmyk)
+        name = self._out_name(row, fmt)
+        if restored_any and self.provenance is not None:
+            if fmt in SIGNABLE:
+                data = self._sign(row, data, fmt, name, (row["src_bytes"], posixpath.basename(row["uri"]),
+                                                         row["src_format"], row["src_sha256"]))
+                row["c2pa_signed"] = True
+            else:
+                note = "; ".join(x for x in (note, f"no Content Credentials: {fmt} cannot carry them") if x)
         if note:
             row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
-        name = self._out_name(row, fmt)
         uri = storage.join(self.images_root, name)
         self._write(uri, "images", data, row)
         row.update(output_uri=uri, output_name=name, out_sha256=hashlib.sha256(data).hexdigest())
         if self.cfg.output.access_copy:
-            self._write_access_copy(row, master, restored_any)
+            self._write_access_copy(row, master, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]))
 
 
 def compose_batch(batch: Batch, **kwargs) -> pa.Table:

@@ -26,3 +26,11 @@ def test_gfpgan_throughput_runs_every_row():
     # Numbers, whatever this machine's speed: a slow or loaded runner may print 0.000 and must still pass.
     assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
     assert "measured just now" in r.stdout  # the roofline is this device's, measured, not a quoted figure
+
+
+def test_sign_cost_prints_its_figures():
+    r = subprocess.run([sys.executable, "bench/sign_cost.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
+    assert set(figures) == {"sign_ms_1mp", "sign_ms_12mp"}
+    assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures

@@ -17,7 +17,7 @@ from pipeline.cli import cli
 from conftest import REPO, free_port, test_overrides, wait_for_port
 
 COMMANDS = [[], ["run"], ["manifest"], ["status"], ["report"], ["models"], ["models", "list"],
-            ["models", "download"], ["models", "verify"], ["demo"]]
+            ["models", "download"], ["models", "verify"], ["demo"], ["verify"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "group")

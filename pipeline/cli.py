@@ -184,8 +184,13 @@ def status(output: str, manifest: str | None, as_json: bool, config_path: str | 
         click.echo(f"  {k:<14}{v}")
     if st.get("signed"):
         last = st.get("verification")
+        runs_done = [r.get("finished_at") for r in st["runs"] if r.get("finished_at")]
+        stale = last and runs_done and max(runs_done) > last["verified_at"]
         click.echo(f"  signed        {st['signed']} derivatives with Content Credentials"
-                   + (f"; last verify {last['verified_at'][:19]}: {last['valid']} valid, {last['invalid']} invalid"
+                   + (f"; last verify {last['verified_at'][:19]} ("
+                      + ("against trust anchors" if last.get("trust_anchors") else "no trust anchors")
+                      + (", before the latest run" if stale else "")
+                      + f"): {last['valid']} valid, {last['invalid']} invalid"
                       if last else "; not verified yet (archive-restore verify)"))
     if "against_manifest" in st:
         click.echo("  against manifest: " + ", ".join(f"{k} {v}" for k, v in st["against_manifest"].items()))

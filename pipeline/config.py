@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,6 +117,18 @@ class OutputConfig(_Section):
     )
 
 
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{40,}")
+
+
+def looks_like_material(value: object) -> bool:
+    """PEM text, or a long base64 run of mixed case and digits (a key's body without its BEGIN line; a hex
+    digest in a path is not one): never to be echoed or recorded."""
+    text = str(value)
+    runs = _BASE64_RUN.findall(text)
+    return "BEGIN" in text or "\n" in text or any(
+        re.search("[A-Z]", r) and re.search("[a-z]", r) and re.search("[0-9]", r) for r in runs)
+
+
 class ProvenanceConfig(_Section):
     c2pa: Literal["off", "sign"] = Field(
         "off", description="sign: embed a signed C2PA manifest (Content Credentials) in every derivative with a "
@@ -139,7 +152,7 @@ class ProvenanceConfig(_Section):
     @field_validator("cert_chain", "private_key", "trust_anchors")
     @classmethod
     def _reference_not_material(cls, v: str | None) -> str | None:
-        if v and "-----BEGIN" in v:
+        if v and looks_like_material(v):
             raise ValueError("give a path, an s3:// URI or env:NAME, not the PEM itself (settings are recorded)")
         return v
 
@@ -230,8 +243,8 @@ class RunConfig(_Section):
             "max_pixels": self.input.max_pixels,
             "weights": dict(sorted(weight_hashes.items())),
         }
-        if self.provenance.c2pa != "off":  # signed files differ from unsigned ones; the key does not matter here
-            relevant["provenance"] = self.provenance.model_dump(include={"c2pa", "alg"})
+        if self.provenance.c2pa != "off":  # signed files differ; which key or algorithm signs does not redo GFP-GAN
+            relevant["provenance"] = self.provenance.c2pa
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -337,5 +350,5 @@ def load_config(
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
-        got = "" if where.startswith("provenance.") else f" (got {first.get('input')!r})"  # may be key material
+        got = "" if looks_like_material(first.get("input")) else f" (got {first.get('input')!r})"
         raise ConfigError(f"setting {where!r}: {first['msg']}{got}") from None

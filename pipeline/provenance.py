@@ -40,6 +40,8 @@ AI_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTr
 # Extended key usages the C2PA trust model accepts for a claim signer.
 _EKU_OK = {"1.3.6.1.5.5.7.3.4": "emailProtection", "1.3.6.1.5.5.7.3.36": "documentSigning",
            "1.3.6.1.4.1.62558.2.1": "c2pa claimSigning"}
+_EKU_FORBIDDEN = {"2.5.29.37.0": "anyExtendedKeyUsage", "1.3.6.1.5.5.7.3.8": "timeStamping",
+                  "1.3.6.1.5.5.7.3.9": "OCSPSigning"}
 # The library's own settings: no thumbnails (they added ~160 KB to every file, measured), as we carry the
 # master's look in the derivative itself.
 _SETTINGS = {"builder": {"thumbnail": {"enabled": False}}}
@@ -51,11 +53,13 @@ class ProvenanceError(ConfigError):
 
 @dataclass
 class Material:
-    """The signing material, in memory only; its repr never shows the key."""
-    chain: bytes
+    """The signing material, in memory only; its repr shows neither the key nor the chain. ``chain`` holds
+    certificates only (rebuilt from the parsed chain), ``key`` is PKCS#8."""
+    chain: bytes = field(repr=False)
     key: bytes = field(repr=False)
     alg: str = "es256"
     tsa_url: str | None = None
+    anchors: bytes | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
         """What a run record may say of it: the certificate, never the key."""
@@ -66,9 +70,26 @@ class Material:
                 "not_after": leaf.not_valid_after_utc.isoformat(), "serial": str(leaf.serial_number),
                 "chain_sha256": hashlib.sha256(self.chain).hexdigest(), "tsa_url": self.tsa_url}
 
+    def not_after(self) -> dt.datetime:
+        from cryptography import x509
+
+        return min(c.not_valid_after_utc for c in x509.load_pem_x509_certificates(self.chain))
+
+    def redact(self, text: str) -> str:
+        """``text`` with any line of the key's PEM body (or its hex) replaced: for messages of other libraries."""
+        body = [ln for ln in self.key.decode(errors="ignore").splitlines() if ln and not ln.startswith("-----")]
+        for piece in body + [self.key.hex()[i:i + 32] for i in range(0, len(self.key.hex()), 32)]:
+            if len(piece) >= 16 and piece in text:
+                text = text.replace(piece, "<redacted>")
+        return text
+
+
+class SigningExpired(Exception):
+    """The signing certificate expired during the run: every image left would fail the same way."""
+
 
 def read_reference(ref: str, cfg: StorageConfig, what: str) -> bytes:
-    """A path, an s3:// URI or ``env:NAME``; the error names the reference, never the content."""
+    """A path, an s3:// URI or ``env:NAME`` (settings refuse anything that looks like key material)."""
     if ref.startswith("env:"):
         value = os.environ.get(ref[4:])
         if not value:
@@ -89,10 +110,40 @@ def load(cfg: ProvenanceConfig, storage_cfg: StorageConfig) -> Material | None:
     if not cfg.cert_chain or not cfg.private_key:
         raise ProvenanceError("provenance.c2pa=sign needs provenance.cert_chain and provenance.private_key "
                               "(paths, s3:// URIs or env:NAME)")
-    m = Material(read_reference(cfg.cert_chain, storage_cfg, "provenance.cert_chain"),
-                 read_reference(cfg.private_key, storage_cfg, "provenance.private_key"), cfg.alg, cfg.tsa_url)
+    anchors = read_reference(cfg.trust_anchors, storage_cfg, "provenance.trust_anchors") if cfg.trust_anchors else None
+    m = _parse(read_reference(cfg.cert_chain, storage_cfg, "provenance.cert_chain"),
+               read_reference(cfg.private_key, storage_cfg, "provenance.private_key"), cfg.alg, cfg.tsa_url, anchors)
     check(m)
     return m
+
+
+def _parse(chain_pem: bytes, key_pem: bytes, alg: str, tsa_url: str | None, anchors: bytes | None) -> Material:
+    """Certificates only in the chain (a key block there would be embedded in every signed file), and the
+    key in PKCS#8 whatever PEM form it came in (SEC1 "EC PRIVATE KEY", PKCS#1 "RSA PRIVATE KEY")."""
+    import re
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    labels = set(re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", chain_pem))
+    if labels - {b"CERTIFICATE"}:
+        raise ProvenanceError("provenance.cert_chain holds more than certificates ("
+                              + ", ".join(sorted(x.decode() for x in labels - {b"CERTIFICATE"}))
+                              + "): keep the key in its own file, or it would be embedded in every signed file")
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as e:
+        raise ProvenanceError(f"provenance.cert_chain is not a PEM certificate chain ({e})") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        # The exception text of a key parser could quote the key: only its type is said.
+        raise ProvenanceError(f"provenance.private_key is not an unencrypted PEM private key ({type(e).__name__})") \
+            from None
+    pem = serialization.Encoding.PEM
+    return Material(b"".join(c.public_bytes(pem) for c in certs),
+                    key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+                    alg, tsa_url, anchors)
 
 
 def check(m: Material, now: dt.datetime | None = None) -> None:
@@ -102,35 +153,45 @@ def check(m: Material, now: dt.datetime | None = None) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
     now = now or dt.datetime.now(dt.timezone.utc)
-    try:
-        chain = x509.load_pem_x509_certificates(m.chain)
-    except ValueError as e:
-        raise ProvenanceError(f"provenance.cert_chain is not a PEM certificate chain ({e})") from None
-    try:
-        key = serialization.load_pem_private_key(m.key, password=None)
-    except (ValueError, TypeError) as e:
-        # The exception text of a key parser could quote the key: only its type is said.
-        raise ProvenanceError(f"provenance.private_key is not an unencrypted PEM private key ({type(e).__name__})") \
-            from None
+    chain = x509.load_pem_x509_certificates(m.chain)
+    key = serialization.load_pem_private_key(m.key, password=None)
     for cert in chain:
         name = cert.subject.rfc4514_string()
         if now > cert.not_valid_after_utc:
             raise ProvenanceError(f"certificate {name} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
         if now < cert.not_valid_before_utc:
             raise ProvenanceError(f"certificate {name} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
+    for child, parent in zip(chain, chain[1:]):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, Exception) as e:
+            raise ProvenanceError(f"provenance.cert_chain is out of order or incomplete: {child.subject.rfc4514_string()}"
+                                  f" is not issued by the next certificate, {parent.subject.rfc4514_string()} "
+                                  f"({type(e).__name__}); give the chain end-entity first, each issued by the next")
     leaf = chain[0]
-    same = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, same) != \
-            leaf.public_key().public_bytes(serialization.Encoding.DER, same):
-        raise ProvenanceError(f"provenance.private_key is not the key of certificate {leaf.subject.rfc4514_string()} "
+    name = leaf.subject.rfc4514_string()
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+            leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise ProvenanceError(f"provenance.private_key is not the key of certificate {name} "
                               "(the first certificate of the chain)")
+    try:
+        if not leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature:
+            raise ProvenanceError(f"certificate {name}: its key usage does not include digitalSignature")
+    except x509.ExtensionNotFound:
+        raise ProvenanceError(f"certificate {name} has no key usage extension; C2PA needs digitalSignature") from None
     try:
         eku = {u.dotted_string for u in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value}
     except x509.ExtensionNotFound:
         eku = set()
     if not eku & set(_EKU_OK):
-        raise ProvenanceError(f"certificate {leaf.subject.rfc4514_string()} lacks an extended key usage that C2PA "
-                              f"accepts for signing ({', '.join(_EKU_OK.values())})")
+        raise ProvenanceError(f"certificate {name} lacks an extended key usage that C2PA accepts for signing "
+                              f"({', '.join(_EKU_OK.values())})")
+    forbidden = eku & set(_EKU_FORBIDDEN)
+    if forbidden:
+        raise ProvenanceError(f"certificate {name} also has extended key usage "
+                              f"{', '.join(_EKU_FORBIDDEN[u] for u in sorted(forbidden))}, which C2PA refuses for a "
+                              "claim signer")
     kinds = {"es256": (ec.EllipticCurvePrivateKey, "secp256r1"), "es384": (ec.EllipticCurvePrivateKey, "secp384r1"),
              "es512": (ec.EllipticCurvePrivateKey, "secp521r1"), "ed25519": (ed25519.Ed25519PrivateKey, None)}
     kinds.update({f"ps{n}": (rsa.RSAPrivateKey, None) for n in (256, 384, 512)})
@@ -138,17 +199,23 @@ def check(m: Material, now: dt.datetime | None = None) -> None:
     if not isinstance(key, want) or (curve and key.curve.name != curve):
         raise ProvenanceError(f"provenance.alg={m.alg} does not fit the key ({type(key).__name__.replace('_', '')}"
                               f"{' ' + key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else ''})")
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
+        raise ProvenanceError(f"the RSA key has {key.key_size} bits; C2PA needs at least 2048")
+    left = m.not_after() - now
+    if left < dt.timedelta(days=7):
+        log.warning("the signing certificate chain expires in %s (%s): a run that outlasts it stops there",
+                    str(left).split(".")[0], m.not_after().isoformat())
     try:  # whatever else the library would refuse, find it now rather than on the first derivative
-        Signer(m, "archive-restore preflight").sign(_tiny_jpeg(), "JPEG", "preflight.jpg", _tiny_jpeg(),
-                                                    "preflight.jpg", "JPEG", {"preflight": True})
+        trial = Signer(m, "archive-restore preflight").sign(_tiny_jpeg(), "JPEG", "preflight.jpg", _tiny_jpeg(),
+                                                            "preflight.jpg", "JPEG", {"preflight": True})
     except Exception as e:
         raise ProvenanceError(f"the C2PA library cannot sign with this material: {type(e).__name__}: "
-                              f"{_safe(e, m)}") from None
-
-
-def _safe(e: Exception, m: Material) -> str:
-    text = str(e)
-    return "(message withheld: it quoted the key)" if m.key.decode(errors="ignore").strip()[40:80] in text else text
+                              f"{m.redact(str(e))}") from None
+    v = verify(trial, "JPEG", m.anchors)
+    if not v.ok:
+        raise ProvenanceError("a trial signature does not verify"
+                              + (" against provenance.trust_anchors" if m.anchors else "")
+                              + f" ({v.state}: {', '.join(v.failures)}): check the chain and the anchors")
 
 
 def _tiny_jpeg() -> bytes:
@@ -164,13 +231,16 @@ class Signer:
     def __init__(self, m: Material, software: str):
         import c2pa
 
-        self.c2pa, self.software = c2pa, software
+        self.c2pa, self.software, self.expires = c2pa, software, m.not_after()
         self.signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(m.alg.encode(), m.chain, m.key, m.tsa_url))
         self.context = c2pa.Context.from_dict(_SETTINGS)
 
     def sign(self, data: bytes, fmt: str, title: str, parent: bytes, parent_title: str, parent_fmt: str,
              facts: dict, parent_sha256: str | None = None) -> bytes:
         """``data`` (a finished ``fmt`` file) with a manifest whose parent ingredient is ``parent``."""
+        if dt.datetime.now(dt.timezone.utc) >= self.expires:
+            raise SigningExpired(f"the signing certificate chain expired at {self.expires.isoformat()} during the "
+                                 "run; renew it and run again (the images done so far are recorded)")
         manifest = {
             "claim_generator_info": [{"name": "archive-restore", "version": __version__}],
             "title": title, "format": MIME[fmt],
@@ -211,6 +281,7 @@ class Verdict:
     actions: list[str]
     facts: dict | None
     anchored: bool = False         # trust anchors were given: the signer must chain to one
+    signer_serial: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -242,7 +313,7 @@ def verify(data: bytes, fmt: str, trust_anchors: bytes | None = None) -> Verdict
     actions = [a.get("action") for a in (assertions.get("c2pa.actions.v2") or assertions.get("c2pa.actions")
                                          or {}).get("actions", [])]
     return Verdict(state, failures, (parent.get("metadata") or {}).get(SHA256_KEY), actions, assertions.get(ASSERTION),
-                   bool(trust_anchors))
+                   bool(trust_anchors), (manifest.get("signature_info") or {}).get("cert_serial_number"))
 
 
 def format_of(name: str) -> str | None:
@@ -251,45 +322,64 @@ def format_of(name: str) -> str | None:
     return EXTENSIONS.get(os.path.splitext(name)[1].lower())
 
 
-def verify_file(uri: str, cfg: StorageConfig, anchors: bytes | None, parent_sha256: str | None = None) -> dict:
-    """One file's verdict as a row for the summary; ``parent_sha256``: what its parent ingredient must say."""
+def verify_file(uri: str, cfg: StorageConfig, anchors: bytes | None, expect: dict | None = None) -> dict:
+    """One file's verdict as a row for the summary. ``expect`` (from the result row and its run record):
+    ``sha256`` of the file, the ``parent_sha256`` its parent ingredient must name, the ``run_id`` and
+    ``image_id`` its facts must name, the ``serial`` of the certificate that signed the run."""
     fmt = format_of(uri)
     if fmt not in MIME:
         return {"uri": uri, "ok": False, "why": "not a format that carries Content Credentials"}
     try:
-        v = verify(storage.read_bytes(uri, cfg), fmt, anchors)
+        data = storage.read_bytes(uri, cfg)
+        v = verify(data, fmt, anchors)
     except Exception as e:
         return {"uri": uri, "ok": False, "why": f"cannot read: {type(e).__name__}: {e}"}
+    e = expect or {}
+    facts = v.facts or {}
     why = None
     if not v.ok:
         why = f"{v.state or 'no manifest'}: {', '.join(v.failures) or 'not trusted'}"
-    elif parent_sha256 and v.parent_sha256 != parent_sha256:
-        why = f"parent ingredient sha256 {v.parent_sha256} is not the recorded {parent_sha256}"
+    elif e.get("sha256") and hashlib.sha256(data).hexdigest() != e["sha256"]:
+        why = "its bytes are not those the result row recorded"
+    elif e.get("parent_sha256") and v.parent_sha256 != e["parent_sha256"]:
+        why = f"parent ingredient sha256 {v.parent_sha256} is not the recorded {e['parent_sha256']}"
+    elif expect is not None and v.actions != ["c2pa.opened", "c2pa.edited"]:
+        why = f"actions {v.actions} are not opened then edited"
+    elif any(e.get(k) and facts.get(k) != e[k] for k in ("run_id", "image_id")):
+        why = f"its facts name run {facts.get('run_id')} / image {facts.get('image_id')}, not the row's"
+    elif e.get("serial") and v.signer_serial != e["serial"]:
+        why = f"signed by certificate serial {v.signer_serial}, not the run's ({e['serial']})"
     return {"uri": uri, "ok": why is None, "state": v.state, "why": why}
 
 
 def verify_output(output_root: str, cfg: StorageConfig, anchors: bytes | None) -> dict:
-    """Every signed derivative and access copy of an output's latest results: signature, hard binding, and
-    the parent ingredient's sha256 against the row (the master's for a derivative, the derivative's for its
-    access copy). The summary is also written to ``_verify/latest.json`` for ``status`` and ``report``."""
+    """Every signed derivative and access copy of an output's latest results: signature, hard binding, the
+    bytes against the row, the parent ingredient's sha256 (the master's for a derivative, the derivative's
+    for its access copy), the actions, the facts' run and image, and the signer against the run record's
+    certificate. The summary is also written to ``_verify/latest.json`` for ``status`` and ``report``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.compute as pc
 
     from .ledger import load_results
     from .resume import latest_rows
+    from .runs import read_records
 
-    cols = ["image_id", "status", "finished_at", "output_uri", "access_uri", "src_sha256", "out_sha256", "c2pa_signed"]
+    cols = ["image_id", "run_id", "status", "finished_at", "output_uri", "access_uri", "src_sha256", "out_sha256",
+            "access_sha256", "c2pa_signed"]
     rows = latest_rows(load_results(output_root, cfg, columns=cols))
     if rows.num_rows and "c2pa_signed" in rows.column_names:
         rows = rows.filter(pc.fill_null(rows["c2pa_signed"], False))
     else:
         rows = rows.slice(0, 0)
+    serials = {r["run_id"]: (r.get("signing") or {}).get("serial") for r in read_records(output_root, cfg)}
     jobs = []
     for r in rows.to_pylist():
-        jobs.append((r["output_uri"], r["src_sha256"]))
+        common = {"run_id": r["run_id"], "image_id": r["image_id"], "serial": serials.get(r["run_id"])}
+        jobs.append((r["output_uri"], {**common, "sha256": r["out_sha256"], "parent_sha256": r["src_sha256"]}))
         if r.get("access_uri"):
-            jobs.append((r["access_uri"], r["out_sha256"]))
+            jobs.append((r["access_uri"], {**common, "sha256": r.get("access_sha256"),
+                                           "parent_sha256": r["out_sha256"]}))
     with ThreadPoolExecutor(8) as pool:
         verdicts = list(pool.map(lambda j: verify_file(j[0], cfg, anchors, j[1]), jobs))
     invalid = [v for v in verdicts if not v["ok"]]

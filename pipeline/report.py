@@ -72,8 +72,9 @@ def render_html(output_root: str, cfg: StorageConfig) -> str:
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in st["by_status"].items())
     last = st["verification"]
-    verified = (f"; last verified {esc(last['verified_at'][:19])}: {last['valid']} valid, {last['invalid']} invalid"
-                if last else "")
+    verified = (f"; last verified {esc(last['verified_at'][:19])} "
+                f"({'against trust anchors' if last.get('trust_anchors') else 'no trust anchors'}): "
+                f"{last['valid']} valid, {last['invalid']} invalid" if last else "; not verified yet")
     runs = "".join(
         f"<tr><td>{esc(str(r['run_id']))}</td><td>{esc(str(r.get('state')))}</td>"
         f"<td>{esc(str((r.get('summary') or {}).get('images', '')))}</td>"

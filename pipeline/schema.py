@@ -46,6 +46,7 @@ RESULT_SCHEMA = pa.schema(
         ("output_key", pa.string()),         # the image's key below images/ and access/ (unique, see keys.py)
         ("output_name", pa.string()),        # the file written below images/ (kept on error rows: it exists)
         ("access_name", pa.string()),        # the file written below access/
+        ("access_sha256", pa.string()),      # the access copy's bytes
         ("c2pa_signed", pa.bool_()),         # derivative (and access copy) carry signed Content Credentials
         ("src_sha256", pa.string()),
         ("out_sha256", pa.string()),

@@ -27,7 +27,7 @@ from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .identity import arcface_matrix
 from .errors import Fenced
-from .provenance import MIME
+from .provenance import MIME, SigningExpired
 from .restorer import FaceRestorer
 from .schema import FACE_TYPE, RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
 
@@ -64,7 +64,7 @@ def _each(rows: list[dict], process, status: Status) -> list[dict]:
     for row in rows:
         try:
             out.append(process(row))
-        except Fenced:
+        except (Fenced, SigningExpired):
             raise
         except Exception as e:
             log.exception("unexpected failure on %s", row.get("image_id"))
@@ -344,11 +344,11 @@ class Compose:
         data = imageio.encode(px, ".jpg", o.access_quality)
         data, _ = metadata.carry(row["src_bytes"], data, "JPEG", restored=restored, software=self.software)
         name = keys.derivative_key(row["output_key"], "JPEG")
-        if restored and self.provenance is not None:  # its parent: the derivative, as written
+        if row.get("c2pa_signed"):  # signed exactly when its derivative is; its parent: the derivative
             data = self._sign(row, data, "JPEG", name, parent)
         uri = storage.join(self.access_root, name)
         self._write(uri, "access", data, row)
-        row.update(access_uri=uri, access_name=name)
+        row.update(access_uri=uri, access_name=name, access_sha256=hashlib.sha256(data).hexdigest())
 
     def _sign(self, row: dict, data: bytes, fmt: str, name: str, parent: tuple[bytes, str, str, str]) -> bytes:
         """``data`` with its Content Credentials (see provenance.py); the last edit before the write."""
@@ -364,8 +364,10 @@ class Compose:
                 self._signer = provenance.Signer(self.provenance, self.software)
             return self._signer.sign(data, fmt, posixpath.basename(name), parent_bytes, parent_name, parent_fmt,
                                      facts, parent_sha256)
+        except provenance.SigningExpired:
+            raise  # every image left would fail alike: the run stops, saying why
         except Exception as e:  # never an unsigned file that the run says is signed: the image fails instead
-            raise SigningFailed(f"C2PA signing failed: {type(e).__name__}: {e}") from None
+            raise SigningFailed(self.provenance.redact(f"C2PA signing failed: {type(e).__name__}: {e}")) from None
 
     def _master(self, row: dict) -> None:
         """The master's bytes into ``row``: carried from DecodeDetect, or read again and checked against the
@@ -400,7 +402,7 @@ class Compose:
             _error(row, Status.DECODE_ERROR, str(e))
         except SigningFailed as e:
             _error(row, Status.WRITE_ERROR, str(e))
-        except Fenced:
+        except (Fenced, SigningExpired):
             raise  # fenced: this run lost its output; nothing of it may be written or recorded
         except Exception as e:  # OSError, ValueError, an encoder's cv2.error, exiv2's RuntimeError, ...
             _error(row, Status.WRITE_ERROR, f"cannot write derivative: {type(e).__name__}: {e}")
@@ -414,7 +416,7 @@ class Compose:
                         for f in faces]
         if not written and row["status"] != Status.NO_FACE.value:
             # An error row describes no derivative; the names of files it did write stay (claimed, see keys.py).
-            row.update(output_uri=None, out_sha256=None, access_uri=None, c2pa_signed=None)
+            row.update(output_uri=None, out_sha256=None, access_uri=None, access_sha256=None, c2pa_signed=None)
         t0 = row.pop("_t0", None)
         row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
                    compose_s=time.perf_counter() - t0 if t0 else None, finished_at=datetime.now(timezone.utc))

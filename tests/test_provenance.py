@@ -91,7 +91,8 @@ def test_material_from_env_and_alg_mismatch(tmp_path, monkeypatch):
     pki = make_pki(tmp_path)
     monkeypatch.setenv("TEST_C2PA_KEY", pki["key"].read_text())
     m = _material(pki, **{"provenance.private_key": "env:TEST_C2PA_KEY"})
-    assert m.key == pki["key"].read_bytes() and "key" not in repr(m).replace("Material", "")
+    assert m.key == pki["key"].read_bytes()
+    assert not any(f in repr(m) for f in key_fragments(pki["key"])) and "BEGIN" not in repr(m)
     assert "BEGIN" not in json.dumps(m.describe())
     with pytest.raises(provenance.ProvenanceError, match="does not fit the key"):
         _material(pki, **{"provenance.alg": "ps256"})
@@ -119,7 +120,7 @@ def signed(weights_dir, tmp_path_factory):
     restored = Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))
     rows = Compose(cfg, "run-1", "fp-1", True, software="archive-restore test; GFPGAN sha256:0123",
                    provenance=m)(restored).to_pylist()
-    return rows, pki, master, out
+    return rows, pki, master, out, m, restored, cfg
 
 
 def _with_metadata(jpeg: bytes) -> bytes:
@@ -131,7 +132,7 @@ def _with_metadata(jpeg: bytes) -> bytes:
 
 
 def test_a_restored_derivative_carries_valid_credentials(signed):
-    rows, pki, master, _ = signed
+    rows, pki, master = signed[:3]
     r = rows[0]
     assert r["status"] == "ok" and r["c2pa_signed"] is True
     data = Path(r["output_uri"]).read_bytes()
@@ -310,3 +311,123 @@ def test_material_from_s3(tmp_path, s3_endpoint, s3fs_client):
     assert m.key == pki["key"].read_bytes()
     with pytest.raises(provenance.ProvenanceError, match="s3://keys/missing.pem not found"):
         _material(pki, **{"provenance.private_key": "s3://keys/missing.pem", "storage.s3_endpoint_url": s3_endpoint})
+
+
+def test_a_key_inside_the_chain_file_is_refused_and_never_embedded(tmp_path, signed):
+    pki = make_pki(tmp_path)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki["chain"].read_bytes() + pki["key"].read_bytes())  # cat fullchain.pem privkey.pem
+    with pytest.raises(provenance.ProvenanceError, match="holds more than certificates"):
+        _material(pki, **{"provenance.cert_chain": str(bundle)})
+    pki0, out = signed[1], signed[3]  # the files of a real signing: the secret scalar is in none of them
+    scalar = serialization.load_pem_private_key(pki0["key"].read_bytes(), None).private_numbers().private_value
+    for p in out.rglob("*.*"):
+        assert scalar.to_bytes(32, "big") not in p.read_bytes(), p
+
+
+def test_other_key_formats_are_taken_as_pkcs8(tmp_path):
+    pki = make_pki(tmp_path)
+    key = serialization.load_pem_private_key(pki["key"].read_bytes(), password=None)
+    sec1 = tmp_path / "sec1.pem"  # what `openssl ecparam -genkey` writes
+    sec1.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                       serialization.NoEncryption()))
+    m = _material(pki, **{"provenance.private_key": str(sec1)})
+    assert m.key.startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def _cert(subject, issuer_cert, issuer_key, key, *, ku=True, eku=(ExtendedKeyUsageOID.EMAIL_PROTECTION,)):
+    b = (x509.CertificateBuilder().subject_name(_name(subject))
+         .issuer_name(issuer_cert.subject if issuer_cert else _name(subject))
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=30))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+    if ku:
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+    if eku:
+        b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.mark.parametrize("case,words", [
+    ("other_ca_with_anchors", "does not verify against provenance.trust_anchors"),
+    ("out_of_order", "out of order or incomplete"),
+    ("no_key_usage", "no key usage extension"),
+    ("any_eku", "anyExtendedKeyUsage"),
+    ("rsa_1024", "needs at least 2048"),
+])
+def test_preflight_names_what_is_wrong_with_a_chain(tmp_path, case, words):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pki = make_pki(tmp_path / "good")
+    pem = serialization.Encoding.PEM
+    chain_certs = x509.load_pem_x509_certificates(pki["chain"].read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    extra = {}
+    if case == "other_ca_with_anchors":  # a good chain, but to a root the institution does not trust
+        other = make_pki(tmp_path / "other")
+        with pytest.raises(provenance.ProvenanceError, match=words):
+            _material(other, **{"provenance.trust_anchors": str(pki["ca"])})
+        return
+    elif case == "out_of_order":
+        other = ec.generate_private_key(ec.SECP256R1())
+        certs = [_cert("Signer", chain_certs[1], other, key), chain_certs[1]]  # claims the CA issued it; it did not
+    elif case == "no_key_usage":
+        certs = [_cert("Signer", None, key, key, ku=False)]
+    elif case == "any_eku":
+        certs = [_cert("Signer", None, key, key, eku=(ExtendedKeyUsageOID.EMAIL_PROTECTION,
+                                                     ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE))]
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        certs = [_cert("Signer", None, key, key)]
+        extra["provenance.alg"] = "ps256"
+    (tmp_path / "chain.pem").write_bytes(b"".join(c.public_bytes(pem) for c in certs))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    with pytest.raises(provenance.ProvenanceError, match=words):
+        _material({"chain": tmp_path / "chain.pem", "key": tmp_path / "key.pem"}, **extra)
+
+
+def test_verify_checks_bytes_parent_facts_signer_and_anchors(signed, tmp_path):
+    rows, pki, _, out, m, restored, cfg = signed
+    r = rows[0]
+    expect = {"sha256": r["out_sha256"], "parent_sha256": r["src_sha256"], "run_id": "run-1", "image_id": "face",
+              "serial": m.describe()["serial"]}
+    assert provenance.verify_file(r["output_uri"], StorageConfig(), None, expect)["ok"]
+    assert provenance.verify_file(r["output_uri"], StorageConfig(), pki["ca"].read_bytes(), expect)["ok"]
+    other_ca = make_pki(tmp_path / "other")["ca"].read_bytes()
+    assert not provenance.verify_file(r["output_uri"], StorageConfig(), other_ca, expect)["ok"]
+    wrong = [({**expect, "sha256": "0" * 64}, "bytes are not"), ({**expect, "parent_sha256": "1" * 64}, "parent"),
+             ({**expect, "run_id": "run-2"}, "facts"), ({**expect, "serial": "42"}, "serial")]
+    for e, words in wrong:
+        v = provenance.verify_file(r["output_uri"], StorageConfig(), None, e)
+        assert not v["ok"] and words in v["why"], (e, v)
+    # the access copy's parent is the derivative, not the master
+    v = provenance.verify_file(r["access_uri"], StorageConfig(), None, {**expect, "sha256": r["access_sha256"],
+                                                                          "parent_sha256": r["src_sha256"]})
+    assert not v["ok"] and "parent" in v["why"]
+
+
+def test_a_certificate_that_expires_mid_run_stops_the_run(signed):
+    rows, pki, _, out, m, restored, cfg = signed
+    stage = Compose(cfg, "run-x", "fp", True, provenance=m)
+    stage._signer = provenance.Signer(m, "x")
+    stage._signer.expires = NOW - dt.timedelta(seconds=1)
+    with pytest.raises(provenance.SigningExpired, match="expired"):
+        stage(restored.slice(0, 1))
+
+
+def test_a_bmp_derivative_and_its_access_copy_stay_unsigned_together(weights_dir, tmp_path):
+    import cv2
+
+    pki = make_pki(tmp_path / "pki")
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.bmp"), cv2.imread(str(need(IMAGES / "whole/codeformer_04.jpg"))))
+    cfg = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{
+        "output.access_copy": True, "provenance.c2pa": "sign", "provenance.cert_chain": str(pki["chain"]),
+        "provenance.private_key": str(pki["key"])}), environ={})
+    batch = {"image_id": np.array(["a"], object), "uri": np.array([str(src / "a.bmp")], object)}
+    restored = Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))
+    r = Compose(cfg, "r", "f", True, provenance=provenance.load(cfg.provenance, cfg.storage))(restored).to_pylist()[0]
+    assert r["status"] == "ok" and not r["c2pa_signed"]
+    assert provenance.verify(Path(r["access_uri"]).read_bytes(), "JPEG").state is None

@@ -72,10 +72,7 @@ class Preflight:
     fingerprint: str
     untrained: bool
     signing: provenance.Material | None = None
-
-    @property
-    def hashes(self) -> dict[str, str]:
-        return {name: r.sha256 for name, r in self.resolved.items()}
+    hashes: dict[str, str] | None = None  # weights sha256 by name: in the fingerprint, and what workers must load
 
 
 def _probe_input(manifest: Manifest, cfg: RunConfig, tries: int = 3) -> None:
@@ -112,7 +109,7 @@ def preflight(cfg: RunConfig, run_id: str, manifest: Manifest) -> Preflight:
     resolved = weights.resolve_all(cfg)
     hashes = {name: r.sha256 for name, r in resolved.items()}
     return Preflight(manifest, resolved, cfg.fingerprint(hashes), any(r.untrained for r in resolved.values()),
-                     signing)
+                     signing, hashes)
 
 
 def _software(cfg: RunConfig, pre: Preflight) -> str:
@@ -274,9 +271,7 @@ def run(cfg: RunConfig) -> dict:
         if plan.todo.num_rows:
             keyed = resume.assign_keys(manifest.table.select(["image_id", "uri"]), manifest.root, cfg.output,
                                        resume.claims(results))
-            todo = plan.todo.join(keyed.select(["image_id", "output_key", "key_error"]), "image_id")
-            order = plan.todo.select(["image_id"]).append_column("_o", pa.array(range(plan.todo.num_rows), pa.int64()))
-            todo = todo.join(order, "image_id").sort_by("_o").drop_columns(["_o"])
+            todo = resume.join_keeping_order(plan.todo, keyed.select(["image_id", "output_key", "key_error"]))
             if not cfg.redetect:
                 todo = resume.attach_prior_detections(todo, results, out, cfg.storage)
             del results

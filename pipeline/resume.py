@@ -67,6 +67,13 @@ class Plan:
     counts: dict[str, int]
 
 
+def join_keeping_order(left: pa.Table, right: pa.Table, join_type: str = "left outer") -> pa.Table:
+    """``left`` joined with ``right`` on ``image_id``, in ``left``'s row order: Arrow's hash join does not keep
+    order, and manifest order keeps runs reproducible and logs readable."""
+    order = left.append_column("_o", pa.array(range(left.num_rows), pa.int64()))
+    return order.join(right, "image_id", join_type=join_type).sort_by("_o").drop_columns(["_o"])
+
+
 def _is_in(values, statuses) -> pa.ChunkedArray:
     return pc.is_in(values, value_set=pa.array(sorted(s.value for s in statuses)))
 
@@ -116,11 +123,7 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
     if mode in ("missing", "outdated") and gave_up.num_rows:
         done = pa.concat_tables([done.select(["image_id"]).cast(pa.schema([("image_id", pa.string())])),
                                  gave_up.select(["image_id"]).cast(pa.schema([("image_id", pa.string())]))])
-    todo = manifest.join(done, "image_id", join_type="left anti") if done.num_rows else manifest
-    # Arrow's hash join does not keep order; manifest order keeps runs reproducible and logs readable.
-    if todo is not manifest:
-        order = manifest.select(["image_id"]).append_column("_o", pa.array(range(manifest.num_rows), pa.int64()))
-        todo = todo.join(order, "image_id").sort_by("_o").drop_columns(["_o"])
+    todo = join_keeping_order(manifest, done, "left anti") if done.num_rows else manifest
     counts["todo"] = todo.num_rows
     counts["skipped"] = manifest.num_rows - todo.num_rows
     return Plan(todo, counts)
@@ -175,8 +178,7 @@ def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, 
     lookup = pa.table({"image_id": prior["image_id"], "prior_sha256": prior["src_sha256"],
                        "prior_detect_fp": prior["detect_fingerprint"],
                        "prior_faces_json": pa.array(faces_json, pa.string())})
-    order = todo.append_column("_o", pa.array(range(todo.num_rows), pa.int64()))
-    return order.join(lookup, "image_id", join_type="left outer").sort_by("_o").drop_columns(["_o"])
+    return join_keeping_order(todo, lookup)
 
 
 

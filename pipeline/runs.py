@@ -234,10 +234,10 @@ class Lease:
         while time.monotonic() - t0 < lease_s:
             time.sleep(min(1.0, lease_s / 10))
             now = _read_json(gen_uri(self.output_root, n), self.cfg)
-            if now is None or now.get("state") == "released" or storage.exists(gen_uri(self.output_root, n + 1),
-                                                                                 self.cfg):
-                return now is not None and now.get("state") == "released" and \
-                    not storage.exists(gen_uri(self.output_root, n + 1), self.cfg)
+            if now is None or storage.exists(gen_uri(self.output_root, n + 1), self.cfg):
+                return False  # the output changed hands meanwhile: the caller looks again
+            if now.get("state") == "released":
+                return True
             if now.get("counter") != seen:
                 raise StorageError(f"run {holder.get('run_id')} is still running on this output (host "
                                    f"{holder.get('host')}, pid {holder.get('pid')}, lease renewed while we "

@@ -21,13 +21,12 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from . import __version__, imageio, keys, ledger, metadata, storage, weights
+from . import __version__, imageio, keys, ledger, metadata, provenance, storage, weights
 from .config import RunConfig, detect_fingerprint
 from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .identity import arcface_matrix
 from .errors import Fenced
-from .provenance import MIME, SigningExpired
 from .restorer import FaceRestorer
 from .schema import FACE_TYPE, RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
 
@@ -64,7 +63,7 @@ def _each(rows: list[dict], process, status: Status) -> list[dict]:
     for row in rows:
         try:
             out.append(process(row))
-        except (Fenced, SigningExpired):
+        except (Fenced, provenance.SigningExpired):
             raise
         except Exception as e:
             log.exception("unexpected failure on %s", row.get("image_id"))
@@ -287,10 +286,6 @@ class Restore:
         return _binary_column(out.faces.reshape(-1), todo, [n * FACE_BYTES for n in counts], num_rows)
 
 
-# Formats whose files can carry Content Credentials (c2pa-python): JPEG, PNG, TIFF, WebP.
-SIGNABLE = set(MIME)
-
-
 class SigningFailed(Exception):
     pass
 
@@ -313,7 +308,7 @@ class Compose:
         self.access_root = storage.join(cfg.output.root, "access")
         self.guard = WriteGuard(cfg.output.root, input_folders)
         self.fence = fence
-        self.provenance = provenance  # provenance.Material: sign restored derivatives (None: do not)
+        self.provenance = provenance  # a provenance.Material: sign restored derivatives (None: do not)
         self._signer = None
 
     def __call__(self, batch: Batch) -> pa.Table:
@@ -352,8 +347,6 @@ class Compose:
 
     def _sign(self, row: dict, data: bytes, fmt: str, name: str, parent: tuple[bytes, str, str, str]) -> bytes:
         """``data`` with its Content Credentials (see provenance.py); the last edit before the write."""
-        from . import provenance
-
         faces = [{"box": dict(zip(("x1", "y1", "x2", "y2"), f["bbox"])),  # master pixels
                   **{k: f.get(k) for k in ("identity_similarity", "qa", "action")}} for f in row["_faces"]]
         facts = {"image_id": row["image_id"], "run_id": self.run_id, "fingerprint": self.fingerprint,
@@ -402,7 +395,7 @@ class Compose:
             _error(row, Status.DECODE_ERROR, str(e))
         except SigningFailed as e:
             _error(row, Status.WRITE_ERROR, str(e))
-        except (Fenced, SigningExpired):
+        except (Fenced, provenance.SigningExpired):
             raise  # fenced: this run lost its output; nothing of it may be written or recorded
         except Exception as e:  # OSError, ValueError, an encoder's cv2.error, exiv2's RuntimeError, ...
             _error(row, Status.WRITE_ERROR, f"cannot write derivative: {type(e).__name__}: {e}")
@@ -438,7 +431,7 @@ class Compose:
                                     copy_icc=not img.cmyk)
         name = self._out_name(row, fmt)
         if restored_any and self.provenance is not None:
-            if fmt in SIGNABLE:
+            if fmt in provenance.MIME:  # the formats that can carry Content Credentials
                 data = self._sign(row, data, fmt, name, (row["src_bytes"], posixpath.basename(row["uri"]),
                                                          row["src_format"], row["src_sha256"]))
                 row["c2pa_signed"] = True
@@ -451,11 +444,6 @@ class Compose:
         row.update(output_uri=uri, output_name=name, out_sha256=hashlib.sha256(data).hexdigest())
         if self.cfg.output.access_copy:
             self._write_access_copy(row, master, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]))
-
-
-def compose_batch(batch: Batch, **kwargs) -> pa.Table:
-    """Function form of Compose (Compose loads no model, so an actor buys nothing)."""
-    return Compose(**kwargs)(batch)
 
 
 SUMMARY_SCHEMA = pa.schema([("image_id", pa.string()), ("status", pa.string()), ("n_faces", pa.int32()),

@@ -100,6 +100,20 @@ def test_material_from_env_and_alg_mismatch(tmp_path, monkeypatch):
         _material(pki, **{"provenance.private_key": "env:TEST_NOT_SET"})
 
 
+def _signing_config(weights_dir, out, pki, **extra):
+    """The test job's settings with signing on, with this PKI."""
+    return load_config(None, test_overrides(weights_dir, out, **{
+        "provenance.c2pa": "sign", "provenance.cert_chain": str(pki["chain"]),
+        "provenance.private_key": str(pki["key"]), **extra}), environ={})
+
+
+def _restored(cfg, files: dict[str, Path]):
+    """DecodeDetect and Restore over ``files`` (image id -> path), as the job hands them to Compose."""
+    src = next(iter(files.values())).parent
+    batch = {"image_id": np.array(list(files), object), "uri": np.array([str(f) for f in files.values()], object)}
+    return Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))
+
+
 @pytest.fixture(scope="module")
 def signed(weights_dir, tmp_path_factory):
     """A Compose of real photos (one with faces and rich metadata, one without faces), signing on."""
@@ -111,13 +125,9 @@ def signed(weights_dir, tmp_path_factory):
     (src / "face.jpg").write_bytes(master)
     shutil.copy(need(IMAGES / "old/old_d.png"), src / "noface.png")
     out = d / "out"
-    cfg = load_config(None, test_overrides(weights_dir, out, **{
-        "output.access_copy": True, "provenance.c2pa": "sign", "provenance.cert_chain": str(pki["chain"]),
-        "provenance.private_key": str(pki["key"])}), environ={})
+    cfg = _signing_config(weights_dir, out, pki, **{"output.access_copy": True})
     m = provenance.load(cfg.provenance, cfg.storage)
-    batch = {"image_id": np.array(["face", "noface"], object),
-             "uri": np.array([str(src / "face.jpg"), str(src / "noface.png")], object)}
-    restored = Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))
+    restored = _restored(cfg, {"face": src / "face.jpg", "noface": src / "noface.png"})
     rows = Compose(cfg, "run-1", "fp-1", True, software="archive-restore test; GFPGAN sha256:0123",
                    provenance=m)(restored).to_pylist()
     return rows, pki, master, out, m, restored, cfg
@@ -192,11 +202,8 @@ def test_other_formats_carry_credentials(weights_dir, tmp_path, fmt):
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(need(IMAGES / "whole/codeformer_04.jpg"), src / "a.jpg")
-    cfg = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{
-        "output.format": fmt, "provenance.c2pa": "sign", "provenance.cert_chain": str(pki["chain"]),
-        "provenance.private_key": str(pki["key"])}), environ={})
-    batch = {"image_id": np.array(["a"], object), "uri": np.array([str(src / "a.jpg")], object)}
-    restored = Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))
+    cfg = _signing_config(weights_dir, tmp_path / "out", pki, **{"output.format": fmt})
+    restored = _restored(cfg, {"a": src / "a.jpg"})
     r = Compose(cfg, "r", "f", True, provenance=provenance.load(cfg.provenance, cfg.storage))(restored).to_pylist()[0]
     data = Path(r["output_uri"]).read_bytes()
     assert r["c2pa_signed"] and provenance.verify(data, fmt.upper()).ok
@@ -212,12 +219,9 @@ def test_bmp_gets_a_note_and_a_signing_failure_writes_nothing(weights_dir, tmp_p
     img = cv2.imread(str(need(IMAGES / "whole/codeformer_04.jpg")))
     cv2.imwrite(str(src / "a.bmp"), img)
     shutil.copy(need(IMAGES / "whole/codeformer_04.jpg"), src / "b.jpg")
-    cfg = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{
-        "provenance.c2pa": "sign", "provenance.cert_chain": str(pki["chain"]),
-        "provenance.private_key": str(pki["key"])}), environ={})
+    cfg = _signing_config(weights_dir, tmp_path / "out", pki)
     m = provenance.load(cfg.provenance, cfg.storage)
-    batch = {"image_id": np.array(["a", "b"], object), "uri": np.array([str(src / "a.bmp"), str(src / "b.jpg")], object)}
-    restored = Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))
+    restored = _restored(cfg, {"a": src / "a.bmp", "b": src / "b.jpg"})
     rows = Compose(cfg, "r", "f", True, provenance=m)(restored).to_pylist()
     assert rows[0]["status"] == "ok" and not rows[0]["c2pa_signed"] and "cannot carry them" in rows[0]["notes"]
     broken = provenance.Material(m.chain, m.key.replace(b"PRIVATE KEY", b"PUBLIC KEY"), m.alg)  # fails to sign
@@ -423,11 +427,8 @@ def test_a_bmp_derivative_and_its_access_copy_stay_unsigned_together(weights_dir
     src = tmp_path / "in"
     src.mkdir()
     cv2.imwrite(str(src / "a.bmp"), cv2.imread(str(need(IMAGES / "whole/codeformer_04.jpg"))))
-    cfg = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{
-        "output.access_copy": True, "provenance.c2pa": "sign", "provenance.cert_chain": str(pki["chain"]),
-        "provenance.private_key": str(pki["key"])}), environ={})
-    batch = {"image_id": np.array(["a"], object), "uri": np.array([str(src / "a.bmp")], object)}
-    restored = Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))
+    cfg = _signing_config(weights_dir, tmp_path / "out", pki, **{"output.access_copy": True})
+    restored = _restored(cfg, {"a": src / "a.bmp"})
     r = Compose(cfg, "r", "f", True, provenance=provenance.load(cfg.provenance, cfg.storage))(restored).to_pylist()[0]
     assert r["status"] == "ok" and not r["c2pa_signed"]
     assert provenance.verify(Path(r["access_uri"]).read_bytes(), "JPEG").state is None

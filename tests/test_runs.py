@@ -1,6 +1,7 @@
 """The output's lease: atomic takeover, staleness from the holder's own counter, fencing, run records,
 leftover processes of a dead run's local Ray."""
 
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +25,26 @@ def _holder(out, n, **fields):
             "state": "held", "lease_s": 0.6, "renewed_at": "2000-01-01T00:00:00+00:00", **fields}
     storage.write_bytes(runs.gen_uri(str(out), n), json.dumps(body).encode(), CFG)
     return body
+
+
+@contextlib.contextmanager
+def _beating(beat, every_s: float):
+    """``beat(1)``, ``beat(2)``, ... every ``every_s`` in a thread while the block runs: a live holder's renewals."""
+    stop = threading.Event()
+
+    def loop():
+        k = 0
+        while not stop.wait(every_s):
+            k += 1
+            beat(k)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_of_runs_starting_together_exactly_one_takes_the_output(tmp_path):
@@ -74,22 +95,9 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once_and_its_record_says_ki
 def test_staleness_comes_from_the_counter_not_from_comparing_clocks(tmp_path):
     # A holder on another host whose clock is far behind ours, but which renews: alive, refused.
     _holder(tmp_path, 1, renewed_at="1990-01-01T00:00:00+00:00")
-    stop = threading.Event()
-
-    def renew():
-        c = 0
-        while not stop.wait(0.1):
-            c += 1
-            _holder(tmp_path, 1, renewed_at="1990-01-01T00:00:00+00:00", counter=c)
-
-    t = threading.Thread(target=renew)
-    t.start()
-    try:
+    with _beating(lambda k: _holder(tmp_path, 1, renewed_at="1990-01-01T00:00:00+00:00", counter=k), 0.1):
         with pytest.raises(StorageError, match="still running"):
             runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
-    finally:
-        stop.set()
-        t.join()
     # A holder whose clock is far ahead (its renewal "in the future"), but which has stopped: stale after its lease.
     _holder(tmp_path, 1, renewed_at="2999-01-01T00:00:00+00:00", counter=7)
     t0 = time.monotonic()
@@ -201,22 +209,9 @@ def test_a_pid_from_another_pid_namespace_is_not_judged_from_here(tmp_path):
 def test_an_older_versions_live_run_is_respected_and_a_dead_one_marked(tmp_path):
     rec = {"run_id": "old", "state": "running", "heartbeat_at": "x", "config": {"cluster": {"heartbeat_s": 0.1}}}
     runs.write_record(str(tmp_path), rec, CFG)
-    stop = threading.Event()
-
-    def beat():
-        k = 0
-        while not stop.wait(0.05):
-            k += 1
-            runs.write_record(str(tmp_path), {**rec, "heartbeat_at": str(k)}, CFG)
-
-    t = threading.Thread(target=beat)
-    t.start()
-    try:
+    with _beating(lambda k: runs.write_record(str(tmp_path), {**rec, "heartbeat_at": str(k)}, CFG), 0.05):
         with pytest.raises(StorageError, match="earlier version is still running"):
             runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
-    finally:
-        stop.set()
-        t.join()
     runs.Lease(str(tmp_path), CFG, "me", heartbeat_s=5).acquire()
     assert runs.read_records(str(tmp_path), CFG)[0]["state"] == "killed"
 

@@ -192,10 +192,16 @@ def status(output: str, manifest: str | None, as_json: bool, config_path: str | 
                       + (", before the latest run" if stale else "")
                       + f"): {last['valid']} valid, {last['invalid']} invalid"
                       if last else "; not verified yet (archive-restore verify)"))
+    for what, counts in st["faces_by"].items():
+        if counts:
+            click.echo(f"  faces by {what:<9}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if "against_manifest" in st:
         click.echo("  against manifest: " + ", ".join(f"{k} {v}" for k, v in st["against_manifest"].items()))
     for r in st["runs"][-5:]:
         s = r.get("summary") or r.get("progress") or {}
+        if r.get("kind") == "review":
+            click.echo(f"  review {r['run_id']} {r['state']}: {s.get('images_changed', '?')} images changed")
+            continue
         click.echo(f"  run {r['run_id']} {r['state']}: {s.get('images', '?')} images, {s.get('images_per_s', '?')} img/s")
 
 
@@ -204,7 +210,8 @@ def status(output: str, manifest: str | None, as_json: bool, config_path: str | 
 @_read_options
 @_clean_errors
 def report(output: str, config_path: str | None, s3_endpoint_url: str | None, sets: tuple[str, ...]) -> None:
-    """Write OUTPUT/report/index.html: statistics, runs, faces flagged by identity QA.
+    """Write OUTPUT/report/index.html, the review page: runs, models, counts, throughput, failed images,
+    and every face before/after, to accept or reject (exported as a decisions file).
 
     \b
     Example:
@@ -259,6 +266,49 @@ def verify(targets: tuple[str, ...], trust_anchors: str | None, as_json: bool, c
         click.echo(f"{summary['files']} files checked: {summary['valid']} valid, {summary['invalid']} invalid"
                    + ("" if anchors else " (no trust anchors given: signers are not checked against a root)"))
     if bad:
+        sys.exit(1)
+
+
+@cli.group(context_settings=CONTEXT)
+def review() -> None:
+    """Apply a curator's decisions from the report's review page.
+
+    \b
+    Example:
+      archive-restore report s3://museum/restored/        # review faces, export decisions.csv
+      archive-restore review apply s3://museum/restored/ decisions.csv
+    """
+
+
+@review.command("apply", context_settings=CONTEXT)
+@click.argument("output")
+@click.argument("decisions")
+@_read_options
+@_clean_errors
+def review_apply(output: str, decisions: str, config_path: str | None, s3_endpoint_url: str | None,
+                 sets: tuple[str, ...]) -> None:
+    """Apply DECISIONS (CSV or JSON: image_id, face, decision=accept|reject) to OUTPUT.
+
+    Rejected faces are reverted to the master's pixels in the derivative (its label and Content
+    Credentials follow); accepted faces are recorded. Each changed image gets a new result row; the file
+    is checked whole before anything changes, and applying it twice changes nothing more. Exits 1 when
+    an image could not be changed (its current derivative and row stay).
+
+    \b
+    Example:
+      archive-restore review apply s3://museum/restored/ ~/Downloads/decisions.csv
+    """
+    from . import decisions as dec
+
+    cfg = _config(config_path=config_path, s3_endpoint_url=s3_endpoint_url, sets=sets)
+    record = dec.apply(output, decisions, cfg)
+    s = record["summary"]
+    click.echo(f"review {record['run_id']}: {s['images_changed']} images changed ({s['faces_reverted']} faces "
+               f"reverted, {s['faces_rejected']} rejected, {s['faces_accepted']} accepted), "
+               f"{s['images_unchanged']} already as decided, {len(s['failed'])} failed")
+    for f in s["failed"]:
+        click.echo(f"FAILED {f['image_id']}: {f['error']}")
+    if s["failed"]:
         sys.exit(1)
 
 

@@ -117,6 +117,22 @@ class OutputConfig(_Section):
     )
 
 
+class ReviewConfig(_Section):
+    """Curator review (review.py, the report page). Not in the fingerprint: these settings only add files
+    or carry a curator's decisions, so changing them never makes GFP-GAN run again over an archive."""
+
+    crops: bool = Field(
+        True, description="Write a before/after pair per face (review/<key>/face-<i>-{before,after}.jpg) for the "
+        "report's review page: the region around the face in the master and in the derivative.",
+    )
+    crop_size: int = Field(256, ge=32, le=2048, description="Long side of a review crop, in pixels.")
+    crop_quality: int = Field(88, ge=1, le=100, description="JPEG quality of the review crops.")
+    carry_decisions: bool = Field(
+        True, description="When an image is processed again from the same master bytes, faces a curator "
+        "rejected stay original (matched by box overlap). False: every face is restored again.",
+    )
+
+
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{40,}")
 
 
@@ -213,6 +229,7 @@ class RunConfig(_Section):
     storage: StorageConfig = StorageConfig()
     cluster: ClusterConfig = ClusterConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
+    review: ReviewConfig = ReviewConfig()
     weights_dir: str | None = Field(None, description="Folder or s3:// prefix holding the model files.")
     allow_download: bool = Field(True, description="Download missing weights from their official URL when online.")
     untrained: bool = Field(False, description="Smoke tests only: seeded random weights for missing model files.")

@@ -106,16 +106,12 @@ def _luminance_only(face: np.ndarray, colour: np.ndarray, hi: float) -> np.ndarr
     return cv2.cvtColor(m, cv2.COLOR_YCrCb2BGR) * hi
 
 
-def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
-               luminance_only: bool = False) -> tuple[slice, slice, np.ndarray]:
-    """Blend ``face_bgr`` (512x512 restored crop) into ``master`` in place, through the inverse of ``affine``.
-
-    Mask: the crop's footprint eroded by 2 px, then shrunk and Gaussian-feathered by 1/20 of its size
-    (facexlib's square mask). Pixels where the mask is 0 are not touched; alpha is never touched.
-    ``luminance_only``: paste only the face's luminance (monochrome and tinted masters).
-    Returns the region of interest and the boolean mask of the pixels changed within it.
-    """
-    h, w = master.shape[:2]
+def paste_mask(shape: tuple[int, ...], affine: np.ndarray) -> tuple[slice, slice, np.ndarray, np.ndarray]:
+    """Where a restored 512x512 crop lands in an image of ``shape`` through the inverse of ``affine``:
+    the region of interest, the blend mask in it (the crop's footprint eroded by 2 px, then shrunk and
+    Gaussian-feathered by 1/20 of its size: facexlib's square mask) and the inverse affine in the region's
+    coordinates. The region is empty when the crop falls outside the image."""
+    h, w = shape[:2]
     inv = cv2.invertAffineTransform(affine)
     corners = np.array([[0, 0, 1], [FACE_SIZE, 0, 1], [0, FACE_SIZE, 1], [FACE_SIZE, FACE_SIZE, 1]], np.float64)
     pts = corners @ inv.T
@@ -123,18 +119,31 @@ def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
     x1, y1 = np.ceil(pts.max(0)).astype(int) + 3
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if x1 <= x0 or y1 <= y0:
-        return slice(0, 0), slice(0, 0), np.zeros((0, 0), bool)
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32), inv
     roi_inv = inv.copy()
     roi_inv[:, 2] -= (x0, y0)
     size = (x1 - x0, y1 - y0)
-    face = cv2.warpAffine(_face_to_master(face_bgr, master), roi_inv, size)
     mask = cv2.warpAffine(np.ones((FACE_SIZE, FACE_SIZE), np.float32), roi_inv, size)
     mask = cv2.erode(mask, np.ones((2, 2), np.uint8))
     w_edge = int(float(mask.sum()) ** 0.5) // 20
     if w_edge > 0:
         mask = cv2.erode(mask, np.ones((2 * w_edge, 2 * w_edge), np.uint8))
         mask = cv2.GaussianBlur(mask, (2 * w_edge + 1, 2 * w_edge + 1), 0)
-    region = master[y0:y1, x0:x1]
+    return slice(y0, y1), slice(x0, x1), mask, roi_inv
+
+
+def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
+               luminance_only: bool = False) -> tuple[slice, slice, np.ndarray]:
+    """Blend ``face_bgr`` (512x512 restored crop) into ``master`` in place, through the inverse of ``affine``,
+    with ``paste_mask``'s mask. Pixels where the mask is 0 are not touched; alpha is never touched.
+    ``luminance_only``: paste only the face's luminance (monochrome and tinted masters).
+    Returns the region of interest and the boolean mask of the pixels changed within it.
+    """
+    ys, xs, mask, roi_inv = paste_mask(master.shape, affine)
+    if not mask.size:
+        return ys, xs, np.zeros((0, 0), bool)
+    face = cv2.warpAffine(_face_to_master(face_bgr, master), roi_inv, mask.shape[::-1])
+    region = master[ys, xs]
     colour = region if region.ndim == 2 else region[:, :, :3]
     m = mask if colour.ndim == 2 else mask[:, :, None]
     hi = 65535 if master.dtype == np.uint16 else 255
@@ -148,4 +157,4 @@ def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
     else:
         sel = np.broadcast_to(touched, colour.shape)
         colour[sel] = out[sel]  # a view into master
-    return slice(y0, y1), slice(x0, x1), touched.reshape(touched.shape[:2])
+    return ys, xs, touched.reshape(touched.shape[:2])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, layout, ledger, provenance, resume, runs, storage, weights
+from . import __version__, layout, ledger, metadata, provenance, resume, runs, storage, weights
 from .config import ClusterConfig, RunConfig
 from .errors import ConfigError, StorageError
 from .manifest import Manifest, read_manifest
@@ -115,8 +115,7 @@ def preflight(cfg: RunConfig, run_id: str, manifest: Manifest) -> Preflight:
 def _software(cfg: RunConfig, pre: Preflight) -> str:
     """What restored the faces, for the derivative's metadata: tool, model and its weights' hash."""
     w = pre.resolved[cfg.restore.model]
-    return (f"archive-restore {__version__}; {w.spec.name} "
-            + ("UNTRAINED" if w.untrained else f"sha256:{w.sha256[:16]}"))
+    return metadata.software_label(w.spec.name, w.sha256, w.untrained)
 
 
 def _versions() -> dict[str, str]:
@@ -235,7 +234,7 @@ def run(cfg: RunConfig) -> dict:
     except OSError as e:
         raise StorageError(f"cannot take the output's lease in {out!r}: {type(e).__name__}: {e}") from None
     record = {
-        "run_id": run_id, "state": "running", "phase": "preflight", "started_at": runs.now_iso(),
+        "run_id": run_id, "kind": "job", "state": "running", "phase": "preflight", "started_at": runs.now_iso(),
         "reprocess": cfg.reprocess, "manifest": cfg.input.manifest, "input_root": manifest.root, "output": out,
         "manifest_rows": manifest.rows_read, "duplicate_rows": manifest.duplicates,
         "rows_without_uri": manifest.without_uri, "lease_generation": lease.generation,
@@ -257,6 +256,7 @@ def run(cfg: RunConfig) -> dict:
             log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives "
                         "are NOT restorations and every result row says untrained=true", run_id)
         record.update(fingerprint=pre.fingerprint, untrained=pre.untrained, versions=_versions(),
+                      software=_software(cfg, pre),
                       weights={n: r.describe() for n, r in pre.resolved.items()},
                       signing=pre.signing.describe() if pre.signing else None)
         torn: list[str] = []
@@ -272,8 +272,8 @@ def run(cfg: RunConfig) -> dict:
             keyed = resume.assign_keys(manifest.table.select(["image_id", "uri"]), manifest.root, cfg.output,
                                        resume.claims(results))
             todo = resume.join_keeping_order(plan.todo, keyed.select(["image_id", "output_key", "key_error"]))
-            if not cfg.redetect:
-                todo = resume.attach_prior_detections(todo, results, out, cfg.storage)
+            if not cfg.redetect or cfg.review.carry_decisions:
+                todo = resume.attach_prior(todo, results, out, cfg.storage)
             del results
             _execute(cfg, pre, todo, run_id, lease, record, progress, t0, inputs.folders)
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),

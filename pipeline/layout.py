@@ -33,7 +33,7 @@ from .errors import StorageError
 
 log = logging.getLogger(__name__)
 
-WRITE_AREAS = ("images", "access", "_results", "_runs", "_lock", "_verify", "report")
+WRITE_AREAS = ("images", "access", "review", "_results", "_runs", "_lock", "_verify", "report")
 _REMOTE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://"
 
 
@@ -215,7 +215,7 @@ class WriteGuard:
     """The last check before a derivative or access copy is written (see the module docstring)."""
 
     def __init__(self, output_root: str, input_folders: np.ndarray | None = None):
-        self.areas = {a: storage.resolve(storage.join(output_root, a)) for a in ("images", "access")}
+        self.areas = {a: storage.resolve(storage.join(output_root, a)) for a in ("images", "access", "review")}
         self.input_folders = input_folders if input_folders is not None else np.zeros(0, np.int64)
 
     def check(self, target: str, area: str, source: str) -> None:

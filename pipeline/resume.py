@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import keys, storage
+from . import keys, review, storage
 from .config import OutputConfig, StorageConfig
 from .ledger import LEDGER_COLUMNS, load_results
 from .schema import ERROR_STATUSES, FINAL_STATUSES, Status
@@ -147,12 +147,15 @@ def _gave_up(results: pa.Table, fingerprint: str, max_attempts: int | None, curr
 PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces", "faces_skipped"]
 
 
-def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, cfg: StorageConfig) -> pa.Table:
-    """Add ``prior_sha256``, ``prior_detect_fp``, ``prior_faces_json`` to images that were detected before.
+def attach_prior(todo: pa.Table, ledger: pa.Table, output_root: str, cfg: StorageConfig) -> pa.Table:
+    """Add what an image's latest completed result knows to the images about to be processed again:
+    ``prior_sha256``, ``prior_detect_fp``, ``prior_faces_json`` (its faces) and ``prior_rejected_json``
+    (the boxes of faces a curator rejected, see review.py).
 
-    DecodeDetect reuses them when the image's bytes and the detector are unchanged, skipping the most
-    expensive CPU step when an archive is re-processed for new restoration weights or settings. Only
-    the images about to be processed are looked up, so a plain resume costs nothing here.
+    DecodeDetect reuses the faces when the image's bytes and the detector are unchanged, skipping the most
+    expensive CPU step when an archive is re-processed for new restoration weights or settings, and keeps
+    rejected faces original. Only the images about to be processed are looked up, so a plain resume costs
+    nothing here.
     """
     if not todo.num_rows or not ledger.num_rows:
         return todo
@@ -170,17 +173,15 @@ def attach_prior_detections(todo: pa.Table, ledger: pa.Table, output_root: str, 
     prior = latest_rows(prior.filter(keep))
     if not prior.num_rows:
         return todo
+    faces = prior["faces"].to_pylist()
+    skipped = prior["faces_skipped"].to_pylist() if "faces_skipped" in prior.column_names else [0] * prior.num_rows
     faces_json = [json.dumps({"faces": [{k: f[k] for k in ("bbox", "score", "landmarks")} for f in fs or []],
-                              "skipped": skipped or 0})
-                  for fs, skipped in zip(prior["faces"].to_pylist(),
-                                         prior["faces_skipped"].to_pylist() if "faces_skipped" in prior.column_names
-                                         else [0] * prior.num_rows)]
+                              "skipped": sk or 0}) for fs, sk in zip(faces, skipped)]
     lookup = pa.table({"image_id": prior["image_id"], "prior_sha256": prior["src_sha256"],
                        "prior_detect_fp": prior["detect_fingerprint"],
-                       "prior_faces_json": pa.array(faces_json, pa.string())})
+                       "prior_faces_json": pa.array(faces_json, pa.string()),
+                       "prior_rejected_json": pa.array([review.rejected_boxes(fs) for fs in faces], pa.string())})
     return join_keeping_order(todo, lookup)
-
-
 
 
 def claims(results: pa.Table) -> pa.Table:

@@ -30,8 +30,11 @@ FACE_TYPE = pa.struct(
         ("landmarks", pa.list_(pa.float32(), 10)),    # eyes, nose, mouth corners: x, y pairs
         ("identity_similarity", pa.float32()),        # cosine(input face, restored face); null if not scored
         ("qa", pa.string()),                          # pass | flag
-        ("action", pa.string()),                      # restored | kept_original
+        ("action", pa.string()),                      # restored | kept_original (QA) | reverted (curator)
         ("fp32_fallback", pa.bool_()),                # half-precision output was bad; recomputed in fp32
+        ("review", pa.string()),                      # a curator's decision: accepted | rejected; null: none
+        ("review_before", pa.string()),               # review crop of the master around the face (URI)
+        ("review_after", pa.string()),                # the same region of the derivative (URI)
     ]
 )
 

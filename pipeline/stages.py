@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from . import __version__, imageio, keys, ledger, metadata, provenance, storage, weights
+from . import __version__, imageio, keys, ledger, metadata, provenance, review, storage, weights
 from .config import RunConfig, detect_fingerprint
 from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
@@ -141,6 +141,8 @@ class DecodeDetect:
             log.exception("detection failed for %s", row["image_id"])
             return _error(row, Status.DETECT_ERROR, f"face detection failed: {type(e).__name__}: {e}")
         row["detect_s"] = time.perf_counter() - t1
+        if self.cfg.review.carry_decisions and row.get("prior_sha256") == row["src_sha256"]:
+            review.mark_rejected(records, row.get("prior_rejected_json"))  # a curator's rejection stands
         row["n_faces"] = len(records)
         row["faces_skipped"] = skipped
         row["faces_json"] = json.dumps({"faces": records})
@@ -280,6 +282,8 @@ class Restore:
                 f["qa"] = ("flag" if sim < qa.min_identity_similarity else "pass") if scored else None
                 f["action"] = "kept_original" if f["qa"] == "flag" and qa.on_low_identity == "keep_original" \
                     else "restored"
+                if f.get("review") == "rejected":  # carried from an earlier decision (review.mark_rejected)
+                    f["action"] = "reverted"
                 f["fp32_fallback"] = bool(fb)
             cols["faces_json"][i] = json.dumps(fs)
             cols["restore_s"][i] = per_face * n
@@ -306,6 +310,7 @@ class Compose:
         self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
         self.images_root = storage.join(cfg.output.root, "images")
         self.access_root = storage.join(cfg.output.root, "access")
+        self.review_root = storage.join(cfg.output.root, "review")
         self.guard = WriteGuard(cfg.output.root, input_folders)
         self.fence = fence
         self.provenance = provenance  # a provenance.Material: sign restored derivatives (None: do not)
@@ -405,7 +410,8 @@ class Compose:
         """The result row's own fields, whatever happened before: faces say what reached the derivative."""
         faces = row.pop("_faces", None) or []
         written = row["status"] == Status.OK.value
-        row["faces"] = [{**{k: f.get(k) for k in FACE_TYPE.names}, **({} if written else {"action": None})}
+        row["faces"] = [{**{k: f.get(k) for k in FACE_TYPE.names},
+                         **({} if written else {"action": None, "review_before": None, "review_after": None})}
                         for f in faces]
         if not written and row["status"] != Status.NO_FACE.value:
             # An error row describes no derivative; the names of files it did write stay (claimed, see keys.py).
@@ -416,20 +422,28 @@ class Compose:
 
     def _write_restored(self, row: dict, faces: list[dict]) -> None:
         img = imageio.decode(row["src_bytes"], self.cfg.input.max_pixels)
-        master = img.pixels.copy()
+        pixels = img.pixels.copy()
         policy = self.cfg.output.colour_policy
         luminance_only = policy == "force_grey" or (policy == "auto" and img.grey)
         restored = np.frombuffer(row["restored"], np.uint8).reshape(-1, FACE_SIZE, FACE_SIZE, 3)
         for f, face in zip(faces, restored):
             if f.get("action") == "restored":
-                paste_face(master, face, np.array(f["affine"], np.float64).reshape(2, 3),
+                paste_face(pixels, face, np.array(f["affine"], np.float64).reshape(2, 3),
                            luminance_only=luminance_only)
+        self.write_derivative(row, img, pixels, faces)
+
+    def write_derivative(self, row: dict, img: imageio.Decoded, pixels: np.ndarray, faces: list[dict],
+                         name: str | None = None) -> None:
+        """Encode ``pixels`` (the master ``img`` with ``faces`` pasted as their ``action`` says), carry the
+        master's metadata, sign, write the derivative, its access copy and review crops. ``name``: the
+        derivative's name below images/ (default: from the planned key)."""
         fmt = imageio.output_format(row["src_format"], self.cfg.output.format)
-        data = imageio.encode(master, imageio.FORMATS[fmt], self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
+        data = imageio.encode(pixels, imageio.FORMATS[fmt], self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
         restored_any = any(f.get("action") == "restored" for f in faces)
         data, note = metadata.carry(row["src_bytes"], data, fmt, restored=restored_any, software=self.software,
                                     copy_icc=not img.cmyk)
-        name = self._out_name(row, fmt)
+        name = name or self._out_name(row, fmt)
+        row["c2pa_signed"] = None
         if restored_any and self.provenance is not None:
             if fmt in provenance.MIME:  # the formats that can carry Content Credentials
                 data = self._sign(row, data, fmt, name, (row["src_bytes"], posixpath.basename(row["uri"]),
@@ -443,7 +457,31 @@ class Compose:
         self._write(uri, "images", data, row)
         row.update(output_uri=uri, output_name=name, out_sha256=hashlib.sha256(data).hexdigest())
         if self.cfg.output.access_copy:
-            self._write_access_copy(row, master, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]))
+            self._write_access_copy(row, pixels, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]))
+        if self.cfg.review.crops:
+            self._write_review_crops(row, img.pixels, pixels, faces)
+
+    def _write_review_crops(self, row: dict, before: np.ndarray, after: np.ndarray, faces: list[dict]) -> None:
+        """Each face's before/after pair for the review page (review.py). They only help a curator: one that
+        cannot be written becomes a note, and the image stays done."""
+        r = self.cfg.review
+        try:
+            for i, f in enumerate(faces):
+                box = review.crop_box(f["bbox"], before.shape[1], before.shape[0])
+                uris = []
+                for name, px in zip(review.crop_names(row["output_key"], i), (before, after)):
+                    uri = storage.join(self.review_root, name)
+                    self._write(uri, "review", review.crop_jpeg(px, box, r.crop_size, r.crop_quality), row)
+                    uris.append(uri)
+                f["review_before"], f["review_after"] = uris
+        except Fenced:
+            raise
+        except Exception as e:
+            for f in faces:
+                f["review_before"] = f["review_after"] = None
+            note = f"review crops not written: {type(e).__name__}: {e}"
+            log.warning("%s: %s", row["image_id"], note)
+            row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
 
 
 SUMMARY_SCHEMA = pa.schema([("image_id", pa.string()), ("status", pa.string()), ("n_faces", pa.int32()),

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED, need
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,4 +35,24 @@ def test_sign_cost_prints_its_figures():
     assert r.returncode == 0, r.stderr[-3000:]
     figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     assert set(figures) == {"sign_ms_1mp", "sign_ms_12mp"}
+    assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
+
+
+def test_report_scale_prints_its_figures():
+    r = subprocess.run([sys.executable, "bench/report_scale.py", "--faces", "400"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
+    assert set(figures) == {"report_20k_faces_s", "page_mb"}
+    assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
+    assert "faces=400 images=100 failed=50" in r.stdout
+
+
+def test_review_cost_prints_its_figures():
+    need(SHARED / "models/detection_mobilenet0.25_Final.pth")
+    r = subprocess.run([sys.executable, "bench/review_cost.py", "--repeats", "1", "--megapixels", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
+    assert set(figures) == {"review_crops_ms_per_face", "compose_share"}
     assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures

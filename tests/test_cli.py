@@ -17,7 +17,7 @@ from pipeline.cli import cli
 from conftest import REPO, free_port, test_overrides, wait_for_port
 
 COMMANDS = [[], ["run"], ["manifest"], ["status"], ["report"], ["models"], ["models", "list"],
-            ["models", "download"], ["models", "verify"], ["demo"], ["verify"]]
+            ["models", "download"], ["models", "verify"], ["demo"], ["verify"], ["review"], ["review", "apply"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "group")
@@ -79,7 +79,9 @@ def test_status_and_report(tmp_path):
     r = CliRunner().invoke(cli, ["report", str(out)])
     assert r.exit_code == 0, r.output
     html = (out / "report" / "index.html").read_text()
-    assert "Faces flagged by identity QA (1)" in html and "0.200" in html
+    assert "flag 1" in html  # the face counts
+    data = json.loads(html.split('<script id="data" type="application/json">')[1].split("</script>")[0])
+    assert data["images"][0][0] == "a" and data["faces"] == [[0, 0, 0.2, "flag", "restored", None, None, None]]
 
 
 @pytest.mark.slow

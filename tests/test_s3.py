@@ -55,6 +55,24 @@ def test_job_reads_and_writes_s3(ray_local, s3_endpoint, s3fs_client, weights_di
 
     assert job.run(cfg)["plan"]["todo"] == 0  # resume on S3: nothing left to do
 
+    # Curator review on S3: the page beside the results links the crops relatively; a decisions file on S3
+    # rejects every face of a PNG, whose derivative becomes the master's pixels again.
+    png = by_key["WHOLE/CODEFORMER_02.PNG"]
+    assert all(fs.exists(f["review_after"]) for f in png["faces"])
+    fs.pipe_file("museum/decisions.csv", ("image_id,face,decision\n" + "".join(
+        f"{png['image_id']},{i},reject\n" for i in range(len(png["faces"])))).encode())
+    from click.testing import CliRunner
+    from pipeline.cli import cli
+    r = CliRunner().invoke(cli, ["review", "apply", "s3://museum/restored", "s3://museum/decisions.csv",
+                                 "--s3-endpoint-url", s3_endpoint])
+    assert r.exit_code == 0 and "1 images changed (4 faces reverted" in r.output, r.output
+    assert (imageio.decode(fs.cat_file(png["output_uri"]), 10**9).pixels ==
+            imageio.decode((IMAGES / "whole/codeformer_02.png").read_bytes(), 10**9).pixels).all()
+    r = CliRunner().invoke(cli, ["report", "s3://museum/restored", "--s3-endpoint-url", s3_endpoint])
+    assert r.exit_code == 0 and r.output.strip().splitlines()[-1] == "s3://museum/restored/report/index.html"
+    page = fs.cat_file("museum/restored/report/index.html").decode()
+    assert '"../review/WHOLE/CODEFORMER_02.PNG/face-0-before.jpg"' in page
+
 
 def test_output_inside_input_is_refused(s3_endpoint, s3fs_client, weights_dir):
     from pipeline.errors import StorageError

@@ -305,7 +305,8 @@ def review_apply(output: str, decisions: str, config_path: str | None, s3_endpoi
     s = record["summary"]
     click.echo(f"review {record['run_id']}: {s['images_changed']} images changed ({s['faces_reverted']} faces "
                f"reverted, {s['faces_rejected']} rejected, {s['faces_accepted']} accepted), "
-               f"{s['images_unchanged']} already as decided, {len(s['failed'])} failed")
+               f"{s['images_unchanged']} already as decided, {s['images_finished']} finished from an interrupted "
+               f"review, {len(s['failed'])} failed")
     for f in s["failed"]:
         click.echo(f"FAILED {f['image_id']}: {f['error']}")
     if s["failed"]:

@@ -1,23 +1,31 @@
 """A curator's decisions applied to an output: ``archive-restore review apply OUTPUT decisions.csv``.
 
-The decisions file (CSV, or JSON: a list of objects or ``{"decisions": [...]}``; what the report page
-exports) has one line per face: ``image_id, face, decision`` with ``decision`` in ``accept|reject``.
+The decisions file (CSV, or JSON: a list of objects or ``{"output": ..., "decisions": [...]}``; what the
+review page exports) has one line per face: ``image_id, face, decision`` with ``decision`` in
+``accept|reject``, and optionally ``derivative_sha256`` (a prefix of the derivative's sha256 when the page
+was made), which refuses a decision about a derivative that has since been made again.
 
 - A rejected face is reverted to the master's pixels: the derivative is made again from the master,
-  with the derivative's own pixels kept only where a face that stays restored was pasted (so outside
-  the remaining faces it is the master once encoded, as Compose made it), its metadata label and Content
-  Credentials follow (no AI-edit label when no restored face remains), and its review crops are redone.
-  Where a kept face's paste-back region overlaps a rejected one, the kept face wins.
-- An accepted face is recorded as accepted; its pixels do not change.
-- Each image that changes gets a new result row (run id: the review's id); earlier rows stay as history.
-  The image's fingerprint is kept, so a re-run of the job with the same settings leaves it alone, and a
-  re-processing from the same master keeps rejected faces original (``review.carry_decisions``).
+  with the derivative's own pixels kept only where a face that stays restored was pasted (outside them
+  it is the master encoded once, as Compose made it), with the settings of the run that made it; its
+  label and Content Credentials follow (no AI-edit label when no restored face remains), and its access
+  copy and review crops are made again. Where a kept face's paste-back region overlaps a rejected one, the
+  kept face wins; on lossy formats the kept faces go through one more encoding at the run's quality.
+- An accepted face is recorded as accepted; no file changes.
+- Each image that changes gets a new result row (``review_id``: the review; ``run_id``: whatever wrote
+  the derivative's bytes, so Content Credentials still match their row); earlier rows stay as history.
+  The fingerprint is kept, so a re-run with the same settings leaves the image alone, and a re-processing
+  from the same master keeps rejected faces original (``review.carry_decisions``).
 
 The whole file is checked before anything is written: unknown images, face numbers out of range,
-decisions that contradict each other, or an acceptance of a face an earlier decision reverted (its
-restoration is no longer in the derivative) refuse the file, naming each line. Applying the same file
-twice changes nothing the second time. The review holds the output's lease like a run, so it never
-races a job, and it is recorded in ``_runs/<review id>.json``.
+contradictions, stale decisions, or an acceptance of a face an earlier decision reverted (its
+restoration is no longer in the derivative) refuse it, naming each line. The review holds the output's
+lease like a run, so it never races a job, and is recorded in ``_runs/<review id>.json``.
+
+Crash safety: for each group of images the rows are written first, then the files, so the ledger never
+lags behind the files it describes. A review killed in between leaves derivatives whose bytes differ from
+their (review) rows; applying the same file again finishes them: a review only ever removes restorations,
+so the old derivative still holds every face the row keeps.
 """
 
 from __future__ import annotations
@@ -29,34 +37,48 @@ import json
 import logging
 import posixpath
 import time
-from datetime import datetime, timezone
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import imageio, ledger, metadata, provenance, resume, runs, storage
 from .config import RunConfig
-from .errors import ConfigError, Fenced
+from .errors import ConfigError, Fenced, StorageError
 from .faces import align_matrix, paste_mask
 from .schema import FACE_TYPE, RESULT_SCHEMA, Status
 
 log = logging.getLogger(__name__)
 
 _VERBS = {"accept": "accepted", "accepted": "accepted", "reject": "rejected", "rejected": "rejected"}
-_BATCH = 64  # images per result file written by a review
+_GROUP = 8  # images whose new files are held in memory while their rows are written first
 
 
-def parse(data: bytes, name: str) -> dict[tuple[str, int], str]:
-    """``{(image_id, face): "accepted"|"rejected"}`` from a decisions file's bytes; ConfigError naming each
-    bad line."""
-    text = data.decode("utf-8-sig")
+def _text(data: bytes, name: str) -> str:
+    """A decisions file's text: UTF-8 (with or without BOM) or UTF-16 with BOM (spreadsheet exports)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name}: not UTF-8 text ({e}); save it as CSV UTF-8") from None
+
+
+def parse(data: bytes, name: str) -> tuple[dict[tuple[str, int], str], dict[str, str], str | None]:
+    """``({(image_id, face): "accepted"|"rejected"}, {image_id: derivative sha256 prefix}, output or None)``
+    from a decisions file's bytes; ConfigError naming each bad line."""
+    text, output = _text(data, name), None
     if name.lower().endswith(".json") or text.lstrip()[:1] in ("[", "{"):
         try:
             items = json.loads(text)
         except ValueError as e:
             raise ConfigError(f"{name}: not valid JSON ({e})") from None
-        items = items.get("decisions") if isinstance(items, dict) else items
+        if isinstance(items, dict):
+            output = items.get("output")
+            items = items.get("decisions")
         if not isinstance(items, list):
             raise ConfigError(f"{name}: expected a list of decisions, or {{\"decisions\": [...]}}")
         lines = [(i + 1, x) for i, x in enumerate(items)]
@@ -68,6 +90,7 @@ def parse(data: bytes, name: str) -> dict[tuple[str, int], str]:
                               f"{', '.join(sorted(missing))})")
         lines = [(i + 2, x) for i, x in enumerate(reader)]
     out: dict[tuple[str, int], str] = {}
+    shas: dict[str, str] = {}
     problems = []
     for line, x in lines:
         if not isinstance(x, dict):
@@ -89,9 +112,14 @@ def parse(data: bytes, name: str) -> dict[tuple[str, int], str]:
         if out.get((image_id, face), decision) != decision:
             problems.append(f"line {line}: face {face} of {image_id} is both accepted and rejected")
         out[(image_id, face)] = decision
+        sha = str(x.get("derivative_sha256") or "").strip().lower()
+        if sha:
+            if shas.get(image_id, sha) != sha:
+                problems.append(f"line {line}: {image_id} is given two derivative_sha256 values")
+            shas[image_id] = sha
     if problems:
         raise ConfigError(_refusal(name, problems))
-    return out
+    return out, shas, output
 
 
 def _refusal(name: str, problems: list[str]) -> str:
@@ -99,35 +127,42 @@ def _refusal(name: str, problems: list[str]) -> str:
     return f"{name}: nothing was applied: " + "; ".join(problems[:10]) + more
 
 
-def _changes(latest: dict[str, dict], decided: dict[tuple[str, int], str], name: str) -> dict[str, list[dict]]:
-    """The new faces list of every image whose faces change; ConfigError listing every decision that cannot
+def _changes(latest: dict[str, dict], by_image: dict[str, dict[int, str]], shas: dict[str, str],
+             name: str) -> dict[str, list[dict]]:
+    """Each decided image's faces as the decisions make them; ConfigError listing every decision that cannot
     be applied."""
-    problems, by_image = [], {}
-    for (image_id, i), decision in sorted(decided.items()):
+    problems, faces_of = [], {}
+    for image_id, decided in sorted(by_image.items()):
         row = latest.get(image_id)
         if row is None:
             problems.append(f"{image_id}: no result for this image in the output")
             continue
-        faces = row["faces"] or []
-        if row["status"] != Status.OK.value or i >= len(faces):
-            problems.append(f"{image_id}: has no face {i} (status {row['status']}, {len(faces)} faces)")
+        sha = shas.get(image_id)
+        if sha and not (row.get("out_sha256") or "").startswith(sha):
+            problems.append(f"{image_id}: its derivative was made again since these decisions were taken "
+                            f"(sha256 {(row.get('out_sha256') or '')[:16]}, not {sha[:16]}): review it again")
             continue
-        f = faces[i]
-        if decision == "accepted" and f.get("action") == "reverted":
-            problems.append(f"{image_id} face {i}: an earlier decision reverted it, so its restoration is no longer "
-                            "in the derivative; to restore it again, process the image again with "
-                            "--set review.carry_decisions=false --reprocess all")
-            continue
-        new = by_image.setdefault(image_id, [dict(x) for x in faces])[i]
-        new["review"] = decision
-        if decision == "rejected" and f.get("action") == "restored":
-            new["action"] = "reverted"
+        faces = [dict(f) for f in row["faces"] or []]
+        for i, decision in sorted(decided.items()):
+            if row["status"] != Status.OK.value or i >= len(faces):
+                problems.append(f"{image_id}: has no face {i} (status {row['status']}, {len(faces)} faces)")
+                continue
+            f = faces[i]
+            if decision == "accepted" and f.get("action") == "reverted":
+                problems.append(f"{image_id} face {i}: an earlier decision reverted it, so its restoration is no "
+                                "longer in the derivative; to restore it again, process the image again with "
+                                "--set review.carry_decisions=false --reprocess all")
+                continue
+            f["review"] = decision
+            if decision == "rejected" and f.get("action") == "restored":
+                f["action"] = "reverted"
+        faces_of[image_id] = faces
     if problems:
         raise ConfigError(_refusal(name, problems))
-    return {k: v for k, v in by_image.items() if v != latest[k]["faces"]}
+    return faces_of
 
 
-def _run_configs(out: str, cfg: RunConfig) -> dict[str, dict]:
+def _job_records(out: str, cfg: RunConfig) -> dict[str, dict]:
     """For each fingerprint, the record of the latest job run that made results with it: its settings
     decide how a derivative is encoded again."""
     by_fp = {}
@@ -141,7 +176,27 @@ def _software(record: dict, run_cfg: RunConfig) -> str:
     if record.get("software"):
         return record["software"]
     w = (record.get("weights") or {}).get(run_cfg.restore.model) or {}
-    return metadata.software_label(run_cfg.restore.model, w.get("sha256"), bool(w.get("untrained")))
+    return metadata.software_label(run_cfg.restore.model, w.get("sha256"), bool(w.get("untrained")),
+                                   (record.get("versions") or {}).get("archive_restore"))
+
+
+def _as_layout(px: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The derivative's pixels in the master's depth and channels (a grey master written as WebP, an RGBA
+    one written as JPEG, a 16-bit one as an 8-bit JPEG): what Compose's encoder did, undone where it can be."""
+    if px.dtype != like.dtype:
+        px = imageio.to8(px) if like.dtype == np.uint8 else px.astype(np.uint16) * 257
+    channels = 1 if like.ndim == 2 else like.shape[2]
+    have = 1 if px.ndim == 2 else px.shape[2]
+    if have == channels:
+        return px
+    colour = px if have == 1 else px[:, :, :3]
+    if channels == 1:
+        return cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY) if have > 1 else colour
+    if have == 1:
+        colour = cv2.cvtColor(colour, cv2.COLOR_GRAY2BGR)
+    if channels == 4:  # the alpha is never restored: the master's
+        return np.dstack([colour, like[:, :, 3]])
+    return colour
 
 
 def _error(row: dict, status: Status, message: str) -> None:
@@ -149,28 +204,23 @@ def _error(row: dict, status: Status, message: str) -> None:
     row.update(status=status.value, error=message)
 
 
-def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig) -> None:
-    """The derivative made again for ``faces`` (see the module docstring); ``row`` becomes the new result."""
+def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative: bytes) -> None:
+    """The derivative made again for ``faces`` into ``compose.deferred`` (see the module docstring); ``row``
+    becomes the new result. ``derivative``: the current derivative's bytes."""
     try:
         master = storage.read_bytes(row["uri"], cfg.storage)
-        current = storage.read_bytes(row["output_uri"], cfg.storage)
     except Exception as e:
-        _error(row, Status.READ_ERROR, f"cannot read the master or the derivative: {type(e).__name__}: {e}")
+        _error(row, Status.READ_ERROR, f"cannot read the master: {type(e).__name__}: {e}")
         return
     if hashlib.sha256(master).hexdigest() != row["src_sha256"]:
         _error(row, Status.READ_ERROR, "the master changed since it was restored: process it again first")
         return
-    if row.get("out_sha256") and hashlib.sha256(current).hexdigest() != row["out_sha256"]:
-        # A review killed between its writes leaves this; only faces that stay restored are taken from it.
-        log.warning("%s: the derivative differs from its result row (an interrupted review?)", row["image_id"])
     img = imageio.decode(master, compose.cfg.input.max_pixels)
-    derived = imageio.decode(current, compose.cfg.input.max_pixels).pixels
     pixels = img.pixels.copy()
-    if derived.dtype != pixels.dtype:  # e.g. a 16-bit master written as an 8-bit JPEG derivative
-        derived = imageio.to8(derived) if pixels.dtype == np.uint8 else derived.astype(np.uint16) * 257
+    derived = _as_layout(imageio.decode(derivative, compose.cfg.input.max_pixels).pixels, pixels)
     if derived.shape != pixels.shape:
-        _error(row, Status.WRITE_ERROR, f"the derivative's layout {derived.shape} differs from the master's "
-                                        f"{pixels.shape}: cannot recompose it")
+        _error(row, Status.WRITE_ERROR, f"the derivative's size {derived.shape[:2]} differs from the master's "
+                                        f"{pixels.shape[:2]}: cannot recompose it")
         return
     for f in faces:
         if f.get("action") == "restored":
@@ -178,88 +228,104 @@ def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig) -> None:
             ys, xs, mask, _ = paste_mask(pixels.shape, affine)
             sel = mask > 0
             pixels[ys, xs][sel] = derived[ys, xs][sel]
-    row.update(src_bytes=master, src_format=img.format, _faces=faces)
+    row.update(src_bytes=master, src_format=img.format, _faces=faces, notes=None)
     name = row.get("output_name") or posixpath.relpath(row["output_uri"], compose.images_root)
     compose.write_derivative(row, img, pixels, faces, name=name)
+
+
+class _Composers:
+    """One Compose stage per fingerprint, with the settings of the run that made those derivatives; signing
+    material is loaded only for a derivative that is signed again (an accept-only review needs none), from
+    the review's own settings when they name a certificate (rotated or renewed keys), else the run's."""
+
+    def __init__(self, records: dict[str, dict], cfg: RunConfig, out: str, review_id: str, fence):
+        self.records, self.cfg, self.out, self.review_id, self.fence = records, cfg, out, review_id, fence
+        self.stages: dict = {}
+        self.signing: dict | None = None
+
+    def get(self, fingerprint: str, signs: bool):
+        from .stages import Compose
+
+        if fingerprint not in self.stages:
+            rec = self.records[fingerprint]
+            run_cfg = RunConfig.model_validate({**rec["config"], "storage": self.cfg.storage.model_dump(),
+                                                "output": {**rec["config"]["output"], "root": self.out}})
+            self.stages[fingerprint] = Compose(run_cfg, self.review_id, fingerprint, bool(rec.get("untrained")),
+                                               software=_software(rec, run_cfg), fence=self.fence)
+        stage = self.stages[fingerprint]
+        if signs and stage.provenance is None and stage.cfg.provenance.c2pa == "sign":
+            p = self.cfg.provenance if self.cfg.provenance.cert_chain else stage.cfg.provenance
+            stage.provenance = provenance.load(p.model_copy(update={"c2pa": "sign"}), self.cfg.storage)
+            self.signing = stage.provenance.describe()
+        return stage
+
+
+def _read(uri: str, cfg: RunConfig) -> bytes:
+    try:
+        return storage.read_bytes(uri, cfg.storage)
+    except FileNotFoundError:
+        raise ConfigError(f"{uri} not found") from None
 
 
 def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
     """Apply a decisions file to the output; returns the review's record (see the module docstring)."""
     out = storage.normalize(output_root)
-    data = storage.read_bytes(decisions_uri, cfg.storage)
-    decided = parse(data, decisions_uri)
-    review_id = "review-" + runs.new_run_id()
+    data = _read(decisions_uri, cfg)
+    decided, shas, for_output = parse(data, decisions_uri)
+    if for_output and storage.normalize(for_output) != out:
+        raise ConfigError(f"{decisions_uri} holds decisions for {for_output}, not {out}")
+    if not ledger.result_files(out, cfg.storage):
+        raise ConfigError(f"{out} holds no results: is it the output of a run?")
+    by_image: dict[str, dict[int, str]] = defaultdict(dict)
+    for (image_id, i), decision in decided.items():
+        by_image[image_id][i] = decision
+    review_id = runs.new_run_id() + "-review"  # sorts with the runs by start time
     lease = runs.Lease(out, cfg.storage, review_id, cfg.cluster.heartbeat_s)
-    lease.acquire()
+    try:
+        lease.acquire()
+    except OSError as e:
+        raise StorageError(f"cannot take the output's lease in {out!r}: {type(e).__name__}: {e}") from None
     record = {"run_id": review_id, "kind": "review", "state": "running", "started_at": runs.now_iso(),
               "output": out, "decisions": decisions_uri, "decisions_sha256": hashlib.sha256(data).hexdigest(),
-              "decided": len(decided)}
+              "decided": len(decided), "lease_generation": lease.generation}
+    composers = None
     try:
         if lease.taken_over:
             runs.mark_killed(out, lease.taken_over, review_id, cfg.storage)
+            if lease.takeover == "dead":
+                runs.stop_leftovers(lease.taken_over)
         runs.write_record(out, record, cfg.storage)
         lease.start()
-        wanted = pa.array(sorted({k[0] for k in decided}), pa.string())
-        rows = ledger.load_results(out, cfg.storage, transform=lambda t: t.filter(pc.is_in(t["image_id"],
-                                                                                            value_set=wanted)))
+        lease.settle(cfg.cluster.takeover_grace_s)
+        wanted = pa.array(sorted(by_image), pa.string())
+        rows = ledger.load_results(out, cfg.storage,
+                                   transform=lambda t: t.filter(pc.is_in(t["image_id"], value_set=wanted)))
         latest_table = resume.latest_rows(rows)
         latest = {r["image_id"]: r for r in latest_table.to_pylist()} if latest_table.num_rows else {}
-        changes = _changes(latest, decided, decisions_uri)
-        configs = _run_configs(out, cfg)
-        missing = sorted({latest[i]["fingerprint"] for i in changes} - set(configs))
+        faces_of = _changes(latest, by_image, shas, decisions_uri)
+        records = _job_records(out, cfg)
+        missing = sorted({latest[i]["fingerprint"] for i in faces_of} - set(records))
         if missing:
             raise ConfigError(f"no run record holds the settings of fingerprint(s) {', '.join(missing)} (in "
                               f"{runs.runs_dir(out)}): cannot encode those derivatives again")
         schema = pa.schema(list(RESULT_SCHEMA) + [f for f in latest_table.schema if f.name not in RESULT_SCHEMA.names])
         fence = lease.fence()
-        # Every setting and key needed is loaded before the first write.
-        composers = {fp: _composer(configs[fp], cfg, out, review_id, fence)
-                     for fp in sorted({latest[i]["fingerprint"] for i in changes})}
-        done, failed, pending = [], [], []
-        try:
-            for image_id, faces in changes.items():
-                row = dict(latest[image_id])
-                t0 = time.perf_counter()
-                if any(a.get("action") != b["action"] for a, b in zip(row["faces"], faces)):
-                    try:
-                        _recompose(row, faces, composers[row["fingerprint"]], cfg)
-                    except (Fenced, provenance.SigningExpired):
-                        raise
-                    except Exception as e:  # this image keeps its current row and derivative
-                        log.exception("recomposing %s failed", image_id)
-                        _error(row, Status.WRITE_ERROR, f"cannot recompose: {type(e).__name__}: {e}")
-                if row["status"] != Status.OK.value:
-                    failed.append({"image_id": image_id, "error": row["error"]})
-                    continue
-                row["faces"] = [{k: f.get(k) for k in FACE_TYPE.names} for f in faces]
-                for k in ("_faces", "src_bytes", "src_format"):
-                    row.pop(k, None)
-                decided_here = sorted(i for (img, i) in decided if img == image_id)
-                row["notes"] = "; ".join(x for x in (row.get("notes"), f"curator review {review_id}: face(s) "
-                                         f"{', '.join(map(str, decided_here))} decided") if x)
-                row.update(run_id=review_id, finished_at=datetime.now(timezone.utc),
-                           compose_s=time.perf_counter() - t0)
-                pending.append(row)
-                done.append(image_id)
-                if len(pending) >= _BATCH:
-                    _flush(pending, schema, out, review_id, fence, cfg)
-        finally:  # derivatives already rewritten get their rows, unless the output changed hands
-            if not lease.lost.is_set():
-                _flush(pending, schema, out, review_id, fence, cfg)
-        faces_new = [f for i in done for f in changes[i]]
-        record.update(state="finished", finished_at=runs.now_iso(), summary={
-            "images_changed": len(done), "images_unchanged": len({k[0] for k in decided}) - len(changes),
-            "faces_rejected": sum(f.get("review") == "rejected" for f in faces_new),
-            "faces_accepted": sum(f.get("review") == "accepted" for f in faces_new),
-            "faces_reverted": sum(1 for i in done for a, b in zip(latest[i]["faces"], changes[i])
-                                  if a.get("action") != b["action"]),
-            "failed": failed})
-    except BaseException as e:  # a refused file (ConfigError) changed nothing; other failures may have
+        composers = _Composers(records, cfg, out, review_id, fence)
+        summary = {"images_changed": 0, "images_unchanged": 0, "images_finished": 0, "faces_reverted": 0,
+                   "faces_rejected": 0, "faces_accepted": 0, "failed": []}
+        ids = list(faces_of)
+        for start in range(0, len(ids), _GROUP):
+            _apply_group(ids[start:start + _GROUP], latest, faces_of, by_image, composers, schema, review_id,
+                         out, cfg, fence, summary)
+        record.update(state="finished", finished_at=runs.now_iso(), summary=summary)
+    except BaseException as e:  # a refused file (ConfigError) changed nothing
         record.update(state="refused" if isinstance(e, ConfigError) else "failed", error=f"{type(e).__name__}: {e}",
                       finished_at=runs.now_iso())
         raise
     finally:
         lease.stop()
+        if composers is not None and composers.signing:
+            record["signing"] = composers.signing  # what `verify` checks re-signed derivatives against
         try:
             runs.write_record(out, record, cfg.storage)
         finally:
@@ -267,21 +333,78 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
     return record
 
 
-def _composer(rec: dict, cfg: RunConfig, out: str, review_id: str, fence):
-    """A Compose stage with the settings of the run that made the derivatives (storage from ``cfg``)."""
-    from .stages import Compose
-
-    run_cfg = RunConfig.model_validate({**rec["config"], "storage": cfg.storage.model_dump(),
-                                        "output": {**rec["config"]["output"], "root": out}})
-    signing = provenance.load(run_cfg.provenance, cfg.storage)
-    return Compose(run_cfg, review_id, rec["fingerprint"], bool(rec.get("untrained")),
-                   software=_software(rec, run_cfg), fence=fence, provenance=signing)
-
-
-def _flush(pending: list[dict], schema: pa.Schema, out: str, review_id: str, fence, cfg: RunConfig) -> None:
+def _apply_group(ids, latest, faces_of, by_image, composers, schema, review_id, out, cfg, fence, summary) -> None:
+    """One group: new rows and files in memory, then the rows, then the files (see the module docstring)."""
+    pending, files = [], {}
+    for image_id in ids:
+        old, faces = latest[image_id], faces_of[image_id]
+        row = dict(old)
+        reverts = sum(a.get("action") != b.get("action") for a, b in zip(old["faces"], faces))
+        current = None
+        if old.get("review_id") or reverts:  # a review's derivative may be one it did not finish writing
+            try:
+                current = storage.read_bytes(old["output_uri"], cfg.storage)
+            except Exception as e:
+                summary["failed"].append({"image_id": image_id, "error": f"cannot read the derivative: "
+                                          f"{type(e).__name__}: {e}"})
+                continue
+        unfinished = current is not None and hashlib.sha256(current).hexdigest() != old.get("out_sha256")
+        if unfinished and not old.get("review_id"):
+            summary["failed"].append({"image_id": image_id, "error": "the derivative differs from its result row "
+                                      "(changed outside archive-restore?): not overwritten"})
+            continue
+        if faces == old["faces"] and not unfinished:
+            summary["images_unchanged"] += 1
+            continue
+        t0 = time.perf_counter()
+        if reverts or unfinished:
+            remaining = any(f.get("action") == "restored" for f in faces)
+            try:
+                compose = composers.get(old["fingerprint"], signs=remaining)
+                compose.deferred = []
+                _recompose(row, faces, compose, cfg, current)
+                files[image_id] = compose.deferred
+            except (Fenced, provenance.SigningExpired, provenance.ProvenanceError):
+                raise
+            except Exception as e:  # this image keeps its current row and derivative
+                log.exception("recomposing %s failed", image_id)
+                _error(row, Status.WRITE_ERROR, f"cannot recompose: {type(e).__name__}: {e}")
+            finally:
+                if composers.stages.get(old["fingerprint"]) is not None:
+                    composers.stages[old["fingerprint"]].deferred = None
+            if row["status"] != Status.OK.value:
+                summary["failed"].append({"image_id": image_id, "error": row["error"]})
+                files.pop(image_id, None)
+                continue
+            row["run_id"] = review_id  # its bytes (and their credentials) are the review's now
+        row["faces"] = [{k: f.get(k) for k in FACE_TYPE.names} for f in faces]
+        for k in ("_faces", "src_bytes", "src_format"):
+            row.pop(k, None)
+        decided = ", ".join(f"{i} {d}" for i, d in sorted(by_image.get(image_id, {}).items()))
+        row["notes"] = "; ".join(x for x in (old.get("notes"), f"curator review {review_id}: face {decided}") if x)
+        # Latest by finish time: never earlier than the row it replaces, whatever this machine's clock says.
+        now = datetime.now(timezone.utc)
+        prior = old["finished_at"]
+        row.update(review_id=review_id, compose_s=time.perf_counter() - t0,
+                   finished_at=max(now, prior + timedelta(milliseconds=1)) if prior else now)
+        pending.append(row)
+        summary["images_changed" if faces != old["faces"] else "images_finished"] += 1
+        summary["faces_reverted"] += reverts
+        for verb in ("rejected", "accepted"):  # newly decided faces only
+            summary[f"faces_{verb}"] += sum(a.get("review") != verb and b.get("review") == verb
+                                            for a, b in zip(old["faces"], faces))
     if not pending:
         return
     fence.check()
-    table = pa.Table.from_pylist(pending, schema=schema)
-    ledger.write_part(table, ledger.part_uri(out, review_id, [r["image_id"] for r in pending]), cfg.storage)
-    pending.clear()
+    ledger.write_part(pa.Table.from_pylist(pending, schema=schema),
+                      ledger.part_uri(out, review_id, [r["image_id"] for r in pending]), cfg.storage)
+    for image_id, writes in files.items():
+        try:  # the derivative last: when its bytes match its row, so do its access copy and crops
+            for uri, _, payload in sorted(writes, key=lambda w: w[1] == "images"):
+                fence.check()
+                storage.write_bytes(uri, payload, cfg.storage)
+        except Fenced:
+            raise
+        except Exception as e:
+            summary["failed"].append({"image_id": image_id, "error": f"{type(e).__name__}: {e}; its row is written: "
+                                      "apply the same file again to finish it"})

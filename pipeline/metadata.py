@@ -47,11 +47,13 @@ def carry(master: bytes, derivative: bytes, fmt: str, *, restored: bool, softwar
         return dst.get_bytes(), note
 
 
-def software_label(model: str, sha256: str | None, untrained: bool) -> str:
-    """What restored the faces, as a derivative's metadata says it: tool, model and its weights' hash."""
+def software_label(model: str, sha256: str | None, untrained: bool, version: str | None = None) -> str:
+    """What restored the faces, as a derivative's metadata says it: tool (``version``: the one that restored
+    them; default this one), model and its weights' hash."""
     from . import __version__
 
-    return f"archive-restore {__version__}; {model} " + ("UNTRAINED" if untrained else f"sha256:{(sha256 or '?')[:16]}")
+    return (f"archive-restore {version or __version__}; {model} "
+            + ("UNTRAINED" if untrained else f"sha256:{(sha256 or '?')[:16]}"))
 
 
 def read(data: bytes) -> dict:

@@ -47,7 +47,8 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
         "result_rows": results.num_rows,
         "by_status": count_by_status(latest),
         "faces": int(pc.sum(latest["n_faces"]).as_py() or 0) if latest.num_rows else 0,
-        "runs": [{k: r.get(k) for k in ("run_id", "state", "fingerprint", "started_at", "finished_at", "summary")}
+        "runs": [{"kind": r.get("kind", "job"), **{k: r.get(k) for k in ("run_id", "state", "fingerprint",
+                                                                         "started_at", "finished_at", "summary")}}
                  for r in runs.read_records(output_root, cfg)],
         "signed": int(pc.sum(pc.cast(pc.fill_null(latest["c2pa_signed"], False), pa.int64())).as_py() or 0)
         if latest.num_rows and "c2pa_signed" in latest.column_names else 0,
@@ -56,7 +57,8 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
     }
     if manifest is not None:
         # Without a fingerprint from the caller, "current" means: made with the latest run's settings.
-        fp = fingerprint or (out["runs"][-1]["fingerprint"] if out["runs"] else None)
+        jobs = [r for r in out["runs"] if r["kind"] == "job" and r.get("fingerprint")]
+        fp = fingerprint or (jobs[-1]["fingerprint"] if jobs else None)
         counts = resume.plan(manifest, results, fp or "", "missing", max_attempts).counts
         out["against_manifest"] = {k: counts[k] for k in ("manifest", "current", "outdated", "failed", "missing",
                                                            "gave_up")}
@@ -82,21 +84,25 @@ def face_counts(latest: pa.Table) -> dict[str, dict[str, int]]:
     return out
 
 
-PAGE_COLUMNS = ledger.LEDGER_COLUMNS + ["uri", "error", "output_uri", "faces", "untrained", "run_id", "n_faces",
-                                        "c2pa_signed"]
+PAGE_COLUMNS = ledger.LEDGER_COLUMNS + ["uri", "error", "output_uri", "out_sha256", "faces", "untrained", "run_id",
+                                        "review_id", "n_faces", "c2pa_signed"]
 CHART_BINS = 60
 
 
 def _link(uri: str | None, output_root: str) -> str | None:
     """``uri`` as the page (``<output>/report/index.html``) links to it: relative inside the output, a
-    file:// URL for other local files, the URI itself otherwise."""
+    file:// URL for other local files, http(s) as is; None for anything else (s3://, and never a
+    scheme a browser would run, such as javascript:, whatever a manifest holds)."""
     if not uri:
         return None
     if uri.startswith(output_root.rstrip("/") + "/"):
         return "../" + urllib.parse.quote(uri[len(output_root.rstrip("/")) + 1:])
-    if not storage.is_remote(uri):
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        return uri
+    if not scheme and uri.startswith("/"):
         return "file://" + urllib.parse.quote(uri)
-    return uri
+    return None
 
 
 def throughput(results: pa.Table, records: list[dict]) -> dict:
@@ -105,8 +111,10 @@ def throughput(results: pa.Table, records: list[dict]) -> dict:
     jobs = {r["run_id"]: r for r in records if r.get("kind", "job") == "job"}
     if not results.num_rows:
         return {"bins": [], "runs": [], "bin_s": 0}
-    t = results.select(["run_id", "finished_at", "n_faces"]).filter(
-        pc.is_in(results["run_id"], value_set=pa.array(sorted(jobs), pa.string())))
+    keep = pc.is_in(results["run_id"], value_set=pa.array(sorted(jobs), pa.string()))
+    if "review_id" in results.column_names:  # a review's rows are no run's throughput
+        keep = pc.and_(keep, pc.is_null(results["review_id"]))
+    t = results.select(["run_id", "finished_at", "n_faces"]).filter(keep)
     spans, total = [], 0.0
     for run_id in sorted(set(t["run_id"].to_pylist())):
         rows = t.filter(pc.equal(t["run_id"], run_id))
@@ -166,18 +174,19 @@ def page_data(output_root: str, results: pa.Table) -> dict:
     latest = resume.latest_rows(results)
     images, faces, failed = [], [], []
     if latest.num_rows:
-        cols = [c for c in ("image_id", "uri", "status", "error", "output_uri", "faces", "run_id")
+        cols = [c for c in ("image_id", "uri", "status", "error", "output_uri", "out_sha256", "faces", "run_id")
                 if c in latest.column_names]
         errors = {s.value for s in ERROR_STATUSES}
         for r in latest.select(cols).to_pylist():
             if r["status"] in errors:
-                failed.append([r["image_id"], r["status"], r.get("error"), _link(r["uri"], output_root)])
+                failed.append([r["image_id"], r["status"], r.get("error"), _link(r["uri"], output_root), r["uri"]])
                 continue
             if not r.get("faces"):
                 continue
             k = len(images)
-            images.append([r["image_id"], _link(r["uri"], output_root), _link(r.get("output_uri"), output_root),
-                           r.get("run_id")])
+            # the derivative's sha256 (prefix) goes into each decision: `review apply` refuses stale ones
+            images.append([r["image_id"], _link(r["uri"], output_root), r["uri"],
+                           _link(r.get("output_uri"), output_root), r.get("run_id"), (r.get("out_sha256") or "")[:16]])
             for i, f in enumerate(r["faces"]):
                 sim = f.get("identity_similarity")
                 faces.append([k, i, None if sim is None else round(float(sim), 4), f.get("qa"), f.get("action"),
@@ -185,8 +194,8 @@ def page_data(output_root: str, results: pa.Table) -> dict:
                               _link(f.get("review_after"), output_root)])
     return {"output": output_root, "images": images, "faces": faces, "failed": failed,
             "face_fields": ["image", "face", "similarity", "qa", "action", "review", "before", "after"],
-            "image_fields": ["image_id", "uri", "derivative", "run_id"],
-            "failed_fields": ["image_id", "status", "error", "uri"]}
+            "image_fields": ["image_id", "uri_link", "uri", "derivative_link", "run_id", "derivative_sha256"],
+            "failed_fields": ["image_id", "status", "error", "uri_link", "uri"]}
 
 
 def _models(records: list[dict]) -> str:

@@ -60,7 +60,8 @@ RESULT_SCHEMA = pa.schema(
         ("faces", pa.list_(FACE_TYPE)),
         ("notes", pa.string()),              # e.g. pages dropped from a multi-page TIFF, colour space converted
         ("fingerprint", pa.string()),
-        ("run_id", pa.string()),
+        ("run_id", pa.string()),             # the run (or review) that wrote the derivative's bytes
+        ("review_id", pa.string()),          # the curator review that wrote this row (decisions.py); null: a run
         ("untrained", pa.bool_()),
         ("detect_fingerprint", pa.string()),   # detector settings + weights that found these faces
         ("detect_reused", pa.bool_()),         # faces taken from an earlier result for the same bytes

@@ -119,10 +119,12 @@ def test_rejections_are_matched_by_box_overlap():
 
 def test_decisions_file_csv_and_json():
     csv = b"\xef\xbb\xbfimage_id,face,decision,note\nabc,0,reject,\nabc,1,Accept,fine\n\"x,y\",2,rejected,\n"
-    assert decisions.parse(csv, "d.csv") == {("abc", 0): "rejected", ("abc", 1): "accepted", ("x,y", 2): "rejected"}
-    js = json.dumps({"decisions": [{"image_id": "abc", "face": 0, "decision": "reject"}]}).encode()
-    assert decisions.parse(js, "d.json") == {("abc", 0): "rejected"}
-    assert decisions.parse(b'[{"image_id": "a", "face": "3", "decision": "accept"}]', "x") == {("a", 3): "accepted"}
+    assert decisions.parse(csv, "d.csv") == ({("abc", 0): "rejected", ("abc", 1): "accepted", ("x,y", 2): "rejected"},
+                                             {}, None)
+    js = json.dumps({"output": "s3://m/out", "decisions": [
+        {"image_id": "abc", "face": 0, "decision": "reject", "derivative_sha256": "ABCD"}]}).encode()
+    assert decisions.parse(js, "d.json") == ({("abc", 0): "rejected"}, {"abc": "abcd"}, "s3://m/out")
+    assert decisions.parse(b'[{"image_id": "a", "face": "3", "decision": "accept"}]', "x")[0] == {("a", 3): "accepted"}
 
 
 @pytest.mark.parametrize("data,message", [

@@ -64,7 +64,15 @@ def runs(ray_local, weights_dir, tmp_path_factory):
     assert all(f["qa"] is None for f in by[UNTRAINED[0]]["faces"])
     assert by["broken.jpg"]["status"] == "decode_error"
     assert len(by["whole/codeformer_00.jpg"]["faces"]) == 4 and len(by["whole/facexlib_test.jpg"]["faces"]) == 1
-    return {"out": out, "archive": archive, "cfg_b": b, "rows": by}
+    many, one, passed = by["whole/codeformer_00.jpg"], by["whole/facexlib_test.jpg"], by[PASSED[0]]
+    before = {"many": _pixels(many["output_uri"]), "passed": Path(passed["output_uri"]).read_bytes()}
+    d = base / "decisions.csv"
+    d.write_text("image_id,face,decision\n"
+                 f"{many['image_id']},0,reject\n{many['image_id']},1,accept\n"
+                 f"{one['image_id']},0,reject\n{passed['image_id']},0,accept\n")
+    applied = CliRunner().invoke(cli, ["review", "apply", str(out), str(d)])
+    return {"out": out, "archive": archive, "cfg_b": b, "rows": by, "before": before, "decisions": d,
+            "applied": applied}
 
 
 def _pixels(path) -> np.ndarray:
@@ -84,17 +92,11 @@ def _history(out, image_id):
     return sorted((r for r in t.to_pylist() if r["image_id"] == image_id), key=lambda r: r["finished_at"])
 
 
-def test_review_apply_reverts_rejected_faces_and_records_decisions(runs, tmp_path):
+def test_review_apply_reverts_rejected_faces_and_records_decisions(runs):
     out, archive, rows = runs["out"], runs["archive"], runs["rows"]
     many, one, passed = rows["whole/codeformer_00.jpg"], rows["whole/facexlib_test.jpg"], rows[PASSED[0]]
-    before_many = _pixels(many["output_uri"])
-    passed_bytes = Path(passed["output_uri"]).read_bytes()
-    d = tmp_path / "decisions.csv"
-    d.write_text("image_id,face,decision\n"
-                 f"{many['image_id']},0,reject\n{many['image_id']},1,accept\n"
-                 f"{one['image_id']},0,reject\n{passed['image_id']},0,accept\n")
-
-    r = CliRunner().invoke(cli, ["review", "apply", str(out), str(d)])
+    before_many, passed_bytes = runs["before"]["many"], runs["before"]["passed"]
+    r = runs["applied"]
     assert r.exit_code == 0, r.output
     assert "3 images changed (2 faces reverted, 2 rejected, 2 accepted)" in r.output
 
@@ -116,6 +118,9 @@ def test_review_apply_reverts_rejected_faces_and_records_decisions(runs, tmp_pat
     assert rejected.sum() > 1000 and np.array_equal(now[rejected], master[rejected])
     assert not np.array_equal(before_many[rejected], master[rejected])  # it was restored before
     assert np.array_equal(now[kept], before_many[kept]) and np.array_equal(now[~kept], master[~kept])
+    # Without the masks: only pixels that were restored before may differ from the master now, and fewer do.
+    was, now_changed = (before_many != master).any(-1), (now != master).any(-1)
+    assert not (now_changed & ~was).any() and 1000 < was.sum() - now_changed.sum()
     assert "Xmp.iptcExt.DigitalSourceType" in metadata.read(Path(many["output_uri"]).read_bytes())["xmp"]
 
     # The accepted face of an unchanged image: same bytes, a new row saying so.
@@ -124,7 +129,9 @@ def test_review_apply_reverts_rejected_faces_and_records_decisions(runs, tmp_pat
 
     # History: the run's row and the review's row.
     hist = _history(out, many["image_id"])
-    assert [h["run_id"].startswith("review-") for h in hist] == [False, True]
+    assert [h["review_id"] is not None for h in hist] == [False, True]
+    assert hist[1]["run_id"] == hist[1]["review_id"]  # its bytes are the review's now
+    assert _history(out, passed["image_id"])[-1]["run_id"] == passed["run_id"]  # its bytes are not
     assert [(x["action"], x["review"]) for x in hist[0]["faces"]] == [("restored", None)] * 4
     assert [(x["action"], x["review"]) for x in hist[1]["faces"]] == \
         [("reverted", "rejected"), ("restored", "accepted"), ("restored", None), ("restored", None)]
@@ -138,7 +145,7 @@ def test_review_apply_reverts_rejected_faces_and_records_decisions(runs, tmp_pat
     assert st["faces_by"]["action"]["reverted"] == 2
 
     # The same file again changes nothing.
-    r = CliRunner().invoke(cli, ["review", "apply", str(out), str(d)])
+    r = CliRunner().invoke(cli, ["review", "apply", str(out), str(runs["decisions"])])
     assert r.exit_code == 0 and "0 images changed" in r.output and "3 already as decided" in r.output
     assert len(_history(out, many["image_id"])) == 2
 
@@ -237,8 +244,10 @@ def test_review_page_in_headless_chromium(runs, tmp_path):
     assert r["pass_rows"] == ["pass"] * n_pass
     first, second = r["exported"]
     expect = sorted([(first, "reject"), (second, "accept")])
-    assert r["csv"] == "image_id,face,decision\n" + "".join(
-        f"{k.rsplit('|', 1)[0]},{k.rsplit('|', 1)[1]},{v}\n" for k, v in expect)
+    assert r["csv"] == "image_id,face,decision,derivative_sha256\n" + "".join(
+        "{},{},{},{}\n".format(*k.split("|")[:2], v, k.split("|")[2]) for k, v in expect)
+    latest = {x["image_id"]: x for x in resume.latest_rows(ledger.load_results(str(out), StorageConfig())).to_pylist()}
+    assert all(latest[k.split("|")[0]]["out_sha256"].startswith(k.split("|")[2]) for k, _ in expect)
     assert first in r["rejected_rows"]  # a choice made on the page counts in the decision filter
 
     # A screenshot, kept as the test's artifact.

@@ -1,0 +1,252 @@
+"""`review apply` on outputs built by calling the stages (no Ray): signed outputs, master layouts, clocks,
+interrupted reviews, stale or misdirected files; and the review page's links."""
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from pipeline import decisions, imageio, ledger, provenance, report, resume, runs, storage
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.stages import Compose, DecodeDetect, Restore
+
+from conftest import IMAGES, need, test_overrides
+from test_provenance import make_pki
+
+RUN = "20240101T000000Z-aaaaaa"
+
+
+def _invert(x):
+    return -x  # a visible "restoration" (colours inverted), so a revert is visible too
+
+
+def build(weights_dir, out: Path, files: dict, pki=None, **extra) -> tuple:
+    """An output as a job makes it: DecodeDetect, Restore (GFP-GAN replaced by ``_invert``), Compose, the
+    batch's result file and the run record."""
+    o = {"qa.identity_backend": "onnx", "output.format": "png", **extra}
+    if pki:
+        o.update({"provenance.c2pa": "sign", "provenance.cert_chain": str(pki["chain"]),
+                  "provenance.private_key": str(pki["key"])})
+    cfg = load_config(None, test_overrides(weights_dir, out, **o), environ={})
+    src = next(iter(files.values())).parent
+    batch = {"image_id": np.array(list(files), object), "uri": np.array([str(f) for f in files.values()], object)}
+    restore = Restore(cfg)
+    restore.restorer.forward = _invert
+    material = provenance.load(cfg.provenance, cfg.storage)
+    rows = Compose(cfg, RUN, "fp-test", False, software="archive-restore test", provenance=material)(
+        restore(DecodeDetect(cfg, root=str(src) + "/")(batch)))
+    assert set(rows["status"].to_pylist()) == {"ok"}
+    ledger.write_part(rows, ledger.part_uri(str(out), RUN, rows["image_id"].to_pylist()), cfg.storage)
+    runs.write_record(str(out), {"run_id": RUN, "kind": "job", "state": "finished", "fingerprint": "fp-test",
+                                 "config": cfg.model_dump(mode="json"), "software": "archive-restore test",
+                                 "signing": material.describe() if material else None,
+                                 "started_at": "2024-01-01T00:00:00+00:00", "lease_generation": 0}, cfg.storage)
+    return cfg, {r["image_id"]: r for r in rows.to_pylist()}
+
+
+def _apply(out, lines, cfg, tmp_path, name="d.csv", header="image_id,face,decision"):
+    p = tmp_path / name
+    p.write_text(header + "\n" + "".join(x + "\n" for x in lines))
+    return decisions.apply(str(out), str(p), cfg)
+
+
+def _latest(out, cfg):
+    t = resume.latest_rows(ledger.load_results(str(out), cfg.storage))
+    return {r["image_id"]: r for r in t.to_pylist()}
+
+
+def _px(path):
+    return imageio.decode(Path(path).read_bytes(), 10**9).pixels
+
+
+@pytest.fixture
+def people(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("brad_1.jpg", "nicole_1.jpg"):
+        (src / name).write_bytes(need(IMAGES / "identity" / name).read_bytes())
+    (src / "blake.jpg").write_bytes(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg").read_bytes())  # two faces
+    return {"brad": src / "brad_1.jpg", "nicole": src / "nicole_1.jpg", "blake": src / "blake.jpg"}
+
+
+def test_signed_output_stays_verifiable_through_accepts_and_reverts(weights_dir, people, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, people, pki=pki, **{"output.access_copy": True})
+    assert provenance.verify_output(str(out), cfg.storage, pki["ca"].read_bytes())["valid"] == 6
+    # Accepting changes no file: the row keeps the run that wrote (and signed) the bytes.
+    rec = _apply(out, ["brad,0,accept"], cfg, tmp_path)
+    new = _latest(out, cfg)["brad"]
+    assert (new["run_id"], new["review_id"], new["faces"][0]["review"]) == (RUN, rec["run_id"], "accepted")
+    # Rejecting one of two faces: the derivative is made and signed again by the review.
+    rec = _apply(out, ["blake,0,reject", "nicole,0,reject"], cfg, tmp_path)
+    assert rec["summary"]["faces_reverted"] == 2
+    latest = _latest(out, cfg)
+    assert latest["blake"]["run_id"] == rec["run_id"] and latest["blake"]["c2pa_signed"] is True
+    assert latest["nicole"]["c2pa_signed"] is None  # no restored face left: no credentials, no label
+    assert rec["signing"]["serial"]  # the certificate the review signed with, for `verify`
+    v = provenance.verify_output(str(out), cfg.storage, pki["ca"].read_bytes())
+    assert v["invalid"] == 0 and v["valid"] == 4, v  # brad and blake, each with its access copy
+
+
+def test_an_accept_only_review_needs_no_signing_key(weights_dir, people, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    out = tmp_path / "out"
+    cfg, _ = build(weights_dir, out, {"brad": people["brad"]}, pki=pki)
+    pki["key"].unlink()  # rotated away since the run
+    assert _apply(out, ["brad,0,accept"], cfg, tmp_path)["summary"]["faces_accepted"] == 1
+    # A revert that leaves a face restored must sign again: without the key it is refused before any change.
+    out2 = tmp_path / "out2"
+    cfg2, rows = build(weights_dir, out2, {"blake": people["blake"]}, pki=make_pki(tmp_path / "p2"))
+    (tmp_path / "p2" / "key.pem").unlink()
+    derivative = Path(rows["blake"]["output_uri"]).read_bytes()
+    with pytest.raises(ConfigError, match="key"):
+        _apply(out2, ["blake,0,reject"], cfg2, tmp_path)
+    assert _latest(out2, cfg2)["blake"]["faces"][0]["action"] == "restored"
+    assert Path(rows["blake"]["output_uri"]).read_bytes() == derivative
+    # ... unless the review's own settings name the new key and certificate
+    new = make_pki(tmp_path / "p3")
+    renewed = cfg2.model_copy(update={"provenance": cfg2.provenance.model_copy(
+        update={"cert_chain": str(new["chain"]), "private_key": str(new["key"])})})
+    rec = _apply(out2, ["blake,0,reject"], renewed, tmp_path)
+    assert rec["summary"]["faces_reverted"] == 1 and rec["signing"]["serial"]
+    assert provenance.verify_output(str(out2), cfg2.storage, new["ca"].read_bytes())["invalid"] == 0
+
+
+def _master(tmp_path, name, pixels):
+    src = tmp_path / "masters"
+    src.mkdir(exist_ok=True)
+    path = src / name
+    cv2.imwrite(str(path), pixels)
+    return path
+
+
+@pytest.mark.parametrize("kind,fmt", [("rgba", "jpeg"), ("grey", "webp"), ("rgb16", "jpeg")])
+def test_reverting_works_whatever_the_masters_layout(weights_dir, tmp_path, kind, fmt):
+    bgr = cv2.imread(str(need(IMAGES / "identity/brad_1.jpg")))
+    if kind == "rgba":
+        px = np.dstack([bgr, np.linspace(255, 64, bgr.shape[1]).astype(np.uint8)[None].repeat(bgr.shape[0], 0)])
+    elif kind == "grey":
+        px = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    else:
+        px = bgr.astype(np.uint16) * 257
+    master = _master(tmp_path, "m.png", px)
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"m": master}, **{"output.format": fmt})
+    before = _px(rows["m"]["output_uri"]).astype(int)
+    rec = _apply(out, ["m,0,reject"], cfg, tmp_path)
+    assert rec["summary"]["failed"] == [] and rec["summary"]["faces_reverted"] == 1
+    after = _px(rows["m"]["output_uri"]).astype(int)
+    ref = imageio.to8(px).astype(int)
+    ref = ref[:, :, :3] if ref.ndim == 3 and after.ndim == 3 and after.shape[2] == 3 else ref
+    if ref.ndim == 3 and after.ndim == 2:
+        ref = cv2.cvtColor(ref.astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(int)
+    if ref.ndim == 2 and after.ndim == 3:
+        after = cv2.cvtColor(after.astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(int)
+        before = cv2.cvtColor(before.astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(int)
+    x1, y1, x2, y2 = (int(v) for v in rows["m"]["faces"][0]["bbox"])
+    face = (slice(y1, y2), slice(x1, x2))
+    assert np.abs(before[face] - ref[face]).mean() > 30  # the inverted face was there
+    assert np.abs(after[face] - ref[face]).mean() < 3  # only the lossy format's own error is left
+
+
+def test_a_review_is_latest_even_on_a_machine_whose_clock_is_behind(weights_dir, people, tmp_path):
+    out = tmp_path / "out"
+    cfg, _ = build(weights_dir, out, {"brad": people["brad"]})
+    part = ledger.result_files(str(out), cfg.storage)[0]
+    t = ledger.load_results(str(out), cfg.storage)
+    ahead = pa.array([datetime.now(timezone.utc) + timedelta(hours=2)], pa.timestamp("ms", tz="UTC"))
+    ledger.write_part(t.set_column(t.schema.get_field_index("finished_at"), "finished_at", ahead), part, cfg.storage)
+    rec = _apply(out, ["brad,0,reject"], cfg, tmp_path)
+    latest = _latest(out, cfg)["brad"]
+    assert latest["review_id"] == rec["run_id"] and latest["faces"][0]["action"] == "reverted"
+
+
+def test_an_interrupted_review_is_finished_by_applying_the_file_again(weights_dir, people, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"blake": people["blake"]})
+    restored = Path(rows["blake"]["output_uri"]).read_bytes()
+    real = storage.write_bytes
+
+    def no_derivatives(uri, data, c):
+        if "/images/" in uri:
+            raise OSError("disk full")
+        return real(uri, data, c)
+
+    monkeypatch.setattr(storage, "write_bytes", no_derivatives)
+    rec = _apply(out, ["blake,1,reject"], cfg, tmp_path)
+    assert "apply the same file again" in rec["summary"]["failed"][0]["error"]
+    assert Path(rows["blake"]["output_uri"]).read_bytes() == restored  # the row went first; the file did not
+    assert _latest(out, cfg)["blake"]["faces"][1]["action"] == "reverted"
+    monkeypatch.setattr(storage, "write_bytes", real)
+    rec = _apply(out, ["blake,1,reject"], cfg, tmp_path)
+    assert rec["summary"]["images_finished"] == 1 and rec["summary"]["failed"] == []
+    now, master = _px(rows["blake"]["output_uri"]), _px(people["blake"])
+    old = imageio.decode(restored, 10**9).pixels
+    changed_before, changed_now = (old != master).any(-1), (now != master).any(-1)
+    assert changed_now.sum() < changed_before.sum() * 0.8 and not (changed_now & ~changed_before).any()
+    latest = _latest(out, cfg)["blake"]
+    assert latest["out_sha256"] == hashlib.sha256(Path(rows["blake"]["output_uri"]).read_bytes()).hexdigest()
+    # and once finished, the same file changes nothing
+    assert _apply(out, ["blake,1,reject"], cfg, tmp_path)["summary"]["images_unchanged"] == 1
+
+
+def test_stale_misdirected_and_missing_files_are_refused(weights_dir, people, tmp_path):
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"brad": people["brad"]})
+    sha = rows["brad"]["out_sha256"]
+    with pytest.raises(ConfigError, match="made again since these decisions were taken"):
+        _apply(out, ["brad,0,reject,0000aaaa"], cfg, tmp_path, header="image_id,face,decision,derivative_sha256")
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps({"output": str(tmp_path / "elsewhere"), "decisions": [
+        {"image_id": "brad", "face": 0, "decision": "reject", "derivative_sha256": sha[:16]}]}))
+    with pytest.raises(ConfigError, match="holds decisions for"):
+        decisions.apply(str(out), str(p), cfg)
+    with pytest.raises(ConfigError, match="not found"):
+        decisions.apply(str(out), str(tmp_path / "nope.csv"), cfg)
+    with pytest.raises(ConfigError, match="holds no results"):
+        _apply(tmp_path / "typo", ["brad,0,reject"], cfg, tmp_path)
+    assert not (tmp_path / "typo").exists()  # no lease, no record left in a mistyped folder
+    assert _latest(out, cfg)["brad"]["faces"][0]["review"] is None
+    # the right sha prefix, from the page: applied
+    rec = _apply(out, [f"brad,0,reject,{sha[:16]}"], cfg, tmp_path, header="image_id,face,decision,derivative_sha256")
+    assert rec["summary"]["faces_reverted"] == 1 and rec["run_id"].endswith("-review") and "lease_generation" in rec
+
+
+def test_a_spreadsheets_utf16_export_is_read():
+    data = "image_id,face,decision\r\nabc,0,reject\r\n".encode("utf-16")
+    assert decisions.parse(data, "d.csv")[0] == {("abc", 0): "rejected"}
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        decisions.parse("image_id,face,decision\nä,0,reject\n".encode("latin-1"), "d.csv")
+
+
+def test_status_after_a_review_still_counts_current_images(weights_dir, people, tmp_path):
+    out = tmp_path / "out"
+    cfg, _ = build(weights_dir, out, {"brad": people["brad"]})
+    _apply(out, ["brad,0,reject"], cfg, tmp_path)
+    manifest = pa.table({"image_id": ["brad"], "uri": [str(people["brad"])]})
+    st = report.status(str(out), cfg.storage, manifest, fingerprint=None)
+    assert st["against_manifest"]["current"] == 1 and st["against_manifest"]["outdated"] == 0
+    assert [r["kind"] for r in st["runs"]] == ["job", "review"]
+
+
+def test_the_page_links_only_what_a_browser_may_open():
+    out = "/data/out"
+    assert report._link("/data/out/review/a b#1.jpg/face-0-before.jpg", out) == "../review/a%20b%231.jpg/face-0-before.jpg"
+    assert report._link("/scans/x y.jpg", out) == "file:///scans/x%20y.jpg"
+    assert report._link("https://museum.example/a.jpg", out) == "https://museum.example/a.jpg"
+    for uri in ("javascript://%0aalert(1)", "JavaScript:alert(1)", "data:text/html,x", "s3://bucket/a.jpg", "a.jpg"):
+        assert report._link(uri, out) is None, uri
+    t = pa.Table.from_pylist([{"image_id": "x", "uri": "javascript://%0aalert(document.cookie)", "status": "read_error",
+                               "error": "</script><script>alert(1)</script>", "finished_at": datetime.now(timezone.utc),
+                               "fingerprint": "f"}])
+    data = report.page_data(out, t)
+    assert data["failed"] == [["x", "read_error", "</script><script>alert(1)</script>", None,
+                               "javascript://%0aalert(document.cookie)"]]

@@ -316,18 +316,23 @@ def _actor_pid(name: str) -> int | None:
     return None
 
 
-def _kill_actor(name: str, out: Path, rnd: random.Random, timeout: float) -> int:
+def _kill_actor(name: str, out: Path, rnd: random.Random, timeout: float, running=lambda: True) -> int:
     """SIGKILL the Ray worker that runs the ``name`` actor mid-run: a seeded 0-1 s after the run has written
-    its first derivative, or after the actor has worked 2 s, whichever comes first; 1 if it was killed."""
+    its first derivative, or after the actor has worked 2 s, whichever comes first; 1 if it was killed.
+    The actor is looked for again while the run is ``running`` (on a loaded machine it may be between
+    processes at that moment), so the outcome does not depend on the machine's speed."""
     if not wait_for(lambda: _actor_pid(name) is not None, timeout, every=0.05):
         return 0
     wait_for(lambda: (out / "images").exists() and any((out / "images").rglob("*.*")), 2.0, every=0.05)
     time.sleep(rnd.uniform(0.0, 1.0))
-    pid = _actor_pid(name)
-    if pid is None:
-        return 0
-    os.kill(pid, signal.SIGKILL)
-    return 1
+    deadline = time.monotonic() + timeout
+    while running() and time.monotonic() < deadline:
+        pid = _actor_pid(name)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            return 1
+        time.sleep(0.05)
+    return 0
 
 
 def actor_kill(work: Path, seed: int = 0, n: int = 48, actor: str = "DecodeDetect") -> Outcome:
@@ -338,7 +343,7 @@ def actor_kill(work: Path, seed: int = 0, n: int = 48, actor: str = "DecodeDetec
     o = Outcome(f"{actor} actor SIGKILL", 0, n, 0, 0, 0, 0)
     view = LocalOutput(out)
     p = start(run_args(str(manifest), str(out), work), log=work / "runs.log")
-    o.injected = _kill_actor(actor, out, random.Random(seed), 300)
+    o.injected = _kill_actor(actor, out, random.Random(seed), 300, running=lambda: p.poll() is None)
     records = runs.read_records(str(out), StorageConfig())
     if o.injected and records and records[-1]["state"] != "running":
         o.problems.append("the actor was killed after the run had ended")

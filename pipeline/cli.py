@@ -192,6 +192,8 @@ def status(output: str, manifest: str | None, as_json: bool, config_path: str | 
                       + (", before the latest run" if stale else "")
                       + f"): {last['valid']} valid, {last['invalid']} invalid"
                       if last else "; not verified yet (archive-restore verify)"))
+    for r in st["unfinished_reviews"]:
+        click.echo(f"  review {r} did not finish writing its files: apply any decisions file to finish it")
     for what, counts in st["faces_by"].items():
         if counts:
             click.echo(f"  faces by {what:<9}" + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -307,6 +309,8 @@ def review_apply(output: str, decisions: str, config_path: str | None, s3_endpoi
                f"reverted, {s['faces_rejected']} rejected, {s['faces_accepted']} accepted), "
                f"{s['images_unchanged']} already as decided, {s['images_finished']} finished from an interrupted "
                f"review, {len(s['failed'])} failed")
+    for w in s["warnings"]:
+        click.echo(f"warning: {w}")
     for f in s["failed"]:
         click.echo(f"FAILED {f['image_id']}: {f['error']}")
     if s["failed"]:

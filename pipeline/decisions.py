@@ -22,10 +22,13 @@ contradictions, stale decisions, or an acceptance of a face an earlier decision 
 restoration is no longer in the derivative) refuse it, naming each line. The review holds the output's
 lease like a run, so it never races a job, and is recorded in ``_runs/<review id>.json``.
 
-Crash safety: for each group of images the rows are written first, then the files, so the ledger never
-lags behind the files it describes. A review killed in between leaves derivatives whose bytes differ from
-their (review) rows; applying the same file again finishes them: a review only ever removes restorations,
-so the old derivative still holds every face the row keeps.
+Crash safety: for each group of images the rows are written first, then the files (the derivative
+last), and the review's record names the group (``in_flight``) before its rows land, so the ledger never
+lags behind the files it describes and a file that could not be written is known. The next review,
+whatever its file (even one with only its header line), checks those images and finishes any whose
+derivative is not the one its row describes: a review only ever removes restorations, so the old
+derivative still holds every face the row keeps. ``status`` and the report say when a review is
+unfinished.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def parse(data: bytes, name: str) -> tuple[dict[tuple[str, int], str], dict[str,
         if not isinstance(x, dict):
             problems.append(f"line {line}: not an object")
             continue
-        image_id, face, verb = str(x.get("image_id") or "").strip(), x.get("face"), str(x.get("decision") or "")
+        image_id, face, verb = str(x.get("image_id") or ""), x.get("face"), str(x.get("decision") or "")
         try:
             face = int(str(face).strip())
             if face < 0:
@@ -127,8 +130,18 @@ def _refusal(name: str, problems: list[str]) -> str:
     return f"{name}: nothing was applied: " + "; ".join(problems[:10]) + more
 
 
-def _changes(latest: dict[str, dict], by_image: dict[str, dict[int, str]], shas: dict[str, str],
-             name: str) -> dict[str, list[dict]]:
+def _stale(history: list[dict], sha: str) -> bool:
+    """Whether a decision taken on the derivative with sha256 ``sha`` (a prefix) no longer applies: no row of
+    the image has it, or a run has made the image again since (reviews since then are fine: they only
+    revert faces, and applying the same file again must work)."""
+    for i in range(len(history) - 1, -1, -1):
+        if (history[i].get("out_sha256") or "").startswith(sha):
+            return any(not r.get("review_id") for r in history[i + 1:])
+    return True
+
+
+def _changes(latest: dict[str, dict], history: dict[str, list[dict]], by_image: dict[str, dict[int, str]],
+             shas: dict[str, str], name: str) -> dict[str, list[dict]]:
     """Each decided image's faces as the decisions make them; ConfigError listing every decision that cannot
     be applied."""
     problems, faces_of = [], {}
@@ -138,7 +151,7 @@ def _changes(latest: dict[str, dict], by_image: dict[str, dict[int, str]], shas:
             problems.append(f"{image_id}: no result for this image in the output")
             continue
         sha = shas.get(image_id)
-        if sha and not (row.get("out_sha256") or "").startswith(sha):
+        if sha and _stale(history[image_id], sha):
             problems.append(f"{image_id}: its derivative was made again since these decisions were taken "
                             f"(sha256 {(row.get('out_sha256') or '')[:16]}, not {sha[:16]}): review it again")
             continue
@@ -235,15 +248,15 @@ def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative
 
 class _Composers:
     """One Compose stage per fingerprint, with the settings of the run that made those derivatives; signing
-    material is loaded only for a derivative that is signed again (an accept-only review needs none), from
-    the review's own settings when they name a certificate (rotated or renewed keys), else the run's."""
+    material for the derivatives a review signs again, from the review's own settings when they name a
+    certificate (rotated or renewed keys), else the run's: loaded (``prepare``) before anything is written."""
 
     def __init__(self, records: dict[str, dict], cfg: RunConfig, out: str, review_id: str, fence):
         self.records, self.cfg, self.out, self.review_id, self.fence = records, cfg, out, review_id, fence
         self.stages: dict = {}
         self.signing: dict | None = None
 
-    def get(self, fingerprint: str, signs: bool):
+    def get(self, fingerprint: str):
         from .stages import Compose
 
         if fingerprint not in self.stages:
@@ -252,12 +265,22 @@ class _Composers:
                                                 "output": {**rec["config"]["output"], "root": self.out}})
             self.stages[fingerprint] = Compose(run_cfg, self.review_id, fingerprint, bool(rec.get("untrained")),
                                                software=_software(rec, run_cfg), fence=self.fence)
-        stage = self.stages[fingerprint]
-        if signs and stage.provenance is None and stage.cfg.provenance.c2pa == "sign":
+        return self.stages[fingerprint]
+
+    def prepare(self, fingerprints: set[str]) -> None:
+        """Signing material for the derivatives of ``fingerprints`` that will be signed again; one certificate
+        per review (its record names it, for ``verify``)."""
+        for fp in sorted(fingerprints):
+            stage = self.get(fp)
+            if stage.cfg.provenance.c2pa != "sign":
+                continue
             p = self.cfg.provenance if self.cfg.provenance.cert_chain else stage.cfg.provenance
             stage.provenance = provenance.load(p.model_copy(update={"c2pa": "sign"}), self.cfg.storage)
-            self.signing = stage.provenance.describe()
-        return stage
+            described = stage.provenance.describe()
+            if self.signing and self.signing.get("serial") != described.get("serial"):
+                raise ConfigError("the derivatives to sign again were signed with different certificates; name "
+                                  "the one to use: --set provenance.cert_chain=... --set provenance.private_key=...")
+            self.signing = described
 
 
 def _read(uri: str, cfg: RunConfig) -> bytes:
@@ -265,6 +288,14 @@ def _read(uri: str, cfg: RunConfig) -> bytes:
         return storage.read_bytes(uri, cfg.storage)
     except FileNotFoundError:
         raise ConfigError(f"{uri} not found") from None
+
+
+def _unfinished_reviews(out: str, cfg: RunConfig, review_id: str) -> tuple[list[dict], set[str]]:
+    """Earlier reviews that did not finish writing files (their record's ``in_flight``): the records and
+    the images to check."""
+    recs = [r for r in runs.read_records(out, cfg.storage)
+            if r.get("kind") == "review" and r.get("in_flight") and r.get("run_id") != review_id]
+    return recs, {i for r in recs for i in r["in_flight"]}
 
 
 def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
@@ -287,8 +318,8 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
         raise StorageError(f"cannot take the output's lease in {out!r}: {type(e).__name__}: {e}") from None
     record = {"run_id": review_id, "kind": "review", "state": "running", "started_at": runs.now_iso(),
               "output": out, "decisions": decisions_uri, "decisions_sha256": hashlib.sha256(data).hexdigest(),
-              "decided": len(decided), "lease_generation": lease.generation}
-    composers = None
+              "decided": len(decided), "lease_generation": lease.generation, "in_flight": []}
+    composers, wrote = None, False
     try:
         if lease.taken_over:
             runs.mark_killed(out, lease.taken_over, review_id, cfg.storage)
@@ -297,35 +328,51 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
         runs.write_record(out, record, cfg.storage)
         lease.start()
         lease.settle(cfg.cluster.takeover_grace_s)
-        wanted = pa.array(sorted(by_image), pa.string())
+        earlier, check = _unfinished_reviews(out, cfg, review_id)
+        wanted = pa.array(sorted(set(by_image) | check), pa.string())
         rows = ledger.load_results(out, cfg.storage,
                                    transform=lambda t: t.filter(pc.is_in(t["image_id"], value_set=wanted)))
-        latest_table = resume.latest_rows(rows)
-        latest = {r["image_id"]: r for r in latest_table.to_pylist()} if latest_table.num_rows else {}
-        faces_of = _changes(latest, by_image, shas, decisions_uri)
+        history: dict[str, list[dict]] = defaultdict(list)
+        for r in sorted(rows.to_pylist(), key=lambda r: r["finished_at"]):
+            history[r["image_id"]].append(r)
+        latest = {i: h[-1] for i, h in history.items()}
+        faces_of = _changes(latest, history, by_image, shas, decisions_uri)
+        unfinished = _check_unfinished(check & set(latest), latest, cfg)
+        for image_id in unfinished:
+            faces_of.setdefault(image_id, [dict(f) for f in latest[image_id]["faces"]])
         records = _job_records(out, cfg)
         missing = sorted({latest[i]["fingerprint"] for i in faces_of} - set(records))
         if missing:
             raise ConfigError(f"no run record holds the settings of fingerprint(s) {', '.join(missing)} (in "
                               f"{runs.runs_dir(out)}): cannot encode those derivatives again")
-        schema = pa.schema(list(RESULT_SCHEMA) + [f for f in latest_table.schema if f.name not in RESULT_SCHEMA.names])
         fence = lease.fence()
         composers = _Composers(records, cfg, out, review_id, fence)
+        recompose = {i for i, faces in faces_of.items() if i in unfinished or _reverts(latest[i], faces)}
+        composers.prepare({latest[i]["fingerprint"] for i in recompose
+                           if any(f.get("action") == "restored" for f in faces_of[i])})
+        record["signing"] = composers.signing  # what `verify` checks re-signed derivatives against
+        schema = pa.schema(list(RESULT_SCHEMA) + [f for f in rows.schema if f.name not in RESULT_SCHEMA.names])
         summary = {"images_changed": 0, "images_unchanged": 0, "images_finished": 0, "faces_reverted": 0,
-                   "faces_rejected": 0, "faces_accepted": 0, "failed": []}
-        ids = list(faces_of)
+                   "faces_rejected": 0, "faces_accepted": 0, "failed": [], "warnings": []}
+        ids, left = list(faces_of), []
         for start in range(0, len(ids), _GROUP):
-            _apply_group(ids[start:start + _GROUP], latest, faces_of, by_image, composers, schema, review_id,
-                         out, cfg, fence, summary)
+            group = ids[start:start + _GROUP]
+            record["in_flight"] = left + group  # rows may land before files: the next review checks these
+            runs.write_record(out, record, cfg.storage)
+            wrote = True
+            left += _apply_group(group, latest, faces_of, by_image, recompose, composers, schema, review_id, out,
+                                 cfg, fence, summary)
+        record["in_flight"] = left  # rows written whose files are not: for the next review to finish
+        runs.write_record(out, record, cfg.storage)
+        for r in earlier:  # their images are settled now
+            runs.write_record(out, {**r, "in_flight": [], "finished_by": review_id}, cfg.storage)
         record.update(state="finished", finished_at=runs.now_iso(), summary=summary)
-    except BaseException as e:  # a refused file (ConfigError) changed nothing
-        record.update(state="refused" if isinstance(e, ConfigError) else "failed", error=f"{type(e).__name__}: {e}",
-                      finished_at=runs.now_iso())
+    except BaseException as e:  # a refused file changed nothing (the refusal comes before any write)
+        record.update(state="refused" if isinstance(e, ConfigError) and not wrote else "failed",
+                      error=f"{type(e).__name__}: {e}", finished_at=runs.now_iso())
         raise
     finally:
         lease.stop()
-        if composers is not None and composers.signing:
-            record["signing"] = composers.signing  # what `verify` checks re-signed derivatives against
         try:
             runs.write_record(out, record, cfg.storage)
         finally:
@@ -333,45 +380,53 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
     return record
 
 
-def _apply_group(ids, latest, faces_of, by_image, composers, schema, review_id, out, cfg, fence, summary) -> None:
-    """One group: new rows and files in memory, then the rows, then the files (see the module docstring)."""
-    pending, files = [], {}
+def _reverts(old: dict, faces: list[dict]) -> int:
+    return sum(a.get("action") != b.get("action") for a, b in zip(old["faces"] or [], faces))
+
+
+def _check_unfinished(ids: set[str], latest: dict[str, dict], cfg: RunConfig) -> set[str]:
+    """Of the images an earlier review left in flight, those whose derivative is not the one their row
+    describes (its rows landed, its files did not)."""
+    out = set()
+    for image_id in sorted(ids):
+        row = latest[image_id]
+        if not row.get("review_id") or not row.get("output_uri"):
+            continue  # that review's row never landed: nothing of it was written
+        try:
+            current = storage.read_bytes(row["output_uri"], cfg.storage)
+        except FileNotFoundError:
+            current = b""
+        if hashlib.sha256(current).hexdigest() != row.get("out_sha256"):
+            out.add(image_id)
+    return out
+
+
+def _apply_group(ids, latest, faces_of, by_image, recompose, composers, schema, review_id, out, cfg, fence,
+                 summary) -> list[str]:
+    """One group: new rows and files in memory, then the rows, then the files (see the module docstring).
+    Returns the images whose rows were written but whose files could not be."""
+    pending, files, counts = [], {}, {}
     for image_id in ids:
         old, faces = latest[image_id], faces_of[image_id]
-        row = dict(old)
-        reverts = sum(a.get("action") != b.get("action") for a, b in zip(old["faces"], faces))
-        current = None
-        if old.get("review_id") or reverts:  # a review's derivative may be one it did not finish writing
-            try:
-                current = storage.read_bytes(old["output_uri"], cfg.storage)
-            except Exception as e:
-                summary["failed"].append({"image_id": image_id, "error": f"cannot read the derivative: "
-                                          f"{type(e).__name__}: {e}"})
-                continue
-        unfinished = current is not None and hashlib.sha256(current).hexdigest() != old.get("out_sha256")
-        if unfinished and not old.get("review_id"):
-            summary["failed"].append({"image_id": image_id, "error": "the derivative differs from its result row "
-                                      "(changed outside archive-restore?): not overwritten"})
-            continue
-        if faces == old["faces"] and not unfinished:
+        if image_id not in recompose and faces == old["faces"]:
             summary["images_unchanged"] += 1
             continue
+        row = dict(old)
         t0 = time.perf_counter()
-        if reverts or unfinished:
-            remaining = any(f.get("action") == "restored" for f in faces)
+        if image_id in recompose:
+            compose = composers.get(old["fingerprint"])
+            compose.deferred = []
             try:
-                compose = composers.get(old["fingerprint"], signs=remaining)
-                compose.deferred = []
+                current = storage.read_bytes(old["output_uri"], cfg.storage)
                 _recompose(row, faces, compose, cfg, current)
                 files[image_id] = compose.deferred
-            except (Fenced, provenance.SigningExpired, provenance.ProvenanceError):
+            except (Fenced, provenance.SigningExpired):
                 raise
             except Exception as e:  # this image keeps its current row and derivative
                 log.exception("recomposing %s failed", image_id)
                 _error(row, Status.WRITE_ERROR, f"cannot recompose: {type(e).__name__}: {e}")
             finally:
-                if composers.stages.get(old["fingerprint"]) is not None:
-                    composers.stages[old["fingerprint"]].deferred = None
+                compose.deferred = None
             if row["status"] != Status.OK.value:
                 summary["failed"].append({"image_id": image_id, "error": row["error"]})
                 files.pop(image_id, None)
@@ -381,30 +436,43 @@ def _apply_group(ids, latest, faces_of, by_image, composers, schema, review_id, 
         for k in ("_faces", "src_bytes", "src_format"):
             row.pop(k, None)
         decided = ", ".join(f"{i} {d}" for i, d in sorted(by_image.get(image_id, {}).items()))
-        row["notes"] = "; ".join(x for x in (old.get("notes"), f"curator review {review_id}: face {decided}") if x)
+        note = f"curator review {review_id}: " + (f"face {decided}" if decided else "finished an interrupted review")
+        row["notes"] = "; ".join(x for x in (old.get("notes"), note) if x)
         # Latest by finish time: never earlier than the row it replaces, whatever this machine's clock says.
-        now = datetime.now(timezone.utc)
-        prior = old["finished_at"]
+        now, prior = datetime.now(timezone.utc), old["finished_at"]
         row.update(review_id=review_id, compose_s=time.perf_counter() - t0,
                    finished_at=max(now, prior + timedelta(milliseconds=1)) if prior else now)
         pending.append(row)
-        summary["images_changed" if faces != old["faces"] else "images_finished"] += 1
-        summary["faces_reverted"] += reverts
-        for verb in ("rejected", "accepted"):  # newly decided faces only
-            summary[f"faces_{verb}"] += sum(a.get("review") != verb and b.get("review") == verb
-                                            for a, b in zip(old["faces"], faces))
+        counts[image_id] = (faces != old["faces"], _reverts(old, faces),
+                            *(sum(a.get("review") != verb and b.get("review") == verb
+                                  for a, b in zip(old["faces"], faces)) for verb in ("rejected", "accepted")))
     if not pending:
-        return
+        return []
     fence.check()
     ledger.write_part(pa.Table.from_pylist(pending, schema=schema),
                       ledger.part_uri(out, review_id, [r["image_id"] for r in pending]), cfg.storage)
-    for image_id, writes in files.items():
-        try:  # the derivative last: when its bytes match its row, so do its access copy and crops
-            for uri, _, payload in sorted(writes, key=lambda w: w[1] == "images"):
+    left = []
+    for row in pending:
+        image_id = row["image_id"]
+        try:  # the derivative last: when its bytes match its row, so do its access copy
+            for uri, area, payload in sorted(files.get(image_id, []), key=lambda w: w[1] == "images"):
                 fence.check()
-                storage.write_bytes(uri, payload, cfg.storage)
+                try:
+                    storage.write_bytes(uri, payload, cfg.storage)
+                except Exception as e:
+                    if area != "review":
+                        raise
+                    summary["warnings"].append(f"{image_id}: review crop not written ({type(e).__name__}: {e})")
         except Fenced:
             raise
         except Exception as e:
             summary["failed"].append({"image_id": image_id, "error": f"{type(e).__name__}: {e}; its row is written: "
-                                      "apply the same file again to finish it"})
+                                      "apply any decisions file to finish it"})
+            left.append(image_id)
+            continue
+        changed, reverted, rejected, accepted = counts[image_id]
+        summary["images_changed" if changed else "images_finished"] += 1
+        summary["faces_reverted"] += reverted
+        summary["faces_rejected"] += rejected
+        summary["faces_accepted"] += accepted
+    return left

@@ -6,7 +6,9 @@ face in a 40 MP scan costs the same as one in a 1 MP photo.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -52,7 +54,6 @@ class FaceDetector:
             self.net.load_state_dict(sd, strict=True)
         self.net.eval()
 
-    @torch.inference_mode()
     def detect(self, img_bgr: np.ndarray) -> tuple[list[Face], int]:
         """Faces above threshold, best first, capped at ``max_faces``; also how many were skipped (too small,
         or beyond the cap)."""
@@ -62,7 +63,7 @@ class FaceDetector:
             scale = self.cfg.long_side / max(h, w)
             img_bgr = cv2.resize(img_bgr, (max(1, round(w * scale)), max(1, round(h * scale))),
                                  interpolation=cv2.INTER_AREA)
-        dets = self.net.detect_faces(img_bgr, conf_threshold=self.cfg.threshold, nms_threshold=self.cfg.nms_threshold)
+        dets = self._detect_faces(img_bgr)
         faces, too_small = [], 0
         for d in dets:
             face = Face(bbox=(d[:4] / scale).astype(np.float32), score=float(d[4]),
@@ -73,6 +74,48 @@ class FaceDetector:
             faces.append(face)
         faces.sort(key=lambda f: -f.score)
         return faces[: self.cfg.max_faces], too_small + max(0, len(faces) - self.cfg.max_faces)
+
+    @torch.inference_mode()
+    def _detect_faces(self, img_bgr: np.ndarray) -> np.ndarray:
+        """facexlib's ``RetinaFace.detect_faces`` at the image's own size (its outputs, to the bit: tested),
+        with the prior boxes cached per input size instead of rebuilt by a Python loop on every call (about
+        30% of a mobile0.25 detection measured on a 1,600 px copy); rows: x1, y1, x2, y2, score, 5 landmarks."""
+        from facexlib.detection.retinaface_utils import decode, decode_landm, py_cpu_nms
+
+        h, w = img_bgr.shape[:2]
+        x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0) - self.net.mean_tensor
+        loc, conf, landmarks = self.net(x)
+        variance = self.net.cfg["variance"]
+        priors = prior_boxes(self.net.cfg, h, w)
+        scale = torch.tensor([w, h] * 2, dtype=torch.float32)
+        boxes = (decode(loc.squeeze(0), priors, variance) * scale).numpy()
+        scores = conf.squeeze(0)[:, 1].numpy()
+        landms = (decode_landm(landmarks.squeeze(0), priors, variance) * torch.tensor([w, h] * 5,
+                                                                                      dtype=torch.float32)).numpy()
+        keep = np.where(scores > self.cfg.threshold)[0]
+        order = keep[scores[keep].argsort(kind="quicksort")[::-1]]
+        dets = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
+        nms = py_cpu_nms(dets, self.cfg.nms_threshold)
+        return np.concatenate((dets[nms, :], landms[order][nms]), axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _prior_boxes(min_sizes: tuple, steps: tuple, clip: bool, h: int, w: int) -> torch.Tensor:
+    rows = []
+    for sizes, step in zip(min_sizes, steps):
+        fh, fw = math.ceil(h / step), math.ceil(w / step)
+        i, j = np.meshgrid(np.arange(fh, dtype=np.float64), np.arange(fw, dtype=np.float64), indexing="ij")
+        cx, cy = ((j.ravel() + 0.5) * step / w), ((i.ravel() + 0.5) * step / h)  # as facexlib's float64 loop
+        per = [np.stack([cx, cy, np.full_like(cx, s / w), np.full_like(cx, s / h)], 1) for s in sizes]
+        rows.append(np.stack(per, 1).reshape(-1, 4))  # cell by cell, each cell's sizes in order
+    out = torch.from_numpy(np.concatenate(rows).astype(np.float32))
+    return out.clamp_(0, 1) if clip else out
+
+
+def prior_boxes(cfg: dict, h: int, w: int) -> torch.Tensor:
+    """RetinaFace's anchor boxes for an ``h`` x ``w`` input, equal to facexlib's ``PriorBox(cfg).forward()``
+    (vectorised, and cached: an archive's detection copies come in few sizes). Read-only."""
+    return _prior_boxes(tuple(map(tuple, cfg["min_sizes"])), tuple(cfg["steps"]), bool(cfg["clip"]), h, w)
 
 
 def align_matrix(landmarks: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
         results = ledger.load_results(output_root, cfg, columns=ledger.LEDGER_COLUMNS + ["n_faces", "run_id",
                                                                                       "c2pa_signed", "faces"])
     latest = resume.latest_rows(results)
+    records = runs.read_records(output_root, cfg)
     out = {
         "output": output_root,
         "images": latest.num_rows,
@@ -49,12 +50,13 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
         "faces": int(pc.sum(latest["n_faces"]).as_py() or 0) if latest.num_rows else 0,
         "runs": [{"kind": r.get("kind", "job"), **{k: r.get(k) for k in ("run_id", "state", "fingerprint",
                                                                          "started_at", "finished_at", "summary")}}
-                 for r in runs.read_records(output_root, cfg)],
+                 for r in records],
         "signed": int(pc.sum(pc.cast(pc.fill_null(latest["c2pa_signed"], False), pa.int64())).as_py() or 0)
         if latest.num_rows and "c2pa_signed" in latest.column_names else 0,
         "verification": provenance.last_verification(output_root, cfg),
         "faces_by": face_counts(latest),
     }
+    out["unfinished_reviews"] = [r["run_id"] for r in records if r.get("kind") == "review" and r.get("in_flight")]
     if manifest is not None:
         # Without a fingerprint from the caller, "current" means: made with the latest run's settings.
         jobs = [r for r in out["runs"] if r["kind"] == "job" and r.get("fingerprint")]
@@ -225,6 +227,10 @@ def render_html(output_root: str, cfg: StorageConfig) -> str:
                   f'were made with seeded random weights, not a trained model (runs: '
                   f'{esc(", ".join(map(str, untrained_runs)) or "see the results")}). Their derivatives are NOT '
                   'restorations and must not enter the archive.</div>')
+    if st["unfinished_reviews"]:
+        banner += (f'<div id="unfinished-banner" class="banner">Review(s) {esc(", ".join(st["unfinished_reviews"]))} '
+                   'did not finish writing their files: some derivatives may still show faces their rows say were '
+                   'reverted. Run <code>archive-restore review apply</code> with any decisions file to finish.</div>')
     by_status = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in st["by_status"].items())
     fb = st["faces_by"]
     face_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(', '.join(f'{a} {b}' for a, b in v.items()) or '-')}</td>"

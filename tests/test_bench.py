@@ -56,3 +56,14 @@ def test_review_cost_prints_its_figures():
     figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     assert set(figures) == {"review_crops_ms_per_face", "compose_share"}
     assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
+
+
+def test_cpu_side_prints_its_figures():
+    need(SHARED / "models/detection_mobilenet0.25_Final.pth")
+    r = subprocess.run([sys.executable, "bench/cpu_side.py", "--mp", "12", "--formats", "jpeg", "--repeats", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
+    assert set(figures) == {"cpu_ms_per_12mp_jpeg", "cores_per_h100"}
+    assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
+    assert "baseline.detect_facexlib" in r.stdout and "c.review_crops" in r.stdout

@@ -70,7 +70,7 @@ def _px(path):
 def people(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    for name in ("brad_1.jpg", "nicole_1.jpg"):
+    for name in ("brad_1.jpg", "nicole_1.jpg"):  # one face each
         (src / name).write_bytes(need(IMAGES / "identity" / name).read_bytes())
     (src / "blake.jpg").write_bytes(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg").read_bytes())  # two faces
     return {"brad": src / "brad_1.jpg", "nicole": src / "nicole_1.jpg", "blake": src / "blake.jpg"}
@@ -109,6 +109,7 @@ def test_an_accept_only_review_needs_no_signing_key(weights_dir, people, tmp_pat
     derivative = Path(rows["blake"]["output_uri"]).read_bytes()
     with pytest.raises(ConfigError, match="key"):
         _apply(out2, ["blake,0,reject"], cfg2, tmp_path)
+    assert [r["state"] for r in runs.read_records(str(out2), cfg2.storage) if r.get("kind") == "review"] == ["refused"]
     assert _latest(out2, cfg2)["blake"]["faces"][0]["action"] == "restored"
     assert Path(rows["blake"]["output_uri"]).read_bytes() == derivative
     # ... unless the review's own settings name the new key and certificate
@@ -128,33 +129,39 @@ def _master(tmp_path, name, pixels):
     return path
 
 
-@pytest.mark.parametrize("kind,fmt", [("rgba", "jpeg"), ("grey", "webp"), ("rgb16", "jpeg")])
+@pytest.mark.parametrize("kind,fmt", [("rgba", "jpeg"), ("grey", "webp"), ("rgb16", "jpeg"), ("grey16", "png"),
+                                      ("rgba", "same")])
 def test_reverting_works_whatever_the_masters_layout(weights_dir, tmp_path, kind, fmt):
-    bgr = cv2.imread(str(need(IMAGES / "identity/brad_1.jpg")))
-    if kind == "rgba":
-        px = np.dstack([bgr, np.linspace(255, 64, bgr.shape[1]).astype(np.uint8)[None].repeat(bgr.shape[0], 0)])
-    elif kind == "grey":
-        px = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    else:
-        px = bgr.astype(np.uint16) * 257
+    bgr = cv2.imread(str(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg")))  # two faces: one rejected, one kept
+    alpha = np.linspace(255, 64, bgr.shape[1]).astype(np.uint8)[None].repeat(bgr.shape[0], 0)
+    px = {"rgba": lambda: np.dstack([bgr, alpha]), "grey": lambda: cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY),
+          "rgb16": lambda: bgr.astype(np.uint16) * 257,
+          "grey16": lambda: cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257}[kind]()
     master = _master(tmp_path, "m.png", px)
     out = tmp_path / "out"
     cfg, rows = build(weights_dir, out, {"m": master}, **{"output.format": fmt})
-    before = _px(rows["m"]["output_uri"]).astype(int)
+    before = _px(rows["m"]["output_uri"]).astype(np.float64)
     rec = _apply(out, ["m,0,reject"], cfg, tmp_path)
     assert rec["summary"]["failed"] == [] and rec["summary"]["faces_reverted"] == 1
-    after = _px(rows["m"]["output_uri"]).astype(int)
-    ref = imageio.to8(px).astype(int)
-    ref = ref[:, :, :3] if ref.ndim == 3 and after.ndim == 3 and after.shape[2] == 3 else ref
-    if ref.ndim == 3 and after.ndim == 2:
-        ref = cv2.cvtColor(ref.astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(int)
-    if ref.ndim == 2 and after.ndim == 3:
-        after = cv2.cvtColor(after.astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(int)
-        before = cv2.cvtColor(before.astype(np.uint8), cv2.COLOR_BGR2GRAY).astype(int)
-    x1, y1, x2, y2 = (int(v) for v in rows["m"]["faces"][0]["bbox"])
-    face = (slice(y1, y2), slice(x1, x2))
-    assert np.abs(before[face] - ref[face]).mean() > 30  # the inverted face was there
-    assert np.abs(after[face] - ref[face]).mean() < 3  # only the lossy format's own error is left
+    after = _px(rows["m"]["output_uri"]).astype(np.float64)
+    ref = imageio.decode(master.read_bytes(), 10**9).pixels.astype(np.float64)
+    if after.dtype != ref.dtype or after.max() <= 255 < ref.max():
+        ref = ref / 257
+    if ref.ndim == 3 and after.ndim == 3 and after.shape[2] != ref.shape[2]:
+        ref = ref[:, :, :after.shape[2]]
+    if ref.ndim == 2 and after.ndim == 3:  # a grey master written in a colour format
+        after, before = after[:, :, 1], before[:, :, 1]
+    lossy = fmt in ("jpeg", "webp")
+
+    def region(face):
+        x1, y1, x2, y2 = (int(v) for v in face["bbox"])
+        return slice(y1, y2), slice(x1, x2)
+    gone, kept = region(rows["m"]["faces"][0]), region(rows["m"]["faces"][1])
+    assert np.abs(before[gone] - ref[gone]).mean() > 30 * (257 if ref.max() > 255 else 1)  # it was restored
+    assert np.abs(after[gone] - ref[gone]).mean() < (3 if lossy else 1e-9) * (257 if ref.max() > 255 else 1)
+    assert np.abs(after[kept] - before[kept]).mean() < (3 if lossy else 1e-9) * (257 if ref.max() > 255 else 1)
+    if after.ndim == 3 and after.shape[2] == 4:
+        assert np.array_equal(after[:, :, 3], ref[:, :, 3])  # the master's alpha, untouched
 
 
 def test_a_review_is_latest_even_on_a_machine_whose_clock_is_behind(weights_dir, people, tmp_path):
@@ -169,10 +176,11 @@ def test_a_review_is_latest_even_on_a_machine_whose_clock_is_behind(weights_dir,
     assert latest["review_id"] == rec["run_id"] and latest["faces"][0]["action"] == "reverted"
 
 
-def test_an_interrupted_review_is_finished_by_applying_the_file_again(weights_dir, people, tmp_path, monkeypatch):
+def test_an_interrupted_review_is_finished_by_the_next_apply(weights_dir, people, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg, rows = build(weights_dir, out, {"blake": people["blake"]})
     restored = Path(rows["blake"]["output_uri"]).read_bytes()
+    sha = rows["blake"]["out_sha256"][:16]
     real = storage.write_bytes
 
     def no_derivatives(uri, data, c):
@@ -181,13 +189,18 @@ def test_an_interrupted_review_is_finished_by_applying_the_file_again(weights_di
         return real(uri, data, c)
 
     monkeypatch.setattr(storage, "write_bytes", no_derivatives)
-    rec = _apply(out, ["blake,1,reject"], cfg, tmp_path)
-    assert "apply the same file again" in rec["summary"]["failed"][0]["error"]
+    page = ["image_id,face,decision,derivative_sha256", f"blake,1,reject,{sha}"]  # as the page exports it
+    rec = _apply(out, page[1:], cfg, tmp_path, header=page[0])
+    assert "apply any decisions file to finish it" in rec["summary"]["failed"][0]["error"]
+    assert rec["in_flight"] == ["blake"]  # the record says which images may be unfinished
+    assert report.status(str(out), cfg.storage)["unfinished_reviews"] == [rec["run_id"]]
     assert Path(rows["blake"]["output_uri"]).read_bytes() == restored  # the row went first; the file did not
     assert _latest(out, cfg)["blake"]["faces"][1]["action"] == "reverted"
     monkeypatch.setattr(storage, "write_bytes", real)
-    rec = _apply(out, ["blake,1,reject"], cfg, tmp_path)
-    assert rec["summary"]["images_finished"] == 1 and rec["summary"]["failed"] == []
+    # Any later review finishes it; here the same page export, which must still apply.
+    rec2 = _apply(out, page[1:], cfg, tmp_path, header=page[0])
+    assert rec2["summary"]["images_finished"] == 1 and rec2["summary"]["failed"] == []
+    assert report.status(str(out), cfg.storage)["unfinished_reviews"] == []
     now, master = _px(rows["blake"]["output_uri"]), _px(people["blake"])
     old = imageio.decode(restored, 10**9).pixels
     changed_before, changed_now = (old != master).any(-1), (now != master).any(-1)
@@ -195,7 +208,34 @@ def test_an_interrupted_review_is_finished_by_applying_the_file_again(weights_di
     latest = _latest(out, cfg)["blake"]
     assert latest["out_sha256"] == hashlib.sha256(Path(rows["blake"]["output_uri"]).read_bytes()).hexdigest()
     # and once finished, the same file changes nothing
-    assert _apply(out, ["blake,1,reject"], cfg, tmp_path)["summary"]["images_unchanged"] == 1
+    assert _apply(out, page[1:], cfg, tmp_path, header=page[0])["summary"]["images_unchanged"] == 1
+
+
+def test_an_interrupted_review_is_finished_by_a_file_about_other_images(weights_dir, people, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"blake": people["blake"], "brad": people["brad"]})
+    real = storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes",
+                        lambda uri, data, c: (_ for _ in ()).throw(OSError("gone")) if "/images/" in uri
+                        else real(uri, data, c))
+    _apply(out, ["blake,0,reject"], cfg, tmp_path)
+    monkeypatch.setattr(storage, "write_bytes", real)
+    rec = _apply(out, [], cfg, tmp_path)  # a file with its header only
+    assert rec["summary"]["images_finished"] == 1
+    assert _latest(out, cfg)["blake"]["out_sha256"] == \
+        hashlib.sha256(Path(rows["blake"]["output_uri"]).read_bytes()).hexdigest()
+
+
+def test_a_review_crop_that_cannot_be_written_does_not_block_the_revert(weights_dir, people, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"brad": people["brad"]})
+    real = storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes",
+                        lambda uri, data, c: (_ for _ in ()).throw(OSError("no space")) if "/review/" in uri
+                        else real(uri, data, c))
+    rec = _apply(out, ["brad,0,reject"], cfg, tmp_path)
+    assert rec["summary"]["failed"] == [] and "review crop not written" in rec["summary"]["warnings"][0]
+    assert np.array_equal(_px(rows["brad"]["output_uri"]), _px(people["brad"]))
 
 
 def test_stale_misdirected_and_missing_files_are_refused(weights_dir, people, tmp_path):

@@ -1,6 +1,7 @@
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from pipeline import imageio, weights
 from pipeline.config import DetectConfig, RunConfig
@@ -109,3 +110,36 @@ def test_paste_keeps_grey_and_16_bit_masters(detector):
     assert np.array_equal(out[~touched], grey16[~touched])
     interior = cv2.erode(touched.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
     assert np.abs(out.astype(int) - grey16.astype(int))[interior].mean() < 3 * 257
+
+
+@pytest.mark.parametrize("name", ["mobile0.25", "resnet50"])
+def test_cached_prior_boxes_equal_facexlibs(name):
+    from facexlib.detection.retinaface import generate_config
+    from facexlib.detection.retinaface_utils import PriorBox
+
+    from pipeline.faces import prior_boxes
+
+    cfg = generate_config(name)
+    for h, w in [(500, 375), (1600, 1067), (1067, 1600), (1201, 799), (7, 9), (33, 1)]:
+        assert torch.equal(prior_boxes(cfg, h, w), PriorBox(cfg, image_size=(h, w)).forward()), (h, w)
+
+
+def test_our_detection_equals_facexlibs_detect_faces(detector):
+    """The wrapper (cached priors, our post-processing) gives facexlib's output to the bit, on every photo."""
+    detector = detector()
+    paths = sorted(p for sub in ("whole", "old", "gray", "identity") for p in (IMAGES / sub).glob("*.*")
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    assert len(paths) >= 20
+    found = 0
+    for p in paths:
+        bgr = imageio.to_bgr8(imageio.decode(p.read_bytes(), 10**9).pixels)
+        if max(bgr.shape[:2]) > 1600:
+            bgr = cv2.resize(bgr, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        ours = detector._detect_faces(bgr)
+        with torch.inference_mode():
+            theirs = detector.net.detect_faces(bgr, conf_threshold=detector.cfg.threshold,
+                                               nms_threshold=detector.cfg.nms_threshold)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), p.name
+        found += len(ours)
+    assert found >= 30  # real faces were compared, not empty arrays
+

@@ -1,0 +1,148 @@
+"""The whole CPU side of one image, step by step, on one core: what feeding a GPU costs.
+
+    python bench/cpu_side.py                    # 1 / 12 / 40 MP, JPEG q95 and 16-bit TIFF, 3 repeats
+    python bench/cpu_side.py --mp 12 --repeats 5
+
+Masters are a real two-face photograph (../shared/images/whole/gfpgan_Blake_Lively.jpg) scaled to the
+size. Each step calls the pipeline's own functions, as DecodeDetect and Compose do:
+DecodeDetect: read, sha256, decode (header, pixels, monochrome check), detection copy (8-bit BGR,
+INTER_AREA to detect.long_side), detect (RetinaFace mobile0.25, the real weights; network and
+post-processing), align and crop each face to 512x512. Compose: read again, sha256 check, decode, paste
+both faces (the crops stand in for restored faces), encode in the master's format, carry metadata,
+write, review crops. Local disk, one torch and one OpenCV thread, median of the repeats. The baseline,
+timed in the same run on the same detection copy and left out of the totals: facexlib's own
+`detect_faces`, which the pipeline called before it cached prior boxes.
+
+Cores per GPU: at 800 faces/s per H100 (the GFP-GAN figure these numbers are set against) and two faces
+per image, a GPU takes 400 images/s, so it needs 400 x (CPU seconds per image) cores. The last line is
+`cpu_ms_per_12mp_jpeg=<ms> cores_per_h100=<n>` (12 MP JPEG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline import imageio, metadata, review, storage, weights  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.faces import FaceDetector, align_matrix, paste_face, warp_face  # noqa: E402
+
+SHARED = Path(os.environ.get("ARCHIVE_SHARED_DIR", ROOT.parent / "shared"))
+FACES_PER_S = 800
+FACES_PER_IMAGE = 2
+
+
+def make_master(folder: Path, mp: float, fmt: str) -> Path:
+    src = cv2.imread(str(SHARED / "images/whole/gfpgan_Blake_Lively.jpg"))
+    f = (mp * 1e6 / (src.shape[0] * src.shape[1])) ** 0.5
+    px = cv2.resize(src, (round(src.shape[1] * f), round(src.shape[0] * f)), interpolation=cv2.INTER_CUBIC)
+    if fmt == "jpeg":
+        path = folder / f"master-{mp:g}mp.jpg"
+        cv2.imwrite(str(path), px, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    else:
+        path = folder / f"master-{mp:g}mp-16bit.tif"
+        cv2.imwrite(str(path), px.astype(np.uint16) * 257)
+    return path
+
+
+def one_image(path: Path, cfg, detector: FaceDetector, out: Path) -> dict[str, float]:
+    """Seconds per step for one image."""
+    t: dict[str, float] = {}
+
+    def step(name, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        t[name] = t.get(name, 0.0) + time.perf_counter() - t0
+        return r
+
+    # DecodeDetect
+    data = step("dd.read", lambda: storage.read_bytes(str(path), cfg.storage))
+    sha = step("dd.sha256", lambda: hashlib.sha256(data).hexdigest())
+    img = step("dd.decode", lambda: imageio.decode(data, cfg.input.max_pixels))
+    h, w = img.pixels.shape[:2]
+    s = min(1.0, cfg.detect.long_side / max(h, w))
+
+    def detection_copy():
+        bgr = imageio.to_bgr8(img.pixels)
+        small = cv2.resize(bgr, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) if s < 1 else bgr
+        return bgr, small
+
+    bgr, small = step("dd.detection_copy", detection_copy)
+    faces, _ = step("dd.detect", lambda: detector.detect(small))
+    with torch.inference_mode():  # the baseline, same copy: facexlib's own detect_faces (priors rebuilt per call)
+        step("baseline.detect_facexlib", lambda: detector.net.detect_faces(
+            small, conf_threshold=cfg.detect.threshold, nms_threshold=cfg.detect.nms_threshold))
+    faces = faces[:FACES_PER_IMAGE]
+    assert len(faces) == FACES_PER_IMAGE, f"{path.name}: {len(faces)} faces found"
+    crops = step("dd.align_crops", lambda: [warp_face(bgr, align_matrix(f.landmarks / s)) for f in faces])
+    # Compose
+    data2 = step("c.read", lambda: storage.read_bytes(str(path), cfg.storage))
+    step("c.sha256", lambda: hashlib.sha256(data2).hexdigest() == sha)
+    img2 = step("c.decode", lambda: imageio.decode(data2, cfg.input.max_pixels))
+    pixels = step("c.copy", lambda: img2.pixels.copy())
+    step("c.paste", lambda: [paste_face(pixels, c, align_matrix(f.landmarks / s)) for c, f in zip(crops, faces)])
+    fmt = img2.format
+    enc = step("c.encode", lambda: imageio.encode(pixels, imageio.FORMATS[fmt], cfg.output.jpeg_quality))
+    enc, _ = step("c.metadata", lambda: metadata.carry(data2, enc, fmt, restored=True, software="bench"))
+    step("c.write", lambda: storage.write_bytes(str(out / path.name), enc, cfg.storage))
+    step("c.review_crops", lambda: [
+        storage.write_bytes(str(out / f"{path.name}-{i}-{k}.jpg"),
+                            review.crop_jpeg(px, review.crop_box(f.bbox / s, w, h), 256, 88), cfg.storage)
+        for i, f in enumerate(faces) for k, px in (("before", img2.pixels), ("after", pixels))])
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mp", type=float, nargs="+", default=[1, 12, 40])
+    ap.add_argument("--formats", nargs="+", default=["jpeg", "tiff16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "w").mkdir()
+        os.symlink(SHARED / "models/detection_mobilenet0.25_Final.pth", tmp / "w/detection_mobilenet0.25_Final.pth")
+        cfg = load_config(None, {"weights_dir": str(tmp / "w"), "allow_download": False,
+                                 "detect.model": "retinaface_mobile0.25", "input.max_pixels": 200_000_000},
+                          environ={})
+        detector = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
+        out = tmp / "out"
+        out.mkdir()
+        results = {}
+        for fmt in args.formats:
+            for mp in args.mp:
+                path = make_master(tmp, mp, fmt)
+                runs = [one_image(path, cfg, detector, out) for _ in range(args.repeats)]
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                results[(fmt, mp)] = med
+                dd = sum(v for k, v in med.items() if k.startswith("dd."))
+                c = sum(v for k, v in med.items() if k.startswith("c."))
+                total = dd + c
+                before = total - med["dd.detect"] + med["baseline.detect_facexlib"]
+                print(f"\n{fmt} {mp:g} MP ({path.stat().st_size / 1e6:.1f} MB): DecodeDetect {dd * 1000:.0f} ms + "
+                      f"Compose {c * 1000:.0f} ms = {total * 1000:.0f} ms; cores per H100 at {FACES_PER_S} faces/s: "
+                      f"{FACES_PER_S / FACES_PER_IMAGE * total:.0f}  (with facexlib's detect_faces, the baseline: "
+                      f"{before * 1000:.0f} ms, {FACES_PER_S / FACES_PER_IMAGE * before:.0f} cores)")
+                for k, v in med.items():
+                    print(f"  {k:<20}{v * 1000:8.1f} ms")
+    r = results.get(("jpeg", 12))
+    total = sum(v for k, v in r.items() if not k.startswith("baseline.")) if r else float("nan")
+    print(f"cpu_ms_per_12mp_jpeg={total * 1000:.1f} cores_per_h100={FACES_PER_S / FACES_PER_IMAGE * total:.1f}")
+
+
+if __name__ == "__main__":
+    main()

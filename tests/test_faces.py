@@ -143,3 +143,63 @@ def test_our_detection_equals_facexlibs_detect_faces(detector):
         found += len(ours)
     assert found >= 30  # real faces were compared, not empty arrays
 
+
+
+def _paste_reference(master, face_bgr, affine, luminance_only=False):
+    """paste_face as it was written before it blended in place: the plain expression, for bit-identity."""
+    from pipeline.faces import _face_to_master, _luminance_only, paste_mask
+
+    ys, xs, mask, roi_inv = paste_mask(master.shape, affine)
+    face = cv2.warpAffine(_face_to_master(face_bgr, master), roi_inv, mask.shape[::-1])
+    region = master[ys, xs]
+    colour = region if region.ndim == 2 else region[:, :, :3]
+    m = mask if colour.ndim == 2 else mask[:, :, None]
+    hi = 65535 if master.dtype == np.uint16 else 255
+    if luminance_only and colour.ndim == 3:
+        face = _luminance_only(face, colour, float(hi))
+    out = np.clip(np.rint(m * face + (1.0 - m) * colour.astype(np.float32)), 0, hi).astype(master.dtype)
+    touched = m > 0
+    if colour.ndim == 2:
+        region[touched] = out[touched]
+    else:
+        sel = np.broadcast_to(touched, colour.shape)
+        colour[sel] = out[sel]
+
+
+@pytest.mark.parametrize("layout", ["bgr", "bgra", "grey", "bgr16", "luminance"])
+def test_paste_in_place_is_bit_identical_to_the_plain_blend(layout):
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+    master = {"bgr": base, "luminance": base, "bgra": np.dstack([base, base[:, :, 0]]),
+              "grey": base[:, :, 0].copy(), "bgr16": base.astype(np.uint16) * 257 + 3}[layout]
+    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    for angle, scale, at in [(0.0, 0.7, (600, 450)), (0.4, 0.25, (300, 200)), (-0.2, 1.3, (1150, 880))]:
+        a = np.array([[scale * np.cos(angle), -scale * np.sin(angle), 0], [scale * np.sin(angle), scale * np.cos(angle), 0]])
+        a[:, 2] = [256, 256] - a[:, :2] @ np.asarray(at, np.float64)
+        ours, ref = master.copy(), master.copy()
+        paste_face(ours, face, a, luminance_only=layout == "luminance")
+        _paste_reference(ref, face, a, luminance_only=layout == "luminance")
+        assert np.array_equal(ours, ref), (layout, angle)
+        assert not np.array_equal(ours, master)  # something was pasted
+
+
+def test_a_wide_feather_blurred_at_reduced_resolution_stays_within_one_level(monkeypatch):
+    import pipeline.faces as faces
+
+    rng = np.random.default_rng(3)
+    master = rng.integers(0, 256, (2600, 2600, 3), dtype=np.uint8)
+    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    for scale, angle in [(0.2, 0.3), (0.3, 0.0), (0.45, -0.5)]:  # faces 1,100-2,600 px: feathers 40-90 px wide
+        a = np.array([[scale * np.cos(angle), -scale * np.sin(angle), 0], [scale * np.sin(angle), scale * np.cos(angle), 0]])
+        a[:, 2] = [256, 256] - a[:, :2] @ np.array([1300.0, 1300.0])
+        ours = master.copy()
+        _, _, mask, _ = faces.paste_mask(master.shape, a)
+        paste_face(ours, face, a)
+        monkeypatch.setattr(faces, "_FEATHER_STEP", 10**9)  # facexlib's full-resolution blur
+        _, _, full, _ = faces.paste_mask(master.shape, a)
+        ref = master.copy()
+        paste_face(ref, face, a)
+        monkeypatch.undo()
+        assert full.shape == mask.shape and np.abs(full - mask).max() < 0.003
+        assert mask.max() > 0.99 and np.abs(ours.astype(int) - ref).max() <= 1
+        assert (ours != ref).mean() < 0.01

@@ -33,6 +33,7 @@ unfinished.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -360,8 +361,8 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
             record["in_flight"] = left + group  # rows may land before files: the next review checks these
             runs.write_record(out, record, cfg.storage)
             wrote = True
-            left += _apply_group(group, latest, faces_of, by_image, recompose, composers, schema, review_id, out,
-                                 cfg, fence, summary)
+            left += _apply_group(group, latest, faces_of, by_image, recompose, unfinished, composers, schema,
+                                 review_id, out, cfg, fence, summary)
         record["in_flight"] = left  # rows written whose files are not: for the next review to finish
         runs.write_record(out, record, cfg.storage)
         for r in earlier:  # their images are settled now
@@ -401,11 +402,12 @@ def _check_unfinished(ids: set[str], latest: dict[str, dict], cfg: RunConfig) ->
     return out
 
 
-def _apply_group(ids, latest, faces_of, by_image, recompose, composers, schema, review_id, out, cfg, fence,
-                 summary) -> list[str]:
+def _apply_group(ids, latest, faces_of, by_image, recompose, unfinished, composers, schema, review_id, out, cfg,
+                 fence, summary) -> list[str]:
     """One group: new rows and files in memory, then the rows, then the files (see the module docstring).
-    Returns the images whose rows were written but whose files could not be."""
-    pending, files, counts = [], {}, {}
+    Returns the images left unfinished: rows written whose files could not be, and images an earlier
+    review left unfinished that this one could not finish either."""
+    pending, files, counts, left = [], {}, {}, []
     for image_id in ids:
         old, faces = latest[image_id], faces_of[image_id]
         if image_id not in recompose and faces == old["faces"]:
@@ -414,22 +416,33 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, composers, schema, 
         row = dict(old)
         t0 = time.perf_counter()
         if image_id in recompose:
-            compose = composers.get(old["fingerprint"])
-            compose.deferred = []
+            compose = None
             try:
+                compose = composers.get(old["fingerprint"])
+                compose.deferred = []
                 current = storage.read_bytes(old["output_uri"], cfg.storage)
-                _recompose(row, faces, compose, cfg, current)
-                files[image_id] = compose.deferred
+                if image_id not in unfinished and hashlib.sha256(current).hexdigest() != old.get("out_sha256"):
+                    # Not this tool's doing (an edit by hand, or a run stopped between a file and its row):
+                    # its pixels cannot be trusted to hold the faces the row describes.
+                    _error(row, Status.WRITE_ERROR, "the derivative differs from its result row (changed outside "
+                           "archive-restore, or a run stopped between the file and its row): not overwritten; "
+                           "process the image again")
+                else:
+                    _recompose(row, faces, compose, cfg, current)
+                    files[image_id] = compose.deferred
             except (Fenced, provenance.SigningExpired):
                 raise
             except Exception as e:  # this image keeps its current row and derivative
                 log.exception("recomposing %s failed", image_id)
                 _error(row, Status.WRITE_ERROR, f"cannot recompose: {type(e).__name__}: {e}")
             finally:
-                compose.deferred = None
+                if compose is not None:
+                    compose.deferred = None
             if row["status"] != Status.OK.value:
                 summary["failed"].append({"image_id": image_id, "error": row["error"]})
                 files.pop(image_id, None)
+                if image_id in unfinished:
+                    left.append(image_id)  # still as an earlier review left it: stays in flight
                 continue
             row["run_id"] = review_id  # its bytes (and their credentials) are the review's now
         row["faces"] = [{k: f.get(k) for k in FACE_TYPE.names} for f in faces]
@@ -447,11 +460,10 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, composers, schema, 
                             *(sum(a.get("review") != verb and b.get("review") == verb
                                   for a, b in zip(old["faces"], faces)) for verb in ("rejected", "accepted")))
     if not pending:
-        return []
+        return left
     fence.check()
     ledger.write_part(pa.Table.from_pylist(pending, schema=schema),
                       ledger.part_uri(out, review_id, [r["image_id"] for r in pending]), cfg.storage)
-    left = []
     for row in pending:
         image_id = row["image_id"]
         try:  # the derivative last: when its bytes match its row, so do its access copy
@@ -462,7 +474,11 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, composers, schema, 
                 except Exception as e:
                     if area != "review":
                         raise
-                    summary["warnings"].append(f"{image_id}: review crop not written ({type(e).__name__}: {e})")
+                    # The page would show the old crop, with the face the row says is reverted: remove it.
+                    with contextlib.suppress(Exception):
+                        storage.delete(uri, cfg.storage)
+                    summary["warnings"].append(f"{image_id}: review crop {uri} not written ({type(e).__name__}: "
+                                               f"{e}); the page shows none for it")
         except Fenced:
             raise
         except Exception as e:

@@ -83,15 +83,16 @@ class FaceDetector:
         from facexlib.detection.retinaface_utils import decode, decode_landm, py_cpu_nms
 
         h, w = img_bgr.shape[:2]
-        x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0) - self.net.mean_tensor
+        dev = self.net.mean_tensor.device
+        x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0).to(dev) - self.net.mean_tensor
         loc, conf, landmarks = self.net(x)
         variance = self.net.cfg["variance"]
-        priors = prior_boxes(self.net.cfg, h, w)
-        scale = torch.tensor([w, h] * 2, dtype=torch.float32)
-        boxes = (decode(loc.squeeze(0), priors, variance) * scale).numpy()
-        scores = conf.squeeze(0)[:, 1].numpy()
-        landms = (decode_landm(landmarks.squeeze(0), priors, variance) * torch.tensor([w, h] * 5,
-                                                                                      dtype=torch.float32)).numpy()
+        priors = prior_boxes(self.net.cfg, h, w).to(dev)
+        scale = torch.tensor([w, h] * 2, dtype=torch.float32, device=dev)
+        boxes = (decode(loc.squeeze(0), priors, variance) * scale).cpu().numpy()
+        scores = conf.squeeze(0)[:, 1].cpu().numpy()
+        landms = (decode_landm(landmarks.squeeze(0), priors, variance)
+                  * torch.tensor([w, h] * 5, dtype=torch.float32, device=dev)).cpu().numpy()
         keep = np.where(scores > self.cfg.threshold)[0]
         order = keep[scores[keep].argsort(kind="quicksort")[::-1]]
         dets = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
@@ -187,11 +188,16 @@ def _feather(mask: np.ndarray, w_edge: int) -> np.ndarray:
     if d < 2:
         return cv2.GaussianBlur(mask, (2 * w_edge + 1, 2 * w_edge + 1), 0)
     h, w = mask.shape
-    small = cv2.resize(mask, (-(-w // d), -(-h // d)), interpolation=cv2.INTER_AREA)
+    # Padded as the full-resolution blur sees its borders (reflected), so a face cut off by the image's
+    # edge is feathered the same way; a multiple of d, so the reduced grid lines up with the full one.
+    p = -(-w_edge // d) * d
+    padded = cv2.copyMakeBorder(mask, p, p + (-h) % d, p, p + (-w) % d, cv2.BORDER_REFLECT_101)
+    ph, pw = padded.shape
+    small = cv2.resize(padded, (pw // d, ph // d), interpolation=cv2.INTER_AREA)
     sigma = 0.3 * (w_edge - 1) + 0.8  # what OpenCV derives from the full kernel size
     k = 2 * (w_edge // d) + 1
     small = cv2.GaussianBlur(small, (k, k), sigma / d)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(small, (pw, ph), interpolation=cv2.INTER_LINEAR)[p:p + h, p:p + w]
 
 
 def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,

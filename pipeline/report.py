@@ -56,7 +56,9 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
         "verification": provenance.last_verification(output_root, cfg),
         "faces_by": face_counts(latest),
     }
-    out["unfinished_reviews"] = [r["run_id"] for r in records if r.get("kind") == "review" and r.get("in_flight")]
+    working = (runs.holder(output_root, cfg) or {}).get("run_id")  # a review still at work is not unfinished
+    out["unfinished_reviews"] = [r["run_id"] for r in records if r.get("kind") == "review" and r.get("in_flight")
+                                 and not (r.get("state") == "running" and r["run_id"] == working)]
     if manifest is not None:
         # Without a fingerprint from the caller, "current" means: made with the latest run's settings.
         jobs = [r for r in out["runs"] if r["kind"] == "job" and r.get("fingerprint")]

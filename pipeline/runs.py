@@ -71,6 +71,16 @@ def _generations(output_root: str, cfg: StorageConfig) -> list[int]:
     return sorted(out)
 
 
+def holder(output_root: str, cfg: StorageConfig) -> dict | None:
+    """The latest lease generation's content when it is held (not released), else None: which run says it
+    works on the output now (it may have died without releasing; see ``Lease`` for how that is judged)."""
+    gens = _generations(output_root, cfg)
+    if not gens:
+        return None
+    latest = _read_json(gen_uri(output_root, gens[-1]), cfg)
+    return latest if latest and latest.get("state") != "released" else None
+
+
 def _read_json(uri: str, cfg: StorageConfig) -> dict | None:
     try:
         return json.loads(storage.read_bytes(uri, cfg))

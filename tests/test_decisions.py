@@ -229,13 +229,59 @@ def test_an_interrupted_review_is_finished_by_a_file_about_other_images(weights_
 def test_a_review_crop_that_cannot_be_written_does_not_block_the_revert(weights_dir, people, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg, rows = build(weights_dir, out, {"brad": people["brad"]})
+    after = Path(rows["brad"]["faces"][0]["review_after"])
+    assert after.exists()
     real = storage.write_bytes
     monkeypatch.setattr(storage, "write_bytes",
                         lambda uri, data, c: (_ for _ in ()).throw(OSError("no space")) if "/review/" in uri
                         else real(uri, data, c))
     rec = _apply(out, ["brad,0,reject"], cfg, tmp_path)
-    assert rec["summary"]["failed"] == [] and "review crop not written" in rec["summary"]["warnings"][0]
+    assert rec["summary"]["failed"] == [] and "review crop" in rec["summary"]["warnings"][0]
     assert np.array_equal(_px(rows["brad"]["output_uri"]), _px(people["brad"]))
+    assert not after.exists()  # the old crop showed the reverted face: gone rather than wrong
+
+
+def test_an_image_an_earlier_review_left_unfinished_stays_in_flight_until_finished(weights_dir, people, tmp_path,
+                                                                                  monkeypatch):
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"blake": people["blake"]})
+    real = storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes",
+                        lambda uri, data, c: (_ for _ in ()).throw(OSError("gone")) if "/images/" in uri
+                        else real(uri, data, c))
+    first = _apply(out, ["blake,0,reject"], cfg, tmp_path)
+    monkeypatch.setattr(storage, "write_bytes", real)
+    master = people["blake"].read_bytes()
+    people["blake"].write_bytes(master + b"\0")  # the master changed meanwhile: this review cannot finish it
+    second = _apply(out, [], cfg, tmp_path)
+    assert second["in_flight"] == ["blake"] and "master changed" in second["summary"]["failed"][0]["error"]
+    assert report.status(str(out), cfg.storage)["unfinished_reviews"] == [second["run_id"]]
+    people["blake"].write_bytes(master)
+    third = _apply(out, [], cfg, tmp_path)
+    assert third["summary"]["images_finished"] == 1 and third["in_flight"] == []
+    assert report.status(str(out), cfg.storage)["unfinished_reviews"] == []
+    assert first["run_id"] != second["run_id"] != third["run_id"]
+
+
+def test_a_derivative_changed_outside_the_tool_is_not_overwritten(weights_dir, people, tmp_path):
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"brad": people["brad"]})
+    edited = Path(rows["brad"]["output_uri"])
+    edited.write_bytes(cv2.imencode(".png", 255 - _px(edited))[1].tobytes())
+    rec = _apply(out, ["brad,0,reject"], cfg, tmp_path)
+    assert "differs from its result row" in rec["summary"]["failed"][0]["error"]
+    assert _latest(out, cfg)["brad"]["faces"][0]["action"] == "restored" and rec["in_flight"] == []
+
+
+def test_a_review_at_work_is_not_called_unfinished(weights_dir, people, tmp_path):
+    out = tmp_path / "out"
+    cfg, _ = build(weights_dir, out, {"brad": people["brad"]})
+    lease = runs.Lease(str(out), cfg.storage, "20990101T000000Z-aaaaaa-review", 10.0).acquire()
+    runs.write_record(str(out), {"run_id": lease.run_id, "kind": "review", "state": "running",
+                                 "in_flight": ["brad"], "lease_generation": lease.generation}, cfg.storage)
+    assert report.status(str(out), cfg.storage)["unfinished_reviews"] == []
+    lease.release()  # ... but once it holds the output no more, its record's images are in doubt
+    assert report.status(str(out), cfg.storage)["unfinished_reviews"] == [lease.run_id]
 
 
 def test_stale_misdirected_and_missing_files_are_refused(weights_dir, people, tmp_path):

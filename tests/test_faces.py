@@ -183,15 +183,19 @@ def test_paste_in_place_is_bit_identical_to_the_plain_blend(layout):
         assert not np.array_equal(ours, master)  # something was pasted
 
 
-def test_a_wide_feather_blurred_at_reduced_resolution_stays_within_one_level(monkeypatch):
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_wide_feather_blurred_at_reduced_resolution_stays_close_to_the_full_blur(monkeypatch, dtype):
     import pipeline.faces as faces
 
     rng = np.random.default_rng(3)
-    master = rng.integers(0, 256, (2600, 2600, 3), dtype=np.uint8)
+    hi = np.iinfo(dtype).max
+    master = rng.integers(0, hi + 1, (2600, 2600, 3)).astype(dtype)
     face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    for scale, angle in [(0.2, 0.3), (0.3, 0.0), (0.45, -0.5)]:  # faces 1,100-2,600 px: feathers 40-90 px wide
+    # faces 1,100-2,600 px (feathers 40-90 px), centred and cut off by the image's edges and corners
+    for scale, angle, at in [(0.2, 0.3, (1300, 1300)), (0.3, 0.0, (1300, 1300)), (0.45, -0.5, (1300, 1300)),
+                             (0.45, 0.3, (100, 120)), (0.3, -0.4, (2550, 1300)), (0.2, 0.2, (2590, 2590))]:
         a = np.array([[scale * np.cos(angle), -scale * np.sin(angle), 0], [scale * np.sin(angle), scale * np.cos(angle), 0]])
-        a[:, 2] = [256, 256] - a[:, :2] @ np.array([1300.0, 1300.0])
+        a[:, 2] = [256, 256] - a[:, :2] @ np.asarray(at, np.float64)
         ours = master.copy()
         _, _, mask, _ = faces.paste_mask(master.shape, a)
         paste_face(ours, face, a)
@@ -200,6 +204,7 @@ def test_a_wide_feather_blurred_at_reduced_resolution_stays_within_one_level(mon
         ref = master.copy()
         paste_face(ref, face, a)
         monkeypatch.undo()
-        assert full.shape == mask.shape and np.abs(full - mask).max() < 0.003
-        assert mask.max() > 0.99 and np.abs(ours.astype(int) - ref).max() <= 1
-        assert (ours != ref).mean() < 0.01
+        assert full.shape == mask.shape and mask.max() > 0.99
+        assert np.abs(full - mask).max() < 0.003, (scale, angle, at)
+        # pasted values differ by at most 0.3% of full scale: one level in 8 bits
+        assert np.abs(ours.astype(np.int64) - ref).max() <= (1 if dtype == np.uint8 else 0.003 * hi + 1)

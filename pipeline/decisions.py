@@ -49,9 +49,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import imageio, ledger, metadata, provenance, resume, runs, storage
+from . import imageio, ledger, metadata, provenance, runs, storage
 from .config import RunConfig
-from .errors import ConfigError, Fenced, StorageError
+from .errors import ConfigError, Fenced
 from .faces import align_matrix, paste_mask
 from .schema import FACE_TYPE, RESULT_SCHEMA, Status
 
@@ -176,11 +176,11 @@ def _changes(latest: dict[str, dict], history: dict[str, list[dict]], by_image: 
     return faces_of
 
 
-def _job_records(out: str, cfg: RunConfig) -> dict[str, dict]:
+def _job_records(records: list[dict]) -> dict[str, dict]:
     """For each fingerprint, the record of the latest job run that made results with it: its settings
     decide how a derivative is encoded again."""
     by_fp = {}
-    for r in runs.read_records(out, cfg.storage):
+    for r in records:
         if r.get("kind", "job") == "job" and r.get("fingerprint") and r.get("config"):
             by_fp[r["fingerprint"]] = r
     return by_fp
@@ -221,14 +221,10 @@ def _error(row: dict, status: Status, message: str) -> None:
 def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative: bytes) -> None:
     """The derivative made again for ``faces`` into ``compose.deferred`` (see the module docstring); ``row``
     becomes the new result. ``derivative``: the current derivative's bytes."""
-    try:
-        master = storage.read_bytes(row["uri"], cfg.storage)
-    except Exception as e:
-        _error(row, Status.READ_ERROR, f"cannot read the master: {type(e).__name__}: {e}")
+    compose.read_master(row, changed="the master changed since it was restored: process it again first")
+    if row["status"] != Status.OK.value:
         return
-    if hashlib.sha256(master).hexdigest() != row["src_sha256"]:
-        _error(row, Status.READ_ERROR, "the master changed since it was restored: process it again first")
-        return
+    master = row["src_bytes"]
     img = imageio.decode(master, compose.cfg.input.max_pixels)
     pixels = img.pixels.copy()
     derived = _as_layout(imageio.decode(derivative, compose.cfg.input.max_pixels).pixels, pixels)
@@ -242,7 +238,7 @@ def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative
             ys, xs, mask, _ = paste_mask(pixels.shape, affine)
             sel = mask > 0
             pixels[ys, xs][sel] = derived[ys, xs][sel]
-    row.update(src_bytes=master, src_format=img.format, _faces=faces, notes=None)
+    row.update(src_format=img.format, _faces=faces, notes=None)
     name = row.get("output_name") or posixpath.relpath(row["output_uri"], compose.images_root)
     compose.write_derivative(row, img, pixels, faces, name=name)
 
@@ -291,11 +287,10 @@ def _read(uri: str, cfg: RunConfig) -> bytes:
         raise ConfigError(f"{uri} not found") from None
 
 
-def _unfinished_reviews(out: str, cfg: RunConfig, review_id: str) -> tuple[list[dict], set[str]]:
+def _unfinished_reviews(records: list[dict], review_id: str) -> tuple[list[dict], set[str]]:
     """Earlier reviews that did not finish writing files (their record's ``in_flight``): the records and
     the images to check."""
-    recs = [r for r in runs.read_records(out, cfg.storage)
-            if r.get("kind") == "review" and r.get("in_flight") and r.get("run_id") != review_id]
+    recs = [r for r in records if r.get("kind") == "review" and r.get("in_flight") and r.get("run_id") != review_id]
     return recs, {i for r in recs for i in r["in_flight"]}
 
 
@@ -312,24 +307,19 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
     for (image_id, i), decision in decided.items():
         by_image[image_id][i] = decision
     review_id = runs.new_run_id() + "-review"  # sorts with the runs by start time
-    lease = runs.Lease(out, cfg.storage, review_id, cfg.cluster.heartbeat_s)
-    try:
-        lease.acquire()
-    except OSError as e:
-        raise StorageError(f"cannot take the output's lease in {out!r}: {type(e).__name__}: {e}") from None
+    lease = runs.Lease(out, cfg.storage, review_id, cfg.cluster.heartbeat_s).acquire()
     record = {"run_id": review_id, "kind": "review", "state": "running", "started_at": runs.now_iso(),
               "output": out, "decisions": decisions_uri, "decisions_sha256": hashlib.sha256(data).hexdigest(),
               "decided": len(decided), "lease_generation": lease.generation, "in_flight": []}
     composers, wrote = None, False
     try:
         if lease.taken_over:
-            runs.mark_killed(out, lease.taken_over, review_id, cfg.storage)
-            if lease.takeover == "dead":
-                runs.stop_leftovers(lease.taken_over)
+            record["took_over_from"] = lease.retire_prior()
         runs.write_record(out, record, cfg.storage)
         lease.start()
         lease.settle(cfg.cluster.takeover_grace_s)
-        earlier, check = _unfinished_reviews(out, cfg, review_id)
+        all_records = runs.read_records(out, cfg.storage)
+        earlier, check = _unfinished_reviews(all_records, review_id)
         wanted = pa.array(sorted(set(by_image) | check), pa.string())
         rows = ledger.load_results(out, cfg.storage,
                                    transform=lambda t: t.filter(pc.is_in(t["image_id"], value_set=wanted)))
@@ -341,7 +331,7 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
         unfinished = _check_unfinished(check & set(latest), latest, cfg)
         for image_id in unfinished:
             faces_of.setdefault(image_id, [dict(f) for f in latest[image_id]["faces"]])
-        records = _job_records(out, cfg)
+        records = _job_records(all_records)
         missing = sorted({latest[i]["fingerprint"] for i in faces_of} - set(records))
         if missing:
             raise ConfigError(f"no run record holds the settings of fingerprint(s) {', '.join(missing)} (in "
@@ -385,10 +375,10 @@ def _reverts(old: dict, faces: list[dict]) -> int:
     return sum(a.get("action") != b.get("action") for a, b in zip(old["faces"] or [], faces))
 
 
-def _check_unfinished(ids: set[str], latest: dict[str, dict], cfg: RunConfig) -> set[str]:
+def _check_unfinished(ids: set[str], latest: dict[str, dict], cfg: RunConfig) -> dict[str, bytes]:
     """Of the images an earlier review left in flight, those whose derivative is not the one their row
-    describes (its rows landed, its files did not)."""
-    out = set()
+    describes (its rows landed, its files did not), with the derivative's current bytes."""
+    out = {}
     for image_id in sorted(ids):
         row = latest[image_id]
         if not row.get("review_id") or not row.get("output_uri"):
@@ -398,7 +388,7 @@ def _check_unfinished(ids: set[str], latest: dict[str, dict], cfg: RunConfig) ->
         except FileNotFoundError:
             current = b""
         if hashlib.sha256(current).hexdigest() != row.get("out_sha256"):
-            out.add(image_id)
+            out[image_id] = current
     return out
 
 
@@ -420,7 +410,8 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, unfinished, compose
             try:
                 compose = composers.get(old["fingerprint"])
                 compose.deferred = []
-                current = storage.read_bytes(old["output_uri"], cfg.storage)
+                current = unfinished[image_id] if image_id in unfinished else \
+                    storage.read_bytes(old["output_uri"], cfg.storage)
                 if image_id not in unfinished and hashlib.sha256(current).hexdigest() != old.get("out_sha256"):
                     # Not this tool's doing (an edit by hand, or a run stopped between a file and its row):
                     # its pixels cannot be trusted to hold the faces the row describes.

@@ -228,11 +228,7 @@ def run(cfg: RunConfig) -> dict:
     # Before anything is written, not even the lease: the output may be where the originals are.
     inputs = layout.check(manifest.table["uri"], cfg.input.manifest, out, manifest.root)
     _probe_output(out, run_id, cfg)
-    lease = runs.Lease(out, cfg.storage, run_id, cfg.cluster.heartbeat_s)
-    try:
-        lease.acquire()
-    except OSError as e:
-        raise StorageError(f"cannot take the output's lease in {out!r}: {type(e).__name__}: {e}") from None
+    lease = runs.Lease(out, cfg.storage, run_id, cfg.cluster.heartbeat_s).acquire()
     record = {
         "run_id": run_id, "kind": "job", "state": "running", "phase": "preflight", "started_at": runs.now_iso(),
         "reprocess": cfg.reprocess, "manifest": cfg.input.manifest, "input_root": manifest.root, "output": out,
@@ -243,11 +239,7 @@ def run(cfg: RunConfig) -> dict:
     progress = Progress()
     try:
         if lease.taken_over:
-            prior = lease.taken_over
-            record["took_over_from"] = prior.get("run_id")
-            runs.mark_killed(out, prior, run_id, cfg.storage)
-            if lease.takeover == "dead":
-                runs.stop_leftovers(prior)
+            record["took_over_from"] = lease.retire_prior()
         runs.write_record(out, record, cfg.storage)
         lease.start()
         lease.settle(cfg.cluster.takeover_grace_s)

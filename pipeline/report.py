@@ -34,14 +34,17 @@ def count_by_status(results: pa.Table) -> dict[str, int]:
 
 
 def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = None,
-           fingerprint: str | None = None, results: pa.Table | None = None, max_attempts: int | None = None) -> dict:
+           fingerprint: str | None = None, results: pa.Table | None = None, max_attempts: int | None = None,
+           records: list[dict] | None = None) -> dict:
     """Counts over the latest row per image; with a manifest (and fingerprint), what remains to do.
-    ``results``: the ledger when the caller already loaded it (with at least the ledger columns and n_faces)."""
+    ``results``: the ledger when the caller already loaded it (with at least the ledger columns and n_faces);
+    ``records``: the run records, likewise."""
     if results is None:
         results = ledger.load_results(output_root, cfg, columns=ledger.LEDGER_COLUMNS + ["n_faces", "run_id",
                                                                                       "c2pa_signed", "faces"])
     latest = resume.latest_rows(results)
-    records = runs.read_records(output_root, cfg)
+    if records is None:
+        records = runs.read_records(output_root, cfg)
     out = {
         "output": output_root,
         "images": latest.num_rows,
@@ -172,10 +175,9 @@ def _svg_chart(tp: dict) -> str:
             f'{tp["bin_s"]:.3g} s per point, runs end to end</text></svg>')
 
 
-def page_data(output_root: str, results: pa.Table) -> dict:
-    """What the page's script lists: every face of the latest rows and every failed image, as compact
-    column-ordered arrays (20,000 faces in a few MB)."""
-    latest = resume.latest_rows(results)
+def page_data(output_root: str, latest: pa.Table) -> dict:
+    """What the page's script lists: every face of ``latest`` (the latest row per image) and every failed
+    image, as compact column-ordered arrays (20,000 faces in a few MB)."""
     images, faces, failed = [], [], []
     if latest.num_rows:
         cols = [c for c in ("image_id", "uri", "status", "error", "output_uri", "out_sha256", "faces", "run_id")
@@ -216,8 +218,8 @@ def _models(records: list[dict]) -> str:
 def render_html(output_root: str, cfg: StorageConfig) -> str:
     out = storage.normalize(output_root)
     results = ledger.load_results(out, cfg, columns=PAGE_COLUMNS)  # once, for everything on the page
-    st = status(out, cfg, results=results)
     records = runs.read_records(out, cfg)
+    st = status(out, cfg, results=results, records=records)
     latest = resume.latest_rows(results)
     esc = html.escape
     untrained_rows = int(pc.sum(pc.cast(pc.fill_null(latest["untrained"], False), pa.int64())).as_py() or 0) \
@@ -259,7 +261,7 @@ def render_html(output_root: str, cfg: StorageConfig) -> str:
 <h2>Faces</h2><table id="faces-by">{face_rows}</table>
 <h2>Throughput</h2>{_svg_chart(throughput(results, records))}"""
     # "<" only ever occurs inside JSON strings: as \u003c no text can end the script element early.
-    data = json.dumps(page_data(out, results), separators=(",", ":")).replace("<", "\\u003c")
+    data = json.dumps(page_data(out, latest), separators=(",", ":")).replace("<", "\\u003c")
     page = resources.files("pipeline").joinpath("report_page.html").read_text(encoding="utf-8")
     head, rest = page.split("{{STATIC}}")
     middle, tail = rest.split("{{DATA}}")

@@ -203,7 +203,15 @@ class Lease:
                                "that does (AWS S3, MinIO) for the output")
 
     def acquire(self) -> "Lease":
-        """Take the output, or raise StorageError when another run holds it and is alive."""
+        """Take the output, or raise StorageError when another run holds it and is alive, or the store cannot
+        be reached."""
+        try:
+            return self._acquire()
+        except OSError as e:
+            raise StorageError(f"cannot take the output's lease in {self.output_root!r}: {type(e).__name__}: "
+                               f"{e}") from None
+
+    def _acquire(self) -> "Lease":
         self._check_store()
         wait_for_legacy_runs(self.output_root, self.cfg, self.run_id)
         for attempt in range(100):
@@ -228,6 +236,17 @@ class Lease:
                 return self
         raise StorageError(f"could not take the output's lease in {lock_dir(self.output_root)!r}: it keeps "
                            "changing hands, or a generation file is unreadable")
+
+    def retire_prior(self) -> str | None:
+        """After a takeover: mark the run we took the output from as killed in its record, and stop what it
+        left behind when it died on this host. Returns its run id (None when the output was free)."""
+        prior = self.taken_over
+        if not prior:
+            return None
+        mark_killed(self.output_root, prior, self.run_id, self.cfg)
+        if self.takeover == "dead":
+            stop_leftovers(prior)
+        return prior.get("run_id")
 
     def _dead(self, holder: dict, n: int) -> bool:
         """True when ``holder`` (generation n) is provably dead or its lease is stale; raise if it is alive;

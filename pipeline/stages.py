@@ -371,9 +371,11 @@ class Compose:
         except Exception as e:  # never an unsigned file that the run says is signed: the image fails instead
             raise SigningFailed(self.provenance.redact(f"C2PA signing failed: {type(e).__name__}: {e}")) from None
 
-    def _master(self, row: dict) -> None:
+    def read_master(self, row: dict,
+                    changed: str = "the master changed while this run was processing it; run again") -> None:
         """The master's bytes into ``row``: carried from DecodeDetect, or read again and checked against the
-        sha256 taken there (a master replaced mid-run must not get faces detected on its old version)."""
+        sha256 taken there (a master replaced mid-run must not get faces detected on its old version); when
+        that fails, the row says why (``changed``: what to say of a master whose bytes differ)."""
         if row.get("src_bytes") is not None:
             return
         try:
@@ -382,7 +384,7 @@ class Compose:
             _error(row, Status.READ_ERROR, f"cannot read the master again: {type(e).__name__}: {e}")
             return
         if hashlib.sha256(data).hexdigest() != row["src_sha256"]:
-            _error(row, Status.READ_ERROR, "the master changed while this run was processing it; run again")
+            _error(row, Status.READ_ERROR, changed)
             return
         row["src_bytes"] = data
 
@@ -391,7 +393,7 @@ class Compose:
         row["_faces"] = json.loads(row["faces_json"])["faces"] if row.get("faces_json") else []
         copy = row["status"] == Status.NO_FACE.value and self.cfg.output.copy_no_face
         if row["status"] == Status.OK.value or copy:
-            self._master(row)
+            self.read_master(row)
         try:
             if row["status"] == Status.OK.value:
                 self._write_restored(row, row["_faces"])

@@ -104,8 +104,23 @@ class QAConfig(_Section):
 class OutputConfig(_Section):
     root: str | None = Field(None, description="Output folder or s3:// prefix. Never inside the input.")
     format: Literal["same", "jpeg", "png", "tiff", "webp"] = Field("same", description="Derivative format.")
-    jpeg_quality: int = Field(95, ge=1, le=100)
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of a re-encoded derivative (jpeg_mode).")
+    jpeg_mode: Literal["reencode", "blocks"] = Field(
+        "reencode", description="JPEG derivatives of JPEG masters. reencode: the whole image encoded again at "
+        "jpeg_quality (a second generation of JPEG loss everywhere). blocks: the master's own DCT blocks are kept "
+        "wherever no face was pasted and only the blocks a face touches are encoded, with the master's tables, so "
+        "the rest of the photograph decodes as the master does; progressive, CMYK, RGB, 12-bit and EXIF-rotated "
+        "masters fall back to reencode with a note. Costs more CPU (the whole file is entropy-coded again).",
+    )
     webp_quality: int = Field(95, ge=1, le=100)
+    png_level: int | None = Field(
+        None, ge=0, le=9, description="PNG zlib level (lossless; only size and time change). None: OpenCV's fastest "
+        "(level 1, RLE strategy).",
+    )
+    tiff_compression: Literal["lzw", "deflate", "none"] = Field(
+        "lzw", description="TIFF compression (lossless): lzw is fast and read everywhere; deflate a few percent "
+        "smaller and ~4x slower to write; none the fastest and ~3x larger.",
+    )
     copy_no_face: bool = Field(False, description="Also write a derivative for images without faces.")
     access_copy: bool = Field(False, description="Also write an 8-bit JPEG access copy to access/<key>.jpg.")
     access_long_side: int = Field(2048, ge=16, description="Long side of the access copy (only ever downscaled).")
@@ -256,14 +271,23 @@ class RunConfig(_Section):
             "detect": self.detect.model_dump(),
             "restore": self.restore.model_dump(include={"model", "precision"}),
             "qa": self.qa.model_dump(),
-            "output": self.output.model_dump(exclude={"root"}),
+            "output": self.output.model_dump(exclude={"root", *_NOT_IN_FINGERPRINT, *_WHEN_NOT_DEFAULT}),
             "max_pixels": self.input.max_pixels,
             "weights": dict(sorted(weight_hashes.items())),
         }
+        relevant.update({f"output.{k}": getattr(self.output, k) for k in _WHEN_NOT_DEFAULT
+                         if getattr(self.output, k) != OutputConfig.model_fields[k].default})
         if self.provenance.c2pa != "off":  # signed files differ; which key or algorithm signs does not redo GFP-GAN
             relevant["provenance"] = self.provenance.c2pa
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Lossless encoder settings: the derivative's pixels stay the same, so GFP-GAN need not run again for them.
+_NOT_IN_FINGERPRINT = ("png_level", "tiff_compression")
+# Settings added after archives were processed: in the fingerprint only when changed from their default, so
+# that fingerprints (and so the archives made with the defaults) stay valid across the upgrade.
+_WHEN_NOT_DEFAULT = ("jpeg_mode",)
 
 
 def detect_fingerprint(detect: DetectConfig, detector_sha256: str) -> str:

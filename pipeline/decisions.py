@@ -232,15 +232,17 @@ def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative
         _error(row, Status.WRITE_ERROR, f"the derivative's size {derived.shape[:2]} differs from the master's "
                                         f"{pixels.shape[:2]}: cannot recompose it")
         return
+    changed = []
     for f in faces:
         if f.get("action") == "restored":
             affine = align_matrix(np.asarray(f["landmarks"], np.float32).reshape(5, 2))
             ys, xs, mask, _ = paste_mask(pixels.shape, affine)
             sel = mask > 0
             pixels[ys, xs][sel] = derived[ys, xs][sel]
+            changed.append((ys, xs, sel))
     row.update(src_format=img.format, _faces=faces, notes=None)
     name = row.get("output_name") or posixpath.relpath(row["output_uri"], compose.images_root)
-    compose.write_derivative(row, img, pixels, faces, name=name)
+    compose.write_derivative(row, img, pixels, faces, name=name, changed=changed)
 
 
 class _Composers:

@@ -183,8 +183,13 @@ def output_format(src_format: str, policy: str) -> str:
     return src_format if policy == "same" else {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "webp": "WEBP"}[policy]
 
 
-def encode(pixels: np.ndarray, ext: str, jpeg_quality: int = 95, webp_quality: int = 95) -> bytes:
-    """Encode for ``ext``; formats without 16-bit or alpha support get 8-bit / no alpha."""
+_TIFF_COMPRESSION = {"lzw": 5, "deflate": 8, "none": 1}  # libtiff codes (8: Adobe Deflate, read everywhere)
+
+
+def encode(pixels: np.ndarray, ext: str, jpeg_quality: int = 95, webp_quality: int = 95,
+           png_level: int | None = None, tiff_compression: str = "lzw") -> bytes:
+    """Encode for ``ext``; formats without 16-bit or alpha support get 8-bit / no alpha. ``png_level`` None:
+    OpenCV's fastest PNG (zlib level 1 with the RLE strategy)."""
     ext = ext.lower()
     params: list[int] = []
     if ext in (".jpg", ".jpeg", ".webp", ".bmp"):
@@ -195,8 +200,10 @@ def encode(pixels: np.ndarray, ext: str, jpeg_quality: int = 95, webp_quality: i
         params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
     elif ext == ".webp":
         params = [cv2.IMWRITE_WEBP_QUALITY, webp_quality]
+    elif ext == ".png" and png_level is not None:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, png_level]
     elif ext in (".tif", ".tiff"):
-        params = [cv2.IMWRITE_TIFF_COMPRESSION, 5]  # LZW: lossless, widely readable
+        params = [cv2.IMWRITE_TIFF_COMPRESSION, _TIFF_COMPRESSION[tiff_compression]]
     ok, buf = cv2.imencode(ext, np.ascontiguousarray(pixels), params)
     if not ok:
         raise ValueError(f"OpenCV could not encode {pixels.shape} {pixels.dtype} as {ext}")

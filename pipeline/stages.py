@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from . import __version__, imageio, keys, ledger, metadata, provenance, review, storage, weights
+from . import __version__, imageio, jpegblocks, keys, ledger, metadata, provenance, review, storage, weights
 from .config import RunConfig, detect_fingerprint
 from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
@@ -432,22 +432,25 @@ class Compose:
         policy = self.cfg.output.colour_policy
         luminance_only = policy == "force_grey" or (policy == "auto" and img.grey)
         restored = np.frombuffer(row["restored"], np.uint8).reshape(-1, FACE_SIZE, FACE_SIZE, 3)
+        changed = []
         for f, face in zip(faces, restored):
             if f.get("action") == "restored":
-                paste_face(pixels, face, np.array(f["affine"], np.float64).reshape(2, 3),
-                           luminance_only=luminance_only)
-        self.write_derivative(row, img, pixels, faces)
+                changed.append(paste_face(pixels, face, np.array(f["affine"], np.float64).reshape(2, 3),
+                                          luminance_only=luminance_only))
+        self.write_derivative(row, img, pixels, faces, changed=changed)
 
     def write_derivative(self, row: dict, img: imageio.Decoded, pixels: np.ndarray, faces: list[dict],
-                         name: str | None = None) -> None:
+                         name: str | None = None, changed: list | None = None) -> None:
         """Encode ``pixels`` (the master ``img`` with ``faces`` pasted as their ``action`` says), carry the
         master's metadata, sign, write the derivative, its access copy and review crops. ``name``: the
-        derivative's name below images/ (default: from the planned key)."""
+        derivative's name below images/ (default: from the planned key). ``changed``: the regions where
+        ``pixels`` differ from the master's, as ``paste_face`` returns them (None: anywhere)."""
         fmt = imageio.output_format(row["src_format"], self.cfg.output.format)
-        data = imageio.encode(pixels, imageio.FORMATS[fmt], self.cfg.output.jpeg_quality, self.cfg.output.webp_quality)
+        data, encode_note = self._encode(row, img, pixels, fmt, changed)
         restored_any = any(f.get("action") == "restored" for f in faces)
         data, note = metadata.carry(row["src_bytes"], data, fmt, restored=restored_any, software=self.software,
                                     copy_icc=not img.cmyk)
+        note = "; ".join(x for x in (encode_note, note) if x) or None
         name = name or self._out_name(row, fmt)
         row["c2pa_signed"] = None
         if restored_any and self.provenance is not None:
@@ -466,6 +469,29 @@ class Compose:
             self._write_access_copy(row, pixels, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]))
         if self.cfg.review.crops:
             self._write_review_crops(row, img.pixels, pixels, faces)
+
+    def _encode(self, row: dict, img: imageio.Decoded, pixels: np.ndarray, fmt: str,
+                changed: list | None) -> tuple[bytes, str | None]:
+        """The derivative's bytes, and a note when ``output.jpeg_mode = blocks`` could not be honoured."""
+        o = self.cfg.output
+        if o.jpeg_mode == "blocks" and fmt == "JPEG":
+            if row["src_format"] != "JPEG":
+                reason = f"the master is {row['src_format']}"
+            elif img.orientation != 1:
+                reason = f"EXIF orientation {img.orientation} was applied to the pixels"
+            elif changed is None:
+                reason = "the changed regions are not known"
+            else:
+                try:
+                    data, share = jpegblocks.splice(row["src_bytes"], pixels, changed)
+                    log.debug("%s: %.1f%% of the MCUs encoded again", row["image_id"], 100 * share)
+                    return data, None
+                except jpegblocks.Unsupported as e:
+                    reason = str(e)
+            return (imageio.encode(pixels, ".jpg", o.jpeg_quality),
+                    f"jpeg_mode=blocks not possible ({reason}): re-encoded at quality {o.jpeg_quality}")
+        return imageio.encode(pixels, imageio.FORMATS[fmt], o.jpeg_quality, o.webp_quality, o.png_level,
+                              o.tiff_compression), None
 
     def _write_review_crops(self, row: dict, before: np.ndarray, after: np.ndarray, faces: list[dict]) -> None:
         """Each face's before/after pair for the review page (review.py). They only help a curator: one that

@@ -41,3 +41,22 @@ def test_fingerprint_tracks_output_affecting_settings_only():
     assert base.model_copy(update={"output": base.output.model_copy(update={"jpeg_quality": 80})}).fingerprint(w) != fp
     assert base.model_copy(update={"detect": base.detect.model_copy(update={"threshold": 0.9})}).fingerprint(w) != fp
     assert base.fingerprint({"GFPGANv1.4": "bb"}) != fp
+
+
+def _with_output(cfg: RunConfig, **update) -> RunConfig:
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update=update)})
+
+
+def test_encoder_settings_and_jpeg_mode_in_the_fingerprint():
+    base = RunConfig()
+    w = {"GFPGANv1.4": "aa", "retinaface": "bb"}
+    # The defaults' fingerprint is the one computed before output.jpeg_mode, png_level and tiff_compression
+    # existed (value taken from the code at c8d1d2c): archives processed then are not redone by the upgrade.
+    assert base.fingerprint(w) == "db5487900fdb137d"
+    fp = base.fingerprint(w)
+    # Lossless encoder settings change no pixel: no GFP-GAN run for them.
+    assert _with_output(base, png_level=9).fingerprint(w) == fp
+    assert _with_output(base, tiff_compression="deflate").fingerprint(w) == fp
+    # Keeping the master's JPEG blocks changes the derivative's bytes: a new fingerprint.
+    assert _with_output(base, jpeg_mode="blocks").fingerprint(w) != fp
+    assert _with_output(base, jpeg_mode="reencode").fingerprint(w) == fp

@@ -336,3 +336,25 @@ def test_the_page_links_only_what_a_browser_may_open():
     data = report.page_data(out, t)
     assert data["failed"] == [["x", "read_error", "</script><script>alert(1)</script>", None,
                                "javascript://%0aalert(document.cookie)"]]
+
+
+def test_reverting_a_blocks_mode_jpeg_gives_back_the_masters_blocks(weights_dir, people, tmp_path):
+    """output.jpeg_mode=blocks: a rejected face's blocks become the master's again (not a re-encoding of its
+    pixels); with every face rejected the derivative holds the master's coefficients throughout."""
+    import jpeglib
+
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"blake": people["blake"]},
+                      **{"output.format": "same", "output.jpeg_mode": "blocks"})
+
+    def coefficients(path):
+        m = jpeglib.read_dct(str(path))
+        return [m.Y, m.Cb, m.Cr]
+
+    master = coefficients(people["blake"])
+    uri = rows["blake"]["output_uri"]
+    assert not all(np.array_equal(a, b) for a, b in zip(master, coefficients(uri)))
+    rec = _apply(out, ["blake,0,reject", "blake,1,reject"], cfg, tmp_path)
+    assert rec["summary"]["failed"] == [] and rec["summary"]["faces_reverted"] == 2
+    assert "re-encoded" not in (_latest(out, cfg)["blake"]["notes"] or "")
+    assert all(np.array_equal(a, b) for a, b in zip(master, coefficients(uri)))

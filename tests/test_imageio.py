@@ -73,3 +73,25 @@ def test_encode_round_trips(ext):
     back = imageio.decode(imageio.encode(img, ext, jpeg_quality=95, webp_quality=95), 10**8).pixels
     tol = 0 if ext in (".png", ".tif", ".bmp") else 3
     assert back.shape == img.shape and np.abs(back.astype(int) - img.astype(int)).mean() <= tol
+
+
+@pytest.mark.parametrize("setting,tag", [("lzw", "tiff_lzw"), ("deflate", "tiff_adobe_deflate"), ("none", "raw")])
+def test_tiff_compression_is_lossless_and_as_configured(setting, tag):
+    from PIL import Image
+
+    img = (np.random.default_rng(1).integers(0, 65535, (40, 56, 3))).astype(np.uint16)
+    data = imageio.encode(img, ".tif", tiff_compression=setting)
+    assert np.array_equal(imageio.decode(data, 10**8).pixels, img)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.info["compression"] == tag
+
+
+def test_png_level_is_lossless_and_trades_size():
+    y, x = np.mgrid[0:200, 0:300]
+    img = np.stack([x % 256, y % 256, (x * y) % 256], axis=2).astype(np.uint8)
+    sizes = {}
+    for level in (None, 0, 9):
+        data = imageio.encode(img, ".png", png_level=level)
+        assert np.array_equal(imageio.decode(data, 10**8).pixels, img)
+        sizes[level] = len(data)
+    assert sizes[0] > sizes[None] and sizes[0] > sizes[9]  # level 0 stores; the others compress

@@ -1,0 +1,212 @@
+"""JPEG derivatives without generation loss (``output.jpeg_mode = blocks``).
+
+A JPEG master's derivative keeps the master's quantisation tables, sampling and quantised DCT coefficients
+in every MCU (minimum coded unit: 8x8 pixels, 16x16 with 4:2:0 chroma) that no pasted face touches; only
+the MCUs a face's paste mask reaches are encoded again, from the derivative's pixels, with the master's own
+tables. So the rest of the photograph is the master's data, not a re-encoding of it: no second
+generation of JPEG loss, whatever the quality setting, and the quantisation DCT and colour conversion cost
+scales with the faces' area. The entropy coding of the whole file is still redone (lossless).
+
+Pixels outside the re-encoded MCUs decode bit-identically to the master's, except within one chroma
+sample of a re-encoded MCU in subsampled (4:2:0, 4:2:2) files: decoders interpolate chroma across MCU
+borders ("fancy upsampling"), so their colour follows the restored neighbour by a few levels.
+
+The DCT coefficients are read and written with ``jpeglib`` (libjpeg-turbo through ctypes; it works on file
+paths, hence the temporary files). Masters it cannot splice (progressive, arithmetic-coded, lossless or
+12-bit, CMYK/YCCK/RGB colour, not the derivative's size) raise ``Unsupported``: Compose then re-encodes
+the whole image and says so in the row's notes. They are told apart by the file's own SOF marker before
+libjpeg sees the file, so an unsupported file never reaches a library call that could abort the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_LIBJPEG = "turbo210"  # the libjpeg-turbo build jpeglib ships; also what OpenCV decodes with
+
+
+class Unsupported(ValueError):
+    """This master cannot keep its blocks; the message says why (for the row's notes)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What the master's SOF marker says."""
+
+    sof: int                            # 0xC0 baseline, 0xC1 extended sequential, 0xC2 progressive, ...
+    precision: int                      # bits per sample
+    height: int
+    width: int
+    sampling: tuple[tuple[int, int], ...]  # per component: (vertical, horizontal)
+    adobe_transform: int | None         # APP14 "Adobe" colour transform (0: none, i.e. RGB or CMYK)
+
+
+_SOF_NAMES = {0xC2: "progressive", 0xC3: "lossless", 0xC6: "progressive", 0xC7: "lossless",
+              0xC9: "arithmetic-coded", 0xCA: "progressive arithmetic-coded", 0xCB: "lossless arithmetic-coded",
+              0xCD: "arithmetic-coded", 0xCE: "progressive arithmetic-coded", 0xCF: "lossless arithmetic-coded",
+              0xC5: "hierarchical"}
+
+
+def frame(data: bytes) -> Frame:
+    """Walk the marker segments up to the frame header (no pixels read)."""
+    if data[:2] != b"\xff\xd8":
+        raise Unsupported("not a JPEG file")
+    i, adobe = 2, None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise Unsupported("malformed JPEG marker segments")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        body = data[i + 4:i + 2 + length]
+        if marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
+            adobe = body[11]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if len(body) < 6:
+                raise Unsupported("truncated JPEG frame header")
+            precision, height, width, n = body[0], *struct.unpack(">HH", body[1:5]), body[5]
+            comps = body[6:6 + 3 * n]
+            sampling = tuple((comps[3 * k + 1] & 0x0F, comps[3 * k + 1] >> 4) for k in range(len(comps) // 3))
+            return Frame(marker, precision, height, width, sampling, adobe)
+        if marker == 0xDA:
+            break
+        i += 2 + length
+    raise Unsupported("no JPEG frame header")
+
+
+def check(data: bytes, shape: tuple[int, ...]) -> Frame:
+    """The master's frame, or ``Unsupported`` saying why its blocks cannot be kept for pixels of ``shape``."""
+    f = frame(data)
+    if f.sof not in (0xC0, 0xC1):
+        raise Unsupported(f"{_SOF_NAMES.get(f.sof, f'SOF{f.sof - 0xC0}')} JPEG master")
+    if f.precision != 8:
+        raise Unsupported(f"{f.precision}-bit JPEG master")
+    n = len(f.sampling)
+    if n == 4:
+        raise Unsupported("CMYK JPEG master")
+    if n not in (1, 3) or (n == 3 and f.adobe_transform == 0):
+        raise Unsupported("JPEG master not in YCbCr or grey" if n != 3 else "RGB JPEG master (no YCbCr)")
+    if any(v not in (1, 2) or h not in (1, 2) for v, h in f.sampling) or (
+            n == 3 and any(s != (1, 1) for s in f.sampling[1:])):
+        raise Unsupported(f"JPEG sampling {f.sampling} (only full-resolution chroma with 1x1, 2x1, 1x2, 2x2 luma)")
+    channels = 1 if len(shape) == 2 else shape[2]
+    if (f.height, f.width) != tuple(shape[:2]):
+        raise Unsupported(f"the derivative ({shape[1]}x{shape[0]}) is not the master's stored size "
+                          f"({f.width}x{f.height}), e.g. after EXIF rotation")
+    if channels != n:
+        raise Unsupported(f"the derivative has {channels} channels, the master {n}")
+    return f
+
+
+@functools.cache
+def _jpeglib():
+    import jpeglib
+
+    jpeglib.version.set(_LIBJPEG)
+    return jpeglib
+
+
+def _touched_mcus(changed, grid: tuple[int, int], mcu: tuple[int, int]) -> np.ndarray:
+    """The MCUs (grid rows x cols) that any changed pixel lies in; ``changed``: (ys, xs, mask) regions."""
+    mh, mw = mcu
+    out = np.zeros(grid, bool)
+    for ys, xs, mask in changed:
+        if not mask.size or not mask.any():
+            continue
+        y0, x0 = ys.start, xs.start
+        top, left = y0 % mh, x0 % mw
+        h, w = mask.shape
+        padded = np.zeros((-(-(top + h) // mh) * mh, -(-(left + w) // mw) * mw), bool)
+        padded[top:top + h, left:left + w] = mask
+        cells = padded.reshape(padded.shape[0] // mh, mh, padded.shape[1] // mw, mw).any(axis=(1, 3))
+        r0, c0 = y0 // mh, x0 // mw
+        out[r0:r0 + cells.shape[0], c0:c0 + cells.shape[1]] |= cells[:grid[0] - r0, :grid[1] - c0]
+    return out
+
+
+def splice(master: bytes, pixels: np.ndarray, changed) -> tuple[bytes, float]:
+    """The derivative as a JPEG with ``master``'s blocks wherever ``pixels`` are the master's.
+
+    ``pixels``: the derivative, 8-bit BGR (H, W, 3) or grey (H, W), in the master's stored orientation.
+    ``changed``: the regions whose pixels may differ from the master's, as (ys, xs, bool mask) — what
+    ``faces.paste_face`` returns. Returns the file and the fraction of MCUs encoded again.
+    Raises ``Unsupported`` when the master cannot keep its blocks.
+    """
+    f = check(master, pixels.shape)
+    if pixels.dtype != np.uint8:
+        raise Unsupported(f"{pixels.dtype} pixels for an 8-bit JPEG")
+    jpeglib = _jpeglib()
+    vmax, hmax = max(v for v, _ in f.sampling), max(h for _, h in f.sampling)
+    mh, mw = 8 * vmax, 8 * hmax
+    grid = (-(-f.height // mh), -(-f.width // mw))
+    touched = _touched_mcus(changed, grid, (mh, mw))
+    with tempfile.TemporaryDirectory(prefix="jpegblocks-") as tmp:
+        src, out = os.path.join(tmp, "master.jpg"), os.path.join(tmp, "out.jpg")
+        with open(src, "wb") as fh:
+            fh.write(master)
+        try:
+            m = jpeglib.read_dct(src)
+            comps = [m.Y] + ([m.Cb, m.Cr] if len(f.sampling) == 3 else [])
+        except Exception as e:  # what the marker walk could not see (a damaged table, ...)
+            raise Unsupported(f"its coefficients could not be read ({type(e).__name__}: {e})") from None
+        for rows, cols in _boxes(touched):
+            _encode_into(jpeglib, m, comps, f, pixels, touched, rows, cols, (mh, mw), tmp)
+        # Written from the tables and coefficients alone: with its source attached jpeglib decodes the whole
+        # master again (30% slower), and the master's own markers would repeat the JFIF header libjpeg
+        # writes. Metadata is carried afterwards by metadata.carry, as for a re-encoded derivative.
+        m.content, m.markers = None, []
+        m.write_dct(out)
+        with open(out, "rb") as fh:
+            data = fh.read()
+    return data, float(touched.mean()) if touched.size else 0.0
+
+
+def _boxes(touched: np.ndarray):
+    """Bounding boxes (MCU row and column slices) of the touched MCUs' connected groups: each is encoded as
+    one crop, so MCUs between two far-apart faces are not encoded for nothing."""
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(touched.astype(np.uint8), connectivity=8)
+    for k in range(1, n):
+        x, y, w, h = stats[k, :4]
+        yield slice(y, y + h), slice(x, x + w)
+
+
+def _encode_into(jpeglib, m, comps, f: Frame, pixels: np.ndarray, touched: np.ndarray, rows: slice, cols: slice,
+                 mcu: tuple[int, int], tmp: str) -> None:
+    """Encode the MCU box ``rows`` x ``cols`` of ``pixels`` with the master's tables and sampling, and copy
+    the coefficients of its touched MCUs into the master's (``comps``, in place)."""
+    mh, mw = mcu
+    y0, x0 = rows.start * mh, cols.start * mw
+    y1, x1 = min(rows.stop * mh, f.height), min(cols.stop * mw, f.width)
+    crop = pixels[y0:y1, x0:x1]
+    if crop.ndim == 3:
+        spatial, space = np.ascontiguousarray(crop[:, :, ::-1]), jpeglib.JCS_RGB
+    else:
+        spatial, space = np.ascontiguousarray(crop[:, :, None]), jpeglib.JCS_GRAYSCALE
+    path = os.path.join(tmp, "crop.jpg")
+    s = jpeglib.from_spatial(spatial, space)
+    s.samp_factor = np.array(f.sampling, np.int32)
+    s.write_spatial(path, qt=m.qt, quant_tbl_no=m.quant_tbl_no, dct_method=jpeglib.JDCT_ISLOW)
+    c = jpeglib.read_dct(path)
+    if not np.array_equal(c.qt, m.qt):  # e.g. a 16-bit table clamped for baseline: then nothing would match
+        raise Unsupported("the master's quantisation tables cannot be written back as they are")
+    new = [c.Y] + ([c.Cb, c.Cr] if len(comps) == 3 else [])
+    sel = touched[rows, cols]
+    for comp, fresh, (v, h) in zip(comps, new, f.sampling):
+        # Each MCU holds v x h blocks of this component; a component's arrays stop at the image's last block.
+        r0, c0 = rows.start * v, cols.start * h
+        mask = np.repeat(np.repeat(sel, v, 0), h, 1)[:fresh.shape[0], :fresh.shape[1]]
+        target = comp[r0:r0 + fresh.shape[0], c0:c0 + fresh.shape[1]]
+        target[mask] = fresh[mask]

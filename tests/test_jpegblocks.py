@@ -1,0 +1,181 @@
+"""output.jpeg_mode = blocks: a JPEG master's derivative keeps the master's quantised DCT coefficients in every
+MCU that no pasted face touches (read back with jpeglib and compared block by block), decodes in OpenCV,
+Pillow and jpeginfo, and masters that cannot keep their blocks fall back to a re-encode with a note."""
+
+import io
+import os
+import shutil
+import subprocess
+
+import cv2
+import jpeglib
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import jpegblocks, metadata
+from pipeline.config import load_config
+from pipeline.faces import align_matrix, paste_face, paste_mask
+from pipeline.stages import Compose, DecodeDetect, Restore
+
+from conftest import IMAGES, need, test_overrides
+
+
+def _save(img: Image.Image, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "JPEG", **kw)
+    return b.getvalue()
+
+
+def _dct(data: bytes, tmp_path, name: str):
+    p = tmp_path / name
+    p.write_bytes(data)
+    m = jpeglib.read_dct(str(p))
+    return m, [m.Y] + ([m.Cb, m.Cr] if m.Cb is not None else [])
+
+
+def _changed_mcus(shape, faces, sampling) -> np.ndarray:
+    """The MCUs a restored face's paste mask reaches, from the whole-image mask (the test's own reduction)."""
+    mh, mw = 8 * max(v for v, _ in sampling), 8 * max(h for _, h in sampling)
+    full = np.zeros(shape[:2], bool)
+    for f in faces:
+        if f["action"] == "restored":
+            ys, xs, mask, _ = paste_mask(shape, align_matrix(np.asarray(f["landmarks"], np.float32).reshape(5, 2)))
+            full[ys, xs] |= mask > 0
+    gh, gw = -(-shape[0] // mh), -(-shape[1] // mw)
+    padded = np.zeros((gh * mh, gw * mw), bool)
+    padded[:shape[0], :shape[1]] = full
+    return padded.reshape(gh, mh, gw, mw).any(axis=(1, 3))
+
+
+def _component_mask(mcus: np.ndarray, v: int, h: int, shape) -> np.ndarray:
+    return np.kron(mcus, np.ones((v, h), bool))[:shape[0], :shape[1]]
+
+
+def _jpeginfo() -> str:
+    exe = shutil.which("jpeginfo")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("jpeginfo is not installed (.ci/run installs Debian's jpeginfo)")
+        pytest.skip("jpeginfo is not installed (apt-get install jpeginfo)")
+    return exe
+
+
+SUPPORTED = {"s420.jpg": dict(quality=90, subsampling=2), "s422.jpg": dict(quality=80, subsampling=1),
+             "s444.jpg": dict(quality=95, subsampling=0), "grey.jpg": dict(quality=90)}
+
+
+@pytest.fixture(scope="module")
+def processed(weights_dir, tmp_path_factory):
+    src = tmp_path_factory.mktemp("blocks")
+    rgb = cv2.cvtColor(cv2.imread(str(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"))), cv2.COLOR_BGR2RGB)
+    rgb = rgb[:rgb.shape[0] - 5, :rgb.shape[1] - 11]  # sides that are not whole MCUs
+    im = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    variants = {name: _save(im.convert("L") if name == "grey.jpg" else im, **kw) for name, kw in SUPPORTED.items()}
+    variants.update({
+        "progressive.jpg": _save(im, quality=90, progressive=True),
+        "cmyk.jpg": _save(im.convert("CMYK"), quality=90),
+        "rotated.jpg": _save(Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1))), quality=90, exif=exif),
+    })
+    for name, data in variants.items():
+        (src / name).write_bytes(data)
+    cfg = load_config(None, test_overrides(weights_dir, tmp_path_factory.mktemp("out"),
+                                           **{"output.jpeg_mode": "blocks"}), environ={})
+    batch = {"image_id": np.array(list(variants), object), "uri": np.array([str(src / n) for n in variants], object)}
+    rows = Compose(cfg, "r", "fp", True)(Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(batch))).to_pylist()
+    return {r["image_id"]: r for r in rows}, variants
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED))
+def test_blocks_outside_faces_are_the_masters(processed, name, tmp_path):
+    rows, variants = processed
+    r = rows[name]
+    assert r["status"] == "ok", r["error"]
+    assert "re-encoded" not in (r["notes"] or ""), r["notes"]
+    faces = r["faces"]
+    assert sum(f["action"] == "restored" for f in faces) == 2
+    out = open(r["output_uri"], "rb").read()
+    m, mc = _dct(variants[name], tmp_path, "m.jpg")
+    d, dc = _dct(out, tmp_path, "d.jpg")
+    assert np.array_equal(m.qt, d.qt) and np.array_equal(m.samp_factor, d.samp_factor)
+    assert [c.shape for c in mc] == [c.shape for c in dc]
+    sampling = [tuple(s) for s in m.samp_factor]
+    mcus = _changed_mcus((m.height, m.width), faces, sampling)
+    assert 0 < mcus.mean() < 0.8  # two large faces; the rest of the photograph is what is checked
+    for a, b, (v, h) in zip(mc, dc, sampling):
+        touched = _component_mask(mcus, v, h, a.shape)
+        assert np.array_equal(a[~touched], b[~touched]), "a block outside the faces changed"
+        assert not np.array_equal(a[touched], b[touched]), "the faces' blocks were not encoded again"
+    # Pixels: the master's wherever no restored MCU is within one MCU (chroma is interpolated across MCU
+    # borders when subsampled); exactly the master's outside the restored MCUs with full-resolution chroma.
+    master_px = cv2.imdecode(np.frombuffer(variants[name], np.uint8), cv2.IMREAD_UNCHANGED)
+    deriv_px = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_UNCHANGED)
+    mh, mw = 8 * max(v for v, _ in sampling), 8 * max(h for _, h in sampling)
+    near = cv2.dilate(mcus.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0 if sampling[0] != (1, 1) else mcus
+    far = ~np.kron(near, np.ones((mh, mw), bool))[:m.height, :m.width]
+    assert np.array_equal(master_px[far], deriv_px[far])
+    assert deriv_px.shape == master_px.shape
+    # Decodes elsewhere, and carries the master's metadata and the AI-edit label as a re-encoded one does.
+    with Image.open(io.BytesIO(out)) as im:
+        im.load()
+        assert im.size == (m.width, m.height)
+    check = subprocess.run([_jpeginfo(), "-c", r["output_uri"]], capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.split()[-1] == "OK", check.stdout + check.stderr
+    assert metadata.read(out)["xmp"]["Xmp.iptcExt.DigitalSourceType"] == metadata.AI_SOURCE_TYPE
+
+
+@pytest.mark.parametrize("name,reason", [("progressive.jpg", "progressive JPEG master"),
+                                         ("cmyk.jpg", "CMYK JPEG master"),
+                                         ("rotated.jpg", "EXIF orientation 6")])
+def test_masters_that_cannot_keep_their_blocks_are_reencoded_with_a_note(processed, name, reason):
+    rows, _ = processed
+    r = rows[name]
+    assert r["status"] == "ok", r["error"]
+    assert "jpeg_mode=blocks not possible" in r["notes"] and reason in r["notes"], r["notes"]
+    assert cv2.imdecode(np.fromfile(r["output_uri"], np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def _real_master(subsampling: int = 2) -> tuple[bytes, np.ndarray]:
+    bgr = cv2.imread(str(need(IMAGES / "whole/facexlib_test.jpg")))
+    data = _save(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)), quality=85, subsampling=subsampling)
+    return data, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_nothing_pasted_is_the_masters_data(tmp_path):
+    data, px = _real_master()
+    out, share = jpegblocks.splice(data, px, [])
+    assert share == 0
+    _, mc = _dct(data, tmp_path, "m.jpg")
+    _, dc = _dct(out, tmp_path, "d.jpg")
+    assert all(np.array_equal(a, b) for a, b in zip(mc, dc))
+    assert np.array_equal(cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR), px)
+
+
+def test_a_region_is_encoded_with_the_masters_tables(tmp_path):
+    """The touched MCUs hold what libjpeg makes of the derivative's pixels with the master's tables: decoding
+    them gives the pasted pixels back within JPEG's error, where a foreign table would not."""
+    data, px = _real_master(subsampling=0)
+    pasted = px.copy()
+    face = cv2.resize(px[40:240, 60:260], (512, 512))[:, ::-1]  # something else than what was there
+    affine = np.array([[1.0, 0, -100], [0, 1.0, -80]])  # the crop lands at (100, 80) in the photo
+    changed = [paste_face(pasted, face, affine)]
+    out, share = jpegblocks.splice(data, pasted, changed)
+    assert 0 < share < 1
+    back = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    ys, xs, touched = changed[0]
+    err = np.abs(back[ys, xs][touched] - pasted[ys, xs][touched].astype(int))
+    assert err.mean() < 3 and np.abs(px[ys, xs][touched].astype(int) - pasted[ys, xs][touched]).mean() > 20
+
+
+def test_frame_checks_say_why():
+    data, px = _real_master()
+    with pytest.raises(jpegblocks.Unsupported, match="not the master's stored size"):
+        jpegblocks.check(data, (px.shape[1], px.shape[0], 3))
+    with pytest.raises(jpegblocks.Unsupported, match="channels"):
+        jpegblocks.check(data, px.shape[:2])
+    with pytest.raises(jpegblocks.Unsupported, match="not a JPEG"):
+        jpegblocks.check(cv2.imencode(".png", px)[1].tobytes(), px.shape)
+    f = jpegblocks.check(data, px.shape)
+    assert (f.height, f.width, f.precision, f.sampling) == (px.shape[0], px.shape[1], 8, ((2, 2), (1, 1), (1, 1)))

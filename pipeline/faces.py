@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 
 from .config import DetectConfig
 from .weights import Resolved, load_torch_file, seeded_init
@@ -42,6 +41,7 @@ class FaceDetector:
     """RetinaFace on a copy downscaled to ``long_side``; boxes and landmarks returned in master pixels."""
 
     def __init__(self, cfg: DetectConfig, weights: Resolved, device: str = "cpu"):
+        import torch  # see _detect_faces
         from facexlib.detection.retinaface import RetinaFace
 
         self.cfg = cfg
@@ -75,33 +75,37 @@ class FaceDetector:
         faces.sort(key=lambda f: -f.score)
         return faces[: self.cfg.max_faces], too_small + max(0, len(faces) - self.cfg.max_faces)
 
-    @torch.inference_mode()
     def _detect_faces(self, img_bgr: np.ndarray) -> np.ndarray:
         """facexlib's ``RetinaFace.detect_faces`` at the image's own size (its outputs, to the bit: tested),
         with the prior boxes cached per input size instead of rebuilt by a Python loop on every call (about
         30% of a mobile0.25 detection measured on a 1,600 px copy); rows: x1, y1, x2, y2, score, 5 landmarks."""
+        import torch  # imported here: Compose uses this module for paste-back and must not load torch
         from facexlib.detection.retinaface_utils import decode, decode_landm, py_cpu_nms
 
-        h, w = img_bgr.shape[:2]
-        dev = self.net.mean_tensor.device
-        x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0).to(dev) - self.net.mean_tensor
-        loc, conf, landmarks = self.net(x)
-        variance = self.net.cfg["variance"]
-        priors = prior_boxes(self.net.cfg, h, w).to(dev)
-        scale = torch.tensor([w, h] * 2, dtype=torch.float32, device=dev)
-        boxes = (decode(loc.squeeze(0), priors, variance) * scale).cpu().numpy()
-        scores = conf.squeeze(0)[:, 1].cpu().numpy()
-        landms = (decode_landm(landmarks.squeeze(0), priors, variance)
-                  * torch.tensor([w, h] * 5, dtype=torch.float32, device=dev)).cpu().numpy()
-        keep = np.where(scores > self.cfg.threshold)[0]
-        order = keep[scores[keep].argsort(kind="quicksort")[::-1]]
-        dets = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
-        nms = py_cpu_nms(dets, self.cfg.nms_threshold)
-        return np.concatenate((dets[nms, :], landms[order][nms]), axis=1)
+        with torch.inference_mode():
+            h, w = img_bgr.shape[:2]
+            dev = self.net.mean_tensor.device
+            x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0).to(dev)
+            x = x - self.net.mean_tensor
+            loc, conf, landmarks = self.net(x)
+            variance = self.net.cfg["variance"]
+            priors = prior_boxes(self.net.cfg, h, w).to(dev)
+            scale = torch.tensor([w, h] * 2, dtype=torch.float32, device=dev)
+            boxes = (decode(loc.squeeze(0), priors, variance) * scale).cpu().numpy()
+            scores = conf.squeeze(0)[:, 1].cpu().numpy()
+            landms = (decode_landm(landmarks.squeeze(0), priors, variance)
+                      * torch.tensor([w, h] * 5, dtype=torch.float32, device=dev)).cpu().numpy()
+            keep = np.where(scores > self.cfg.threshold)[0]
+            order = keep[scores[keep].argsort(kind="quicksort")[::-1]]
+            dets = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
+            nms = py_cpu_nms(dets, self.cfg.nms_threshold)
+            return np.concatenate((dets[nms, :], landms[order][nms]), axis=1)
 
 
 @functools.lru_cache(maxsize=32)
-def _prior_boxes(min_sizes: tuple, steps: tuple, clip: bool, h: int, w: int) -> torch.Tensor:
+def _prior_boxes(min_sizes: tuple, steps: tuple, clip: bool, h: int, w: int) -> "torch.Tensor":
+    import torch
+
     rows = []
     for sizes, step in zip(min_sizes, steps):
         fh, fw = math.ceil(h / step), math.ceil(w / step)
@@ -113,7 +117,7 @@ def _prior_boxes(min_sizes: tuple, steps: tuple, clip: bool, h: int, w: int) -> 
     return out.clamp_(0, 1) if clip else out
 
 
-def prior_boxes(cfg: dict, h: int, w: int) -> torch.Tensor:
+def prior_boxes(cfg: dict, h: int, w: int) -> "torch.Tensor":
     """RetinaFace's anchor boxes for an ``h`` x ``w`` input, equal to facexlib's ``PriorBox(cfg).forward()``
     (vectorised, and cached: an archive's detection copies come in few sizes). Read-only."""
     return _prior_boxes(tuple(map(tuple, cfg["min_sizes"])), tuple(cfg["steps"]), bool(cfg["clip"]), h, w)

@@ -25,9 +25,7 @@ from . import __version__, imageio, jpegblocks, keys, ledger, metadata, provenan
 from .config import RunConfig, detect_fingerprint
 from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
-from .identity import arcface_matrix
 from .errors import Fenced
-from .restorer import FaceRestorer
 from .schema import FACE_TYPE, RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
 
 log = logging.getLogger(__name__)
@@ -129,6 +127,8 @@ class DecodeDetect:
                 skipped = prior.get("skipped", 0)
             else:
                 faces, skipped = self.detector.detect(bgr)
+            from .identity import arcface_matrix  # torch: see Restore
+
             crops, records = [], []
             for f in faces:
                 affine = align_matrix(f.landmarks)
@@ -220,6 +220,8 @@ class Restore:
                  expected_weights: dict[str, str] | None = None):
         self.cfg = cfg
         self.schema = with_passthrough(WORK_SCHEMA, passthrough)
+        from .restorer import FaceRestorer  # torch: imported by the stages that use it (Compose does not)
+
         self.restorer = FaceRestorer(cfg, device, expected_weights)
 
     def __call__(self, batch: Batch) -> pa.Table:

@@ -186,3 +186,18 @@ def test_an_error_row_describes_no_derivative_but_names_the_files_it_wrote(weigh
     assert r["status"] == "write_error" and r["output_uri"] is None and r["out_sha256"] is None
     assert r["access_uri"] is None and (out / "images" / r["output_name"]).is_file()
     assert all(f["action"] is None for f in r["faces"])
+
+
+def test_compose_and_the_driver_do_not_load_torch():
+    """A Compose task's worker and a driver with nothing to do import neither torch nor facexlib (seconds
+    of CPU per fresh worker, 15 s on a cold node); the run record still names their versions."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pipeline.stages import Compose, compose_and_record\n"
+            "from pipeline import decisions, job, report\nv = job._versions()\n"
+            "assert v['torch'] != '?' and v['facexlib'] != '?', v\n"
+            "print(sorted(m for m in ('torch', 'facexlib', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

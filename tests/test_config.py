@@ -1,3 +1,4 @@
+import typing
 import pytest
 
 from pipeline.config import RunConfig, load_config
@@ -60,3 +61,67 @@ def test_encoder_settings_and_jpeg_mode_in_the_fingerprint():
     # Keeping the master's JPEG blocks changes the derivative's bytes: a new fingerprint.
     assert _with_output(base, jpeg_mode="blocks").fingerprint(w) != fp
     assert _with_output(base, jpeg_mode="reencode").fingerprint(w) == fp
+
+
+# Every setting that changes the fingerprint (so that a `--reprocess outdated` run redoes the archive), with
+# why. Every other field must not: the walk below changes each field alone and checks it against this list.
+IN_FINGERPRINT = {
+    "input.max_pixels": "which masters are refused as too large",
+    "detect.model": "which faces are found", "detect.threshold": "", "detect.nms_threshold": "",
+    "detect.long_side": "", "detect.min_eye_dist": "", "detect.max_faces": "",
+    "restore.model": "the restoration (its weights' sha256 is hashed too)",
+    "restore.precision": "the restoration's numerics",
+    "qa.identity_backend": "identity scores, and so QA verdicts and kept faces", "qa.onnx_model": "",
+    "qa.min_identity_similarity": "", "qa.on_low_identity": "",
+    "output.format": "the derivative's bytes", "output.jpeg_quality": "", "output.jpeg_mode": "",
+    "output.webp_quality": "", "output.colour_policy": "",
+    "output.copy_no_face": "files written (no way yet to add them without a rerun)",
+    "output.access_copy": "", "output.access_long_side": "", "output.access_quality": "",
+    "provenance.c2pa": "signed files differ (which key signs does not)",
+}
+
+
+def _fields(model, prefix=""):
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if hasattr(type(value), "model_fields"):
+            yield from _fields(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", type(model).model_fields[name].annotation, value
+
+
+def _other(annotation, value):
+    """A different value of the field's type (validity beyond the type does not matter to the hash)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(a for a in typing.get_args(annotation) if a != value)
+    if value is None:
+        return {int: 3, float: 0.5, str: "x", bool: True}[args[0]]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1 if isinstance(value, int) else value / 2
+    if isinstance(value, str):
+        return value + "x"
+    raise AssertionError(f"no other value for {annotation}")
+
+
+def _changed(cfg: RunConfig, dotted: str, value) -> RunConfig:
+    *sections, name = dotted.split(".")
+    if not sections:
+        return cfg.model_copy(update={name: value})
+    section = getattr(cfg, sections[0])
+    return cfg.model_copy(update={sections[0]: section.model_copy(update={name: value})})
+
+
+def test_every_setting_is_in_the_fingerprint_exactly_when_listed():
+    base = RunConfig()
+    w = {"GFPGANv1.4": "aa", "retinaface": "bb"}
+    fp = base.fingerprint(w)
+    walked = {}
+    for dotted, annotation, value in _fields(base):
+        walked[dotted] = _changed(base, dotted, _other(annotation, value)).fingerprint(w) != fp
+    assert set(IN_FINGERPRINT) <= set(walked), set(IN_FINGERPRINT) - set(walked)
+    wrong = {k: v for k, v in walked.items() if v != (k in IN_FINGERPRINT)}
+    assert not wrong, f"fingerprint membership differs from IN_FINGERPRINT for: {wrong}"
+    assert len(walked) > 60  # the walk reached every section

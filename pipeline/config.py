@@ -67,6 +67,12 @@ class RestoreConfig(_Section):
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="auto: fp16 on CUDA, fp32 on CPU."
     )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Where the Restore actors restore. cuda: each asks Ray for one GPU and the job waits "
+        "for GPU nodes (an autoscaler starts them); cpu: no GPU is asked for. auto: cuda when the cluster has a "
+        "GPU at submission or cluster.max_gpus is set, else cpu with a warning: on a cluster whose GPU nodes "
+        "are still starting, say cuda.",
+    )
     micro_batch: int = Field(
         16, ge=1, description="Faces per forward pass; bounds GPU memory. Lowered by halves on CUDA out-of-memory.",
     )
@@ -212,8 +218,18 @@ class ClusterConfig(_Section):
     restore_batch_size: int = Field(16, ge=1, description="Images per Restore call; all their faces batch together.")
     compose_batch_size: int = Field(4, ge=1, description="Images per Compose task.")
     decode_actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each DecodeDetect actor.")
-    decode_actors_max: int | None = Field(None, ge=1, description="Cap on DecodeDetect actors. None: from the cluster.")
-    restore_actor_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each GPU actor (feeding the GPU).")
+    decode_actors_max: int | None = Field(
+        None, ge=1, description="Cap on DecodeDetect actors. None: a local Ray's CPUs; on a cluster, no cap (the "
+        "pool grows as CPU nodes join).",
+    )
+    max_gpus: int | None = Field(
+        None, ge=1, description="Cap on Restore actors (one per GPU). None: no cap; the pool grows as GPU nodes join.",
+    )
+    restore_actor_cpus: float = Field(
+        1.0, ge=0, description="CPUs reserved by the Restore actor when it restores on CPU. A GPU actor reserves no "
+        "CPU, so a CPU stage can never take the core it needs: GPU nodes keep one for it by advertising one CPU "
+        "fewer than they have (deploy/, ray_cluster.yaml).",
+    )
     compose_task_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each Compose task.")
     carry_masters: bool = Field(
         False, description="Carry each master's bytes from DecodeDetect through the GPU actor to Compose. False: "
@@ -227,6 +243,17 @@ class ClusterConfig(_Section):
         "process on the same host).",
     )
     progress_s: float = Field(30.0, gt=0, description="How often a run logs progress and updates its _runs record.")
+    startup_timeout_s: float = Field(
+        1800.0, gt=0, description="How long a run waits for its first finished batch: for workers to join (an "
+        "autoscaler starting nodes) and models to load. Then it fails, saying which stage has no actor.",
+    )
+    stall_timeout_s: float = Field(
+        600.0, gt=0, description="After the first batch, a run that finishes no batch for this long fails, saying "
+        "which stage's actors are pending or restarting (a lost GPU node). A re-run resumes.",
+    )
+    actor_restarts: int = Field(
+        3, ge=0, description="Restarts of a stage actor whose process or node died (its batches are retried).",
+    )
     takeover_grace_s: float = Field(
         60.0, ge=0,
         description="After taking the output over from a run whose lease lapsed (not one that died on this host, "

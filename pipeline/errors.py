@@ -28,3 +28,7 @@ class StorageError(PipelineError):
 
 class Fenced(StorageError):
     """This run no longer holds its output (another run has taken it over): nothing more may be written."""
+
+
+class Stalled(PipelineError):
+    """The cluster made no progress for too long (no workers joined, a lost node's actors cannot restart)."""

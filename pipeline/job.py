@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 
 from . import __version__, layout, ledger, metadata, provenance, resume, runs, storage, weights
 from .config import ClusterConfig, RunConfig
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, Stalled, StorageError
 from .manifest import Manifest, read_manifest
 from .report import count_by_status
 
@@ -31,28 +32,56 @@ MAX_BLOCKS = 20_000
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    restore_actors: int
-    restore_gpus: float       # per Restore actor: 1 on a GPU cluster, 0 on a CPU-only one
+    device: str               # where Restore restores: "cuda" (actors ask for a GPU each) or "cpu"
+    restore_min: int
+    restore_max: int | None   # None: no cap, the pool grows as GPU nodes join
+    restore_gpus: float       # per Restore actor
     restore_cpus: float
     decode_min: int
-    decode_max: int
+    decode_max: int | None    # None: no cap, the pool grows as CPU nodes join
     decode_cpus: float
     compose_cpus: float
 
 
-def plan_resources(resources: dict[str, float], cc: ClusterConfig) -> ResourcePlan:
-    """Size the actor pools from the cluster's resources (``ray.cluster_resources()``).
+def resolve_device(resources: dict[str, float], cfg: RunConfig) -> str:
+    """``restore.device`` for this cluster; auto is cuda when a GPU is there or promised (cluster.max_gpus)."""
+    device = cfg.restore.device
+    if device == "auto":
+        device = "cuda" if resources.get("GPU", 0) or cfg.cluster.max_gpus else "cpu"
+        if device == "cpu":
+            log.warning("restoring on CPU: the cluster has no GPU at submission. If GPU nodes are starting (an "
+                        "autoscaler), run with --set restore.device=cuda to wait for them")
+    return device
 
-    One Restore actor per GPU. What CPUs remain after the Restore actors and one Compose task go to
-    DecodeDetect actors. On a machine too small for one of each at the configured sizes, every
-    reservation is scaled down together (Ray accepts fractional CPUs) rather than leaving the pipeline
-    with a stage that can never be scheduled — which hangs Ray Data instead of failing.
+
+def plan_resources(resources: dict[str, float], cfg: RunConfig, elastic: bool) -> ResourcePlan:
+    """Size the actor pools.
+
+    A Restore actor per GPU when restoring on CUDA, asking for its GPU and no CPU: a CPU reservation could
+    be taken by a CPU stage first and leave it pending for good (GPU nodes keep a core for it by
+    advertising one CPU fewer). On CPU, one Restore actor with ``restore_actor_cpus``.
+
+    ``elastic`` (a cluster the job joined): pools have a minimum of one and grow as nodes join, without a
+    cap unless configured, and nothing needs to be there at submission: Ray Data asks the autoscaler for
+    what is pending. Otherwise (a local Ray the job started: a fixed machine) the pools fit the machine's
+    ``resources``: on one too small for one of each at the configured sizes, every reservation is scaled
+    down together (Ray accepts fractional CPUs) rather than leaving a stage that can never be scheduled,
+    which hangs Ray Data instead of failing.
     """
+    cc = cfg.cluster
+    device = resolve_device(resources, cfg)
+    cuda = device == "cuda"
+    rc = 0.0 if cuda else cc.restore_actor_cpus
+    dc, cc_cpus = cc.decode_actor_cpus, cc.compose_task_cpus
+    restore_max = cc.max_gpus if cuda else 1
+    if elastic:
+        return ResourcePlan(device, 1, restore_max, 1.0 if cuda else 0.0, rc, 1, cc.decode_actors_max, dc, cc_cpus)
     cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if cpus <= 0:
-        raise ConfigError("the Ray cluster reports no CPUs")
-    actors = max(1, gpus)
-    rc, dc, cc_cpus = cc.restore_actor_cpus, cc.decode_actor_cpus, cc.compose_task_cpus
+        raise ConfigError("the local Ray has no CPUs (cluster.num_cpus)")
+    actors = max(1, min(gpus, cc.max_gpus or gpus)) if cuda else 1
+    if cuda and not gpus:
+        raise ConfigError("restore.device=cuda, but the local Ray has no GPU (cluster.num_gpus)")
     need = actors * rc + dc + cc_cpus
     if need > cpus:
         f = cpus / need
@@ -60,10 +89,12 @@ def plan_resources(resources: dict[str, float], cc: ClusterConfig) -> ResourcePl
     decode_max = max(1, int((cpus - actors * rc - cc_cpus) / dc + 1e-9))
     if cc.decode_actors_max:
         decode_max = min(decode_max, cc.decode_actors_max)
-    def down(x: float) -> float:  # rounding down keeps the sum within the cluster
+
+    def down(x: float) -> float:  # rounding down keeps the sum within the machine
         return math.floor(x * 1e4) / 1e4
 
-    return ResourcePlan(actors, 1.0 if gpus else 0.0, down(rc), 1, decode_max, down(dc), down(cc_cpus))
+    return ResourcePlan(device, actors, actors, 1.0 if cuda else 0.0, down(rc), 1, decode_max, down(dc),
+                        down(cc_cpus))
 
 
 @dataclass
@@ -155,6 +186,7 @@ class Progress:
 
     def __init__(self):
         self.by_status: dict[str, int] = {}
+        self.by_device: dict[str, int] = {}  # images restored, by what ran GFP-GAN
         self.images = self.faces = self.reused = self.parts = 0
 
     def add(self, t: pa.Table) -> None:
@@ -164,10 +196,14 @@ class Progress:
         self.parts += len(pc.unique(t["part"]))
         for k, v in count_by_status(t).items():
             self.by_status[k] = self.by_status.get(k, 0) + v
+        if "restore_device" in t.column_names:
+            for d in t["restore_device"].drop_null().to_pylist():
+                self.by_device[d] = self.by_device.get(d, 0) + 1
 
     def summary(self, elapsed_s: float) -> dict:
         return {"images": self.images, "by_status": dict(sorted(self.by_status.items())), "faces": self.faces,
-                "detections_reused": self.reused, "result_files": self.parts, "elapsed_s": round(elapsed_s, 2),
+                "detections_reused": self.reused, "restored_on": dict(sorted(self.by_device.items())),
+                "result_files": self.parts, "elapsed_s": round(elapsed_s, 2),
                 "images_per_s": round(self.images / elapsed_s, 3) if elapsed_s > 0 else None,
                 "faces_per_s": round(self.faces / elapsed_s, 3) if elapsed_s > 0 else None}
 
@@ -183,26 +219,36 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     if session:  # a killed driver leaves some of its local Ray behind: the next run stops them (runs.py)
         lease.update(ray_session=session)
         lease.renew()
-    rp = plan_resources(ray.cluster_resources(), cfg.cluster)
+    resources = ray.cluster_resources()
+    rp = plan_resources(resources, cfg, elastic=session is None)
     log.info("resources: %s", rp)
+    _log_waiting(resources, rp)
+    record["restore_plan"] = {"device": rp.device, "gpus_per_actor": rp.restore_gpus,
+                              "actors": [rp.restore_min, rp.restore_max]}
     per_block = max(cfg.cluster.rows_per_block, math.ceil(todo.num_rows / MAX_BLOCKS))
     # Pre-split in the driver: small manifests would otherwise be one block feeding one actor.
     blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
     passthrough = pre.manifest.passthrough
     expected = pre.hashes  # workers refuse files other than those preflight checked
-    # Fault tolerance is Ray Data's default, kept on purpose: an actor that dies is restarted
-    # (max_restarts=-1) and its batches are retried (max_task_retries=-1); a Compose task whose worker
-    # dies is retried (max_retries=-1). A retried Compose batch rewrites the same result file.
+    # An actor whose process or node dies is restarted up to cluster.actor_restarts times and its batches
+    # retried (Ray Data's default is without end: a lost GPU node then hung the run silently); a Compose
+    # task whose worker dies is retried (a retried batch rewrites the same result file). The watchdog in
+    # _consume ends a run that stops making progress.
+    # Ray 2.60 has no named parameter for these; passing them this way is deprecated for 2.64 (Ray is pinned).
+    actor_args = {"max_restarts": cfg.cluster.actor_restarts, "max_task_retries": -1}
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="pipeline.job")
     ds = ds.map_batches(
         DecodeDetect, fn_constructor_kwargs={"cfg": cfg, "root": pre.manifest.root, "passthrough": passthrough,
                                              "expected_weights": expected},
         batch_size=cfg.cluster.decode_batch_size, batch_format="pyarrow", num_cpus=rp.decode_cpus,
-        compute=ActorPoolStrategy(min_size=rp.decode_min, max_size=rp.decode_max))
+        compute=ActorPoolStrategy(min_size=rp.decode_min, max_size=rp.decode_max), **actor_args)
     ds = ds.map_batches(
-        Restore, fn_constructor_kwargs={"cfg": cfg, "passthrough": passthrough, "expected_weights": expected},
+        Restore, fn_constructor_kwargs={"cfg": cfg, "passthrough": passthrough, "expected_weights": expected,
+                                        "device": None if rp.device == "cuda" else "cpu", "planned": rp.device},
         batch_size=cfg.cluster.restore_batch_size, batch_format="pyarrow", num_gpus=rp.restore_gpus,
-        num_cpus=rp.restore_cpus, compute=ActorPoolStrategy(size=rp.restore_actors))
+        num_cpus=rp.restore_cpus, compute=ActorPoolStrategy(min_size=rp.restore_min, max_size=rp.restore_max),
+        **actor_args)
     ds = ds.map_batches(
         compose_and_record, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
                                        "untrained": pre.untrained, "passthrough": passthrough,
@@ -210,7 +256,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
                                        "input_folders": input_folders, "provenance": pre.signing},
         batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus)
     last = time.monotonic()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in _consume(ds, cfg.cluster):
         progress.add(batch)
         if lease.lost.is_set():
             raise StorageError("this run lost the output's lease (another run may have taken it over); stopping")
@@ -220,6 +266,86 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
             log.info("run %s: %d of %d images done (%s)", run_id, progress.images, todo.num_rows,
                      record["progress"]["by_status"])
             runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
+
+
+def _log_waiting(resources: dict[str, float], rp: ResourcePlan) -> None:
+    """Say so when the stages cannot start yet: Ray Data asks the autoscaler for what they need and waits."""
+    missing = []
+    if resources.get("CPU", 0) < rp.decode_cpus:
+        missing.append(f"CPU nodes (DecodeDetect needs {rp.decode_cpus:g} CPU per actor)")
+    if rp.restore_gpus and not resources.get("GPU", 0):
+        missing.append("GPU nodes (a Restore actor needs 1 GPU)")
+    if missing:
+        log.warning("waiting for %s: the cluster has none yet; an autoscaler starts them on demand "
+                    "(cluster.startup_timeout_s)", " and ".join(missing))
+
+
+_DONE = object()
+
+
+def _consume(ds, cc: ClusterConfig):
+    """The dataset's output batches, with a no-progress watchdog: the first batch must come within
+    ``startup_timeout_s`` (nodes booting, models loading), each next one within ``stall_timeout_s``; else
+    ``Stalled``, naming the actors that are not alive. Iterated in a thread so the driver can look up."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def feed() -> None:
+        try:
+            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=1.0)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # surfaced in the driver's thread
+            q.put(e)
+
+    threading.Thread(target=feed, name="archive-restore-consume", daemon=True).start()
+    timeout, first = cc.startup_timeout_s, True
+    try:
+        while True:
+            try:
+                item = q.get(timeout=timeout)
+            except queue.Empty:
+                what, setting = (("no batch finished", "startup_timeout_s") if first
+                                 else ("no further batch finished", "stall_timeout_s"))
+                raise Stalled(f"{what} in {timeout:g} s (cluster.{setting}); {_actor_states()}. Run again to "
+                              "resume: finished images are kept") from None
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            first, timeout = False, cc.stall_timeout_s
+            yield item
+    finally:
+        stop.set()
+
+
+def _actor_states() -> str:
+    """Which stage actors are not alive, for the stall message (best effort: the state API may be down)."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "!=", "ALIVE"), ("state", "!=", "DEAD")], limit=1000)
+        counts: dict[str, int] = {}
+        for a in actors:
+            name = str(a.class_name).split("(")[-1].rstrip(")")
+            key = f"{name} {a.state}"
+            counts[key] = counts.get(key, 0) + 1
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        return f"actor states unavailable ({type(e).__name__})"
+    if not counts:
+        return "every stage actor is alive (a batch is slow, or Ray Data is backpressured)"
+    return "actors not running: " + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items())) + \
+        " (RESTARTING or PENDING_CREATION: a lost node, or no node with the resources they need)"
 
 
 def run(cfg: RunConfig) -> dict:

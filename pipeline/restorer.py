@@ -86,6 +86,7 @@ class FaceRestorer:
         expected = expected_weights or {}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda = self.device.type == "cuda"
+        self.device_name = f"cuda ({torch.cuda.get_device_name(self.device)})" if self.cuda else "cpu"
         self.dtype = resolve_dtype(cfg.restore.precision, self.device)
         if not self.cuda and self.dtype == torch.float16:
             raise ValueError("restore.precision=fp16 needs CUDA; use fp32 or bf16 on CPU")

@@ -68,6 +68,7 @@ RESULT_SCHEMA = pa.schema(
         ("decode_s", pa.float32()),
         ("detect_s", pa.float32()),
         ("restore_s", pa.float32()),
+        ("restore_device", pa.string()),     # what ran GFP-GAN: "cuda (<GPU name>)" or "cpu"
         ("compose_s", pa.float32()),
         ("finished_at", pa.timestamp("ms", tz="UTC")),
     ]
@@ -102,6 +103,7 @@ WORK_SCHEMA = pa.schema(
         ("decode_s", pa.float32()),
         ("detect_s", pa.float32()),
         ("restore_s", pa.float32()),
+        ("restore_device", pa.string()),
     ]
 )
 

@@ -217,18 +217,26 @@ class Restore:
     """
 
     def __init__(self, cfg: RunConfig, passthrough: pa.Schema | None = None, device: str | None = None,
-                 expected_weights: dict[str, str] | None = None):
+                 expected_weights: dict[str, str] | None = None, planned: str | None = None):
+        """``device``: torch's device (None: CUDA when torch has it, else CPU). ``planned``: where the job
+        meant this actor to restore ("cuda": it was given a GPU); a CUDA plan that meets a torch without
+        CUDA (a logical GPU in tests, a node whose drivers are broken) restores on CPU and says so loudly,
+        and every row names the device (``restore_device``)."""
         self.cfg = cfg
         self.schema = with_passthrough(WORK_SCHEMA, passthrough)
         from .restorer import FaceRestorer  # torch: imported by the stages that use it (Compose does not)
 
         self.restorer = FaceRestorer(cfg, device, expected_weights)
+        self.device_name = self.restorer.device_name
+        if planned == "cuda" and not self.restorer.cuda:
+            log.warning("this Restore actor was given a GPU, but torch sees no CUDA device: restoring on CPU "
+                        "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
 
     def __call__(self, batch: Batch) -> pa.Table:
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
         cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
-                                                                  "faces_json", "restore_s")}
+                                                                  "faces_json", "restore_s", "restore_device")}
         todo = [i for i, (s, n) in enumerate(zip(cols["status"], cols["n_faces"])) if s == Status.OK.value and n]
         restored = pa.nulls(table.num_rows, pa.large_binary())
         spans = dict(zip(todo, _binary_rows(table.column("crops"), todo)))
@@ -244,7 +252,8 @@ class Restore:
                 restored = _merge_binary(table.num_rows, {i: p for i, p in parts.items() if p is not None})
         updates = {"crops": pa.nulls(table.num_rows, pa.large_binary()),  # not needed downstream
                    "restored": restored, **{k: pa.array(cols[k], self.schema.field(k).type)
-                                            for k in ("status", "error", "faces_json", "restore_s")}}
+                                            for k in ("status", "error", "faces_json", "restore_s",
+                                                      "restore_device")}}
         for name, values in updates.items():
             table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
         return table
@@ -289,6 +298,7 @@ class Restore:
                 f["fp32_fallback"] = bool(fb)
             cols["faces_json"][i] = json.dumps(fs)
             cols["restore_s"][i] = per_face * n
+            cols["restore_device"][i] = self.device_name
         return _binary_column(out.faces.reshape(-1), todo, [n * FACE_BYTES for n in counts], num_rows)
 
 
@@ -519,7 +529,7 @@ class Compose:
 
 
 SUMMARY_SCHEMA = pa.schema([("image_id", pa.string()), ("status", pa.string()), ("n_faces", pa.int32()),
-                            ("detect_reused", pa.bool_()), ("part", pa.string())])
+                            ("detect_reused", pa.bool_()), ("restore_device", pa.string()), ("part", pa.string())])
 
 
 def compose_and_record(batch: Batch, **kwargs) -> pa.Table:
@@ -533,5 +543,6 @@ def compose_and_record(batch: Batch, **kwargs) -> pa.Table:
         stage.fence.check()
     ledger.write_part(rows, uri, stage.cfg.storage)
     return pa.table({"image_id": rows["image_id"], "status": rows["status"], "n_faces": rows["n_faces"],
-                     "detect_reused": rows["detect_reused"], "part": pa.array([uri] * rows.num_rows, pa.string())},
+                     "detect_reused": rows["detect_reused"], "restore_device": rows["restore_device"],
+                     "part": pa.array([uri] * rows.num_rows, pa.string())},
                     schema=SUMMARY_SCHEMA)

@@ -17,7 +17,10 @@ def test_ray_cluster_yaml_passes_rays_validation():
     cfg = prepare_config(copy.deepcopy(raw))
     validate_config(cfg)
     types = cfg["available_node_types"]
-    assert cfg["head_node_type"] == "head" and types["head"]["resources"] == {"CPU": 0}
+    assert cfg["head_node_type"] == "head" and types["head"]["resources"]["CPU"] == 0
+    # a g6.2xlarge has 8 vCPUs: one is kept for the Restore actor (it asks Ray for its GPU only)
+    assert raw["available_node_types"]["gpu_worker"]["resources"] == {"CPU": 7}
+    assert "restore.device=cuda" in (REPO / "ray_cluster.yaml").read_text()
     assert types["gpu_worker"]["node_config"]["InstanceType"].startswith(("g5", "g6"))
     for name in ("gpu_worker", "cpu_worker"):
         assert types[name]["min_workers"] == 0 < types[name]["max_workers"]
@@ -36,6 +39,8 @@ def _check_cluster(spec):
     groups = _groups(spec)
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # GPU pods advertise one CPU fewer than they have: the Restore actor's core (see job.plan_resources)
+    assert int(groups["gpu"]["rayStartParams"]["num-cpus"]) == int(gpu["resources"]["limits"]["cpu"]) - 1
     assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     images = {head["image"], gpu["image"], groups["cpu"]["template"]["spec"]["containers"][0]["image"]}
@@ -55,6 +60,7 @@ def test_kuberay_rayjob_runs_the_entrypoint_and_shuts_down():
     assert rj["apiVersion"] == "ray.io/v1" and rj["kind"] == "RayJob"
     spec = rj["spec"]
     assert spec["entrypoint"].startswith(ENTRY) and "--reprocess outdated" in spec["entrypoint"]
+    assert "--set restore.device=cuda" in spec["entrypoint"]
     assert spec["shutdownAfterJobFinishes"] is True
     _check_cluster(spec["rayClusterSpec"])
 

@@ -14,31 +14,61 @@ import pyarrow.csv as pacsv
 import pytest
 
 from pipeline import imageio, job, resume
-from pipeline.config import ClusterConfig, StorageConfig, load_config
+from pipeline.config import ClusterConfig, RestoreConfig, RunConfig, StorageConfig, load_config
+from pipeline.errors import ConfigError
 
 from conftest import E2E_IMAGES, REPO, TINY_GFPGAN, test_overrides
 from test_faces import EXPECTED
 
 
+def _cfg(**cluster) -> RunConfig:
+    return RunConfig(cluster=ClusterConfig(**cluster))
+
+
 @pytest.mark.parametrize("resources,expect", [
-    ({"CPU": 2, "GPU": 1}, dict(restore_actors=1, restore_gpus=1.0, decode_max=1)),
-    ({"CPU": 64, "GPU": 4}, dict(restore_actors=4, restore_gpus=1.0, decode_max=59, restore_cpus=1.0)),
-    ({"CPU": 16}, dict(restore_actors=1, restore_gpus=0.0, decode_max=14)),
-    ({"CPU": 1, "GPU": 1}, dict(restore_actors=1, decode_max=1)),
+    ({"CPU": 2, "GPU": 1}, dict(device="cuda", restore_min=1, restore_gpus=1.0, restore_cpus=0.0, decode_max=1)),
+    ({"CPU": 64, "GPU": 4}, dict(device="cuda", restore_min=4, restore_max=4, decode_max=63)),
+    ({"CPU": 16}, dict(device="cpu", restore_min=1, restore_max=1, restore_gpus=0.0, restore_cpus=1.0,
+                       decode_max=14)),
+    ({"CPU": 1, "GPU": 1}, dict(restore_min=1, decode_max=1)),
 ])
-def test_pools_follow_cluster_resources(resources, expect):
-    rp = job.plan_resources(resources, ClusterConfig())
+def test_a_local_rays_pools_fit_the_machine(resources, expect):
+    rp = job.plan_resources(resources, RunConfig(), elastic=False)
     for k, v in expect.items():
         assert getattr(rp, k) == v, k
-    # everything that must run at once fits in the cluster's CPUs
-    need = rp.restore_actors * rp.restore_cpus + rp.decode_min * rp.decode_cpus + rp.compose_cpus
+    # everything that must run at once fits in the machine's CPUs
+    need = rp.restore_min * rp.restore_cpus + rp.decode_min * rp.decode_cpus + rp.compose_cpus
     assert need <= resources["CPU"] + 1e-6
-    assert rp.restore_actors * rp.restore_cpus + rp.decode_max * rp.decode_cpus + rp.compose_cpus \
+    assert rp.restore_min * rp.restore_cpus + rp.decode_max * rp.decode_cpus + rp.compose_cpus \
         <= resources["CPU"] + 1e-6
 
 
 def test_decode_pool_cap():
-    assert job.plan_resources({"CPU": 64, "GPU": 1}, ClusterConfig(decode_actors_max=8)).decode_max == 8
+    assert job.plan_resources({"CPU": 64, "GPU": 1}, _cfg(decode_actors_max=8), elastic=False).decode_max == 8
+
+
+def test_a_clusters_pools_grow_with_it_and_need_nothing_at_submission():
+    """A CPU-less head and no workers: nothing fails; pools start at one actor and have no cap but the
+    configured one. A GPU actor asks for its GPU and no CPU (a CPU stage cannot take the core it needs)."""
+    empty = {"memory": 1e9, "object_store_memory": 1e8}
+    cuda = RunConfig(restore=RestoreConfig(device="cuda"))
+    rp = job.plan_resources(empty, cuda, elastic=True)
+    assert (rp.device, rp.restore_gpus, rp.restore_cpus, rp.restore_min, rp.restore_max) == ("cuda", 1.0, 0.0, 1, None)
+    assert (rp.decode_min, rp.decode_max) == (1, None)
+    assert job.plan_resources(empty, _cfg(max_gpus=8), elastic=True).restore_max == 8  # auto + promised GPUs
+    assert job.plan_resources({"CPU": 8, "GPU": 2}, RunConfig(), elastic=True).device == "cuda"
+
+
+def test_restoring_on_cpu_is_said_or_asked_for(caplog):
+    rp = job.plan_resources({"CPU": 8}, RunConfig(), elastic=True)  # auto, no GPU now and none promised
+    assert (rp.device, rp.restore_gpus, rp.restore_max) == ("cpu", 0.0, 1)
+    assert "restore.device=cuda" in caplog.text
+    caplog.clear()
+    cpu = RunConfig(restore=RestoreConfig(device="cpu"))
+    assert job.plan_resources({"CPU": 8, "GPU": 4}, cpu, elastic=True).device == "cpu"  # asked for
+    assert "restoring on CPU" not in caplog.text
+    with pytest.raises(ConfigError, match="no GPU"):
+        job.plan_resources({"CPU": 8}, RunConfig(restore=RestoreConfig(device="cuda")), elastic=False)
 
 
 def _archive_manifest(archive, tmp_path):

@@ -5,6 +5,7 @@ interpreter (a Ray session of its own); prints one JSON line with what happened.
 
     python tests/cluster_scenario.py grow OUT    # no workers at submission; nodes join; a 2nd GPU mid-run
     python tests/cluster_scenario.py lose OUT    # the GPU node is killed mid-run; then a re-run on a new one
+    python tests/cluster_scenario.py many OUT [N]   # N (2,000) small images on head(0) + CPU(2) + GPU(0+1)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
@@ -178,9 +180,40 @@ def lose(out: Path) -> dict:
     return {"first": box, "second": second, "counts": _counts(cfg), "images": 24}
 
 
+def many(out: Path, n: int = 2000) -> dict:
+    """2,000 small images on head(0) + CPU(2) + GPU(1 CPU advertised as 0, 1 GPU): the shape that
+    stalled when a CPU stage took the GPU node's only CPU."""
+    import cv2
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    ray.init(address=cluster.address, log_to_driver=False)
+    cpu = cluster.add_node(num_cpus=2)
+    gpu = cluster.add_node(num_cpus=0, num_gpus=1)
+    src = out / "in"
+    src.mkdir(parents=True)
+    faces = [cv2.resize(cv2.imread(str(IMAGES / p)), (192, 192), interpolation=cv2.INTER_AREA)
+             for p in ("cropped/Adele_crop.png", "cropped/Julia_Roberts_crop.png", "gray/Einstein01.png",
+                       "cropped/Justin_Timberlake_crop.png")]
+    for i in range(n):
+        cv2.imwrite(str(src / f"{i:05d}.jpg"), np.roll(faces[i % len(faces)], i % 7, axis=1),
+                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+    manifest = out / "manifest.csv"
+    manifest.write_text("uri\n" + "".join(f"{f}\n" for f in sorted(src.iterdir())))
+    cfg = _cfg(out, manifest, **{"cluster.rows_per_block": 40, "cluster.decode_batch_size": 20,
+                                 "cluster.restore_batch_size": 40, "cluster.compose_batch_size": 40,
+                                 "cluster.stall_timeout_s": 180, "cluster.startup_timeout_s": 300})
+    watch, box = Watch(), {}
+    t0 = time.time()
+    _run_job(cfg, box).join(1500)
+    return {"error": box.get("error"), "summary": (box.get("record") or {}).get("summary"),
+            "placement": watch.result(), "nodes": {"cpu": cpu.node_id, "gpu": gpu.node_id},
+            "counts": _counts(cfg), "images": n, "elapsed_s": round(time.time() - t0, 1)}
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     mode, out = sys.argv[1], Path(sys.argv[2])
-    result = {"grow": grow, "lose": lose}[mode](out)
+    extra = [int(a) for a in sys.argv[3:]]  # many: the number of images
+    result = {"grow": grow, "lose": lose, "many": many}[mode](out, *extra)
     print("RESULT " + json.dumps(result, default=str), flush=True)
     ray.shutdown()

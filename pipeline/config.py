@@ -225,6 +225,20 @@ class ClusterConfig(_Section):
     max_gpus: int | None = Field(
         None, ge=1, description="Cap on Restore actors (one per GPU). None: no cap; the pool grows as GPU nodes join.",
     )
+    decode_actor_memory_gb: float | None = Field(
+        None, gt=0, description="Memory declared to Ray per DecodeDetect actor on a cluster (what packs a node). "
+        "None: 1.1 GB + 8 bytes per pixel of input.max_pixels (one image decoded at a time; measured peaks: "
+        "1.05 GB with 12 MP masters, 1.48 GB with 100 MP, bench/stage_memory.py).",
+    )
+    restore_actor_memory_gb: float | None = Field(
+        None, gt=0, description="Memory declared per Restore actor on a cluster. None: on CPU 1 GB + 0.6 GB per "
+        "face of restore.micro_batch (measured: 10.3 GB at 16); on CUDA 3 GB of host memory (not yet measured "
+        "on a GPU).",
+    )
+    compose_task_memory_gb: float | None = Field(
+        None, gt=0, description="Memory declared per Compose task on a cluster. None: 0.7 GB + 24 bytes per pixel "
+        "of input.max_pixels (measured: 0.93 GB at 12 MP, 2.6 GB at 100 MP).",
+    )
     restore_actor_cpus: float = Field(
         1.0, ge=0, description="CPUs reserved by the Restore actor when it restores on CPU. A GPU actor reserves no "
         "CPU, so a CPU stage can never take the core it needs: GPU nodes keep one for it by advertising one CPU "
@@ -243,13 +257,15 @@ class ClusterConfig(_Section):
         "process on the same host).",
     )
     progress_s: float = Field(30.0, gt=0, description="How often a run logs progress and updates its _runs record.")
-    startup_timeout_s: float = Field(
-        1800.0, gt=0, description="How long a run waits for its first finished batch: for workers to join (an "
-        "autoscaler starting nodes) and models to load. Then it fails, saying which stage has no actor.",
+    elastic: bool | None = Field(
+        None, description="Pools that start at one actor and grow as nodes join (True), or sized once to the "
+        "resources there are (False). None: elastic on a Ray the job joined (a cluster), sized on a local Ray "
+        "it started.",
     )
     stall_timeout_s: float = Field(
-        600.0, gt=0, description="After the first batch, a run that finishes no batch for this long fails, saying "
-        "which stage's actors are pending or restarting (a lost GPU node). A re-run resumes.",
+        1800.0, gt=0, description="A run in which no stage takes or hands on a batch for this long fails, saying "
+        "which stage's actors are pending or restarting: waiting for nodes that never come, or a lost GPU node "
+        "whose actor cannot restart. Ray Data's own no-progress guard. A re-run resumes.",
     )
     actor_restarts: int = Field(
         3, ge=0, description="Restarts of a stage actor whose process or node died (its batches are retried).",

@@ -46,20 +46,33 @@ class ResourcePlan:
 def resolve_device(resources: dict[str, float], cfg: RunConfig) -> str:
     """``restore.device`` for this cluster; auto is cuda when a GPU is there or promised (cluster.max_gpus)."""
     device = cfg.restore.device
-    if device == "auto":
-        device = "cuda" if resources.get("GPU", 0) or cfg.cluster.max_gpus else "cpu"
+    if device == "auto":  # a Restore actor needs a whole GPU: fractional GPUs do not count
+        device = "cuda" if resources.get("GPU", 0) >= 1 or cfg.cluster.max_gpus else "cpu"
         if device == "cpu":
-            log.warning("restoring on CPU: the cluster has no GPU at submission. If GPU nodes are starting (an "
-                        "autoscaler), run with --set restore.device=cuda to wait for them")
+            log.warning("restoring on CPU: the cluster has no whole GPU at submission. If GPU nodes are starting "
+                        "(an autoscaler), run with --set restore.device=cuda to wait for them")
     return device
+
+
+def memory_plan(cfg: RunConfig, device: str) -> dict[str, int]:
+    """Bytes declared to Ray per DecodeDetect actor, Restore actor and Compose task, so that a node is packed
+    with what fits its memory rather than with one actor per CPU (16 DecodeDetect actors on a 32 GiB node).
+    From peaks measured by bench/stage_memory.py, sized for the largest image a run accepts
+    (``input.max_pixels``); explicit ``cluster.*_memory_gb`` settings win."""
+    cc, px = cfg.cluster, cfg.input.max_pixels
+    gb = 1e9
+    decode = cc.decode_actor_memory_gb or 1.1 + 8 * px / gb
+    restore = cc.restore_actor_memory_gb or (3.0 if device == "cuda" else 1.0 + 0.6 * cfg.restore.micro_batch)
+    compose = cc.compose_task_memory_gb or 0.7 + 24 * px / gb
+    return {"decode": int(decode * gb), "restore": int(restore * gb), "compose": int(compose * gb)}
 
 
 def plan_resources(resources: dict[str, float], cfg: RunConfig, elastic: bool) -> ResourcePlan:
     """Size the actor pools.
 
-    A Restore actor per GPU when restoring on CUDA, asking for its GPU and no CPU: a CPU reservation could
-    be taken by a CPU stage first and leave it pending for good (GPU nodes keep a core for it by
-    advertising one CPU fewer). On CPU, one Restore actor with ``restore_actor_cpus``.
+    On a cluster, a Restore actor per GPU when restoring on CUDA, asking for its GPU and no CPU: a CPU
+    reservation could be taken by a CPU stage placed first and leave it pending for good (GPU nodes keep a
+    core for it by advertising one CPU fewer). On CPU, one Restore actor with ``restore_actor_cpus``.
 
     ``elastic`` (a cluster the job joined): pools have a minimum of one and grow as nodes join, without a
     cap unless configured, and nothing needs to be there at submission: Ray Data asks the autoscaler for
@@ -71,17 +84,21 @@ def plan_resources(resources: dict[str, float], cfg: RunConfig, elastic: bool) -
     cc = cfg.cluster
     device = resolve_device(resources, cfg)
     cuda = device == "cuda"
-    rc = 0.0 if cuda else cc.restore_actor_cpus
     dc, cc_cpus = cc.decode_actor_cpus, cc.compose_task_cpus
-    restore_max = cc.max_gpus if cuda else 1
     if elastic:
+        restore_max = cc.max_gpus if cuda else 1
+        rc = 0.0 if cuda else cc.restore_actor_cpus
         return ResourcePlan(device, 1, restore_max, 1.0 if cuda else 0.0, rc, 1, cc.decode_actors_max, dc, cc_cpus)
+    # One fixed machine: every actor is placed at the start, within the budget below, so the GPU actor can
+    # reserve its core (nothing else is scheduled first), and the CPU stages leave it alone.
+    rc = cc.restore_actor_cpus
     cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if cpus <= 0:
-        raise ConfigError("the local Ray has no CPUs (cluster.num_cpus)")
-    actors = max(1, min(gpus, cc.max_gpus or gpus)) if cuda else 1
+        raise ConfigError("Ray reports no CPUs (cluster.num_cpus)")
     if cuda and not gpus:
-        raise ConfigError("restore.device=cuda, but the local Ray has no GPU (cluster.num_gpus)")
+        raise ConfigError("restore.device=cuda, but Ray reports no whole GPU (cluster.num_gpus; or restore.device="
+                          "cpu, or cluster.elastic=true to wait for GPU nodes)")
+    actors = max(1, min(gpus, cc.max_gpus or gpus)) if cuda else 1
     need = actors * rc + dc + cc_cpus
     if need > cpus:
         f = cpus / need
@@ -220,11 +237,15 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         lease.update(ray_session=session)
         lease.renew()
     resources = ray.cluster_resources()
-    rp = plan_resources(resources, cfg, elastic=session is None)
-    log.info("resources: %s", rp)
+    elastic = cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
+    rp = plan_resources(resources, cfg, elastic=elastic)
+    # Memory is declared on a cluster, where it decides how many actors a node takes; a local Ray the job
+    # started is one fixed machine whose pools already follow its CPUs.
+    memory = memory_plan(cfg, rp.device) if elastic else {"decode": None, "restore": None, "compose": None}
+    log.info("resources: %s; memory per actor/task: %s", rp, memory)
     _log_waiting(resources, rp)
     record["restore_plan"] = {"device": rp.device, "gpus_per_actor": rp.restore_gpus,
-                              "actors": [rp.restore_min, rp.restore_max]}
+                              "actors": [rp.restore_min, rp.restore_max], "memory_bytes": memory}
     per_block = max(cfg.cluster.rows_per_block, math.ceil(todo.num_rows / MAX_BLOCKS))
     # Pre-split in the driver: small manifests would otherwise be one block feeding one actor.
     blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
@@ -242,19 +263,21 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         DecodeDetect, fn_constructor_kwargs={"cfg": cfg, "root": pre.manifest.root, "passthrough": passthrough,
                                              "expected_weights": expected},
         batch_size=cfg.cluster.decode_batch_size, batch_format="pyarrow", num_cpus=rp.decode_cpus,
-        compute=ActorPoolStrategy(min_size=rp.decode_min, max_size=rp.decode_max), **actor_args)
+        memory=memory["decode"], compute=ActorPoolStrategy(min_size=rp.decode_min, max_size=rp.decode_max),
+        **actor_args)
     ds = ds.map_batches(
         Restore, fn_constructor_kwargs={"cfg": cfg, "passthrough": passthrough, "expected_weights": expected,
                                         "device": None if rp.device == "cuda" else "cpu", "planned": rp.device},
         batch_size=cfg.cluster.restore_batch_size, batch_format="pyarrow", num_gpus=rp.restore_gpus,
-        num_cpus=rp.restore_cpus, compute=ActorPoolStrategy(min_size=rp.restore_min, max_size=rp.restore_max),
-        **actor_args)
+        num_cpus=rp.restore_cpus, memory=memory["restore"],
+        compute=ActorPoolStrategy(min_size=rp.restore_min, max_size=rp.restore_max), **actor_args)
     ds = ds.map_batches(
         compose_and_record, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
                                        "untrained": pre.untrained, "passthrough": passthrough,
                                        "software": _software(cfg, pre), "fence": lease.fence(),
                                        "input_folders": input_folders, "provenance": pre.signing},
-        batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus)
+        batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus,
+        memory=memory["compose"])
     last = time.monotonic()
     for batch in _consume(ds, cfg.cluster):
         progress.add(batch)
@@ -277,56 +300,22 @@ def _log_waiting(resources: dict[str, float], rp: ResourcePlan) -> None:
         missing.append("GPU nodes (a Restore actor needs 1 GPU)")
     if missing:
         log.warning("waiting for %s: the cluster has none yet; an autoscaler starts them on demand "
-                    "(cluster.startup_timeout_s)", " and ".join(missing))
-
-
-_DONE = object()
+                    "(cluster.stall_timeout_s)", " and ".join(missing))
 
 
 def _consume(ds, cc: ClusterConfig):
-    """The dataset's output batches, with a no-progress watchdog: the first batch must come within
-    ``startup_timeout_s`` (nodes booting, models loading), each next one within ``stall_timeout_s``; else
-    ``Stalled``, naming the actors that are not alive. Iterated in a thread so the driver can look up."""
-    import queue
-    import threading
+    """The dataset's output batches, under Ray Data's no-progress guard set to ``cluster.stall_timeout_s``: a
+    run in which no stage takes or hands on a block for that long (no node ever joins; a lost GPU node's
+    actor cannot restart anywhere) ends with ``Stalled``, naming the actors that are not alive. The guard
+    raises inside the iteration, so Ray Data shuts its execution down on the way out."""
+    from ray.data.exceptions import ExecutionTimeoutError
 
-    q: queue.Queue = queue.Queue(maxsize=4)
-    stop = threading.Event()
-
-    def feed() -> None:
-        try:
-            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=1.0)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as e:  # surfaced in the driver's thread
-            q.put(e)
-
-    threading.Thread(target=feed, name="archive-restore-consume", daemon=True).start()
-    timeout, first = cc.startup_timeout_s, True
+    ds.context.execution_no_progress_timeout_s = cc.stall_timeout_s
     try:
-        while True:
-            try:
-                item = q.get(timeout=timeout)
-            except queue.Empty:
-                what, setting = (("no batch finished", "startup_timeout_s") if first
-                                 else ("no further batch finished", "stall_timeout_s"))
-                raise Stalled(f"{what} in {timeout:g} s (cluster.{setting}); {_actor_states()}. Run again to "
-                              "resume: finished images are kept") from None
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            first, timeout = False, cc.stall_timeout_s
-            yield item
-    finally:
-        stop.set()
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ExecutionTimeoutError:
+        raise Stalled(f"no progress for {cc.stall_timeout_s:g} s (cluster.stall_timeout_s); {_actor_states()}. "
+                      "Run again to resume: finished images are kept") from None
 
 
 def _actor_states() -> str:
@@ -334,7 +323,11 @@ def _actor_states() -> str:
     try:
         from ray.util.state import list_actors
 
-        actors = list_actors(filters=[("state", "!=", "ALIVE"), ("state", "!=", "DEAD")], limit=1000)
+        import ray
+
+        job_id = ray.get_runtime_context().get_job_id()  # this run's actors, not another job's on the cluster
+        actors = list_actors(filters=[("state", "!=", "ALIVE"), ("state", "!=", "DEAD"), ("job_id", "=", job_id)],
+                             limit=1000)
         counts: dict[str, int] = {}
         for a in actors:
             name = str(a.class_name).split("(")[-1].rstrip(")")

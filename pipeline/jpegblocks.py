@@ -99,7 +99,8 @@ def check(data: bytes, shape: tuple[int, ...]) -> Frame:
         raise Unsupported("JPEG master not in YCbCr or grey" if n != 3 else "RGB JPEG master (no YCbCr)")
     if any(v not in (1, 2) or h not in (1, 2) for v, h in f.sampling) or (
             n == 3 and any(s != (1, 1) for s in f.sampling[1:])):
-        raise Unsupported(f"JPEG sampling {f.sampling} (only full-resolution chroma with 1x1, 2x1, 1x2, 2x2 luma)")
+        raise Unsupported(f"JPEG sampling {f.sampling} (vertical, horizontal per component; supported: 4:4:4, "
+                          "4:2:2, 4:4:0 and 4:2:0)")
     channels = 1 if len(shape) == 2 else shape[2]
     if (f.height, f.width) != tuple(shape[:2]):
         raise Unsupported(f"the derivative ({shape[1]}x{shape[0]}) is not the master's stored size "
@@ -160,6 +161,13 @@ def splice(master: bytes, pixels: np.ndarray, changed) -> tuple[bytes, float]:
             comps = [m.Y] + ([m.Cb, m.Cr] if len(f.sampling) == 3 else [])
         except Exception as e:  # what the marker walk could not see (a damaged table, ...)
             raise Unsupported(f"its coefficients could not be read ({type(e).__name__}: {e})") from None
+        # libjpeg's own reading of the colour space (component ids 'R','G','B', an Adobe marker after the
+        # frame header, ...): blocks of an RGB-coded file written back under a JFIF header would decode as
+        # YCbCr, every colour wrong.
+        # (By name: jpeglib's Colorspace compares equal by channel count, JCS_RGB == JCS_YCbCr.)
+        expected = "JCS_YCbCr" if len(f.sampling) == 3 else "JCS_GRAYSCALE"
+        if m.jpeg_color_space.name != expected:
+            raise Unsupported(f"{m.jpeg_color_space.name} JPEG master (not YCbCr or grey)")
         for rows, cols in _boxes(touched):
             _encode_into(jpeglib, m, comps, f, pixels, touched, rows, cols, (mh, mw), tmp)
         # Written from the tables and coefficients alone: with its source attached jpeglib decodes the whole

@@ -486,10 +486,8 @@ class Compose:
                 changed: list | None) -> tuple[bytes, str | None]:
         """The derivative's bytes, and a note when ``output.jpeg_mode = blocks`` could not be honoured."""
         o = self.cfg.output
-        if o.jpeg_mode == "blocks" and fmt == "JPEG":
-            if row["src_format"] != "JPEG":
-                reason = f"the master is {row['src_format']}"
-            elif img.orientation != 1:
+        if o.jpeg_mode == "blocks" and fmt == "JPEG" and row["src_format"] == "JPEG":  # others have no blocks
+            if img.orientation in range(2, 9):
                 reason = f"EXIF orientation {img.orientation} was applied to the pixels"
             elif changed is None:
                 reason = "the changed regions are not known"

@@ -120,7 +120,7 @@ def grow(out: Path) -> dict:
     # The production-size GFP-GAN (seeded random weights: no checkpoint is staged) makes Restore the
     # bottleneck, so a second GPU node has work to take.
     cfg = _cfg(out, manifest, **{"restore.model": "GFPGANv1.4", "cluster.restore_batch_size": 1,
-                                 "cluster.rows_per_block": 1, "cluster.startup_timeout_s": 300})
+                                 "cluster.rows_per_block": 1})
     watch, box = Watch(), {}
     t0 = time.time()
     thread = _run_job(cfg, box)
@@ -201,7 +201,7 @@ def many(out: Path, n: int = 2000) -> dict:
     manifest.write_text("uri\n" + "".join(f"{f}\n" for f in sorted(src.iterdir())))
     cfg = _cfg(out, manifest, **{"cluster.rows_per_block": 40, "cluster.decode_batch_size": 20,
                                  "cluster.restore_batch_size": 40, "cluster.compose_batch_size": 40,
-                                 "cluster.stall_timeout_s": 180, "cluster.startup_timeout_s": 300})
+                                 "cluster.stall_timeout_s": 180})
     watch, box = Watch(), {}
     t0 = time.time()
     _run_job(cfg, box).join(1500)

@@ -26,8 +26,9 @@ def _cfg(**cluster) -> RunConfig:
 
 
 @pytest.mark.parametrize("resources,expect", [
-    ({"CPU": 2, "GPU": 1}, dict(device="cuda", restore_min=1, restore_gpus=1.0, restore_cpus=0.0, decode_max=1)),
-    ({"CPU": 64, "GPU": 4}, dict(device="cuda", restore_min=4, restore_max=4, decode_max=63)),
+    ({"CPU": 2, "GPU": 1}, dict(device="cuda", restore_min=1, restore_gpus=1.0, decode_max=1)),
+    ({"CPU": 64, "GPU": 4}, dict(device="cuda", restore_min=4, restore_max=4, decode_max=59, restore_cpus=1.0)),
+    ({"CPU": 4, "GPU": 0.5}, dict(device="cpu", restore_gpus=0.0)),  # a fraction of a GPU holds no actor
     ({"CPU": 16}, dict(device="cpu", restore_min=1, restore_max=1, restore_gpus=0.0, restore_cpus=1.0,
                        decode_max=14)),
     ({"CPU": 1, "GPU": 1}, dict(restore_min=1, decode_max=1)),
@@ -67,7 +68,7 @@ def test_restoring_on_cpu_is_said_or_asked_for(caplog):
     cpu = RunConfig(restore=RestoreConfig(device="cpu"))
     assert job.plan_resources({"CPU": 8, "GPU": 4}, cpu, elastic=True).device == "cpu"  # asked for
     assert "restoring on CPU" not in caplog.text
-    with pytest.raises(ConfigError, match="no GPU"):
+    with pytest.raises(ConfigError, match="no whole GPU"):
         job.plan_resources({"CPU": 8}, RunConfig(restore=RestoreConfig(device="cuda")), elastic=False)
 
 
@@ -224,3 +225,36 @@ def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path)
     by_killed = res.filter(pc.equal(res["run_id"], killed_run)).num_rows
     assert by_killed >= partial.num_rows
     assert f"{by_killed} skipped as done" in log
+
+
+def test_a_run_without_progress_ends_with_a_clear_error_and_stops_its_pipeline(ray_local):
+    """The watchdog is Ray Data's no-progress guard at cluster.stall_timeout_s, turned into Stalled; it
+    raises inside the iteration, so the execution is shut down rather than left running (found by review:
+    a watchdog thread left it running)."""
+    import threading
+
+    from pipeline.errors import Stalled
+
+    ds = ray_local.data.range(4, override_num_blocks=2).map_batches(lambda b: (time.sleep(30), b)[1])
+    before = threading.active_count()
+    t0 = time.monotonic()
+    with pytest.raises(Stalled, match="cluster.stall_timeout_s"):
+        for _ in job._consume(ds, ClusterConfig(stall_timeout_s=2)):
+            pass
+    assert time.monotonic() - t0 < 25  # ended by the guard, not by the 30 s batch
+    time.sleep(1)
+    assert threading.active_count() <= before + 1  # no thread of ours left iterating
+
+
+def test_memory_is_declared_from_measured_peaks_and_the_largest_image_accepted():
+    """bench/stage_memory.py measured (12 / 100 MP masters): DecodeDetect 1.05 / 1.48 GB, Compose 0.93 / 2.6 GB,
+    Restore on CPU at micro-batch 16: 10.3 GB. The declarations cover those at the same sizes."""
+    def plan(mp, device="cpu", **kw):
+        return job.memory_plan(RunConfig.model_validate({"input": {"max_pixels": int(mp * 1e6)}, **kw}), device)
+
+    for mp, decode, compose in ((12, 1.05e9, 0.93e9), (100, 1.48e9, 2.6e9)):
+        m = plan(mp)
+        assert decode <= m["decode"] < 2 * decode + 1e9 and compose <= m["compose"] < 2 * compose + 1e9
+    assert plan(12)["restore"] >= 10.3e9 and plan(12, "cuda")["restore"] < 5e9
+    assert plan(12, restore={"micro_batch": 4})["restore"] < plan(12)["restore"]
+    assert plan(12, cluster={"decode_actor_memory_gb": 0.5})["decode"] == 0.5e9  # an explicit setting wins

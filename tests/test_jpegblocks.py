@@ -179,3 +179,32 @@ def test_frame_checks_say_why():
         jpegblocks.check(cv2.imencode(".png", px)[1].tobytes(), px.shape)
     f = jpegblocks.check(data, px.shape)
     assert (f.height, f.width, f.precision, f.sampling) == (px.shape[0], px.shape[1], 8, ((2, 2), (1, 1), (1, 1)))
+
+
+def _segments(data: bytes):
+    i, out = 2, []
+    while data[i + 1] != 0xDA:
+        (length,) = __import__("struct").unpack(">H", data[i + 2:i + 4])
+        out.append((data[i + 1], i, length))
+        i += 2 + length
+    return out
+
+
+@pytest.mark.parametrize("where", ["no Adobe marker", "Adobe marker after the frame header"])
+def test_an_rgb_coded_master_is_not_spliced(where):
+    """An RGB-coded JPEG that the marker walk alone would take for YCbCr (component ids 'R','G','B' and no
+    Adobe marker, or one placed after SOF): libjpeg reads it as RGB, so its blocks under a JFIF header
+    would decode with every colour wrong. Found by review."""
+    bgr = cv2.imread(str(need(IMAGES / "whole/facexlib_test.jpg")))
+    data = _save(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)), quality=90, keep_rgb=True, subsampling=0)
+    adobe = next((m, i, n) for m, i, n in _segments(data) if m == 0xEE)
+    segment = data[adobe[1]:adobe[1] + 2 + adobe[2]]
+    data = data[:adobe[1]] + data[adobe[1] + 2 + adobe[2]:]
+    if where != "no Adobe marker":
+        sof = next((m, i, n) for m, i, n in _segments(data) if m == 0xC0)
+        end = sof[1] + 2 + sof[2]
+        data = data[:end] + segment + data[end:]
+    px = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert np.abs(px.astype(int) - bgr.astype(int)).mean() < 3  # OpenCV reads it right: the master is fine
+    with pytest.raises(jpegblocks.Unsupported, match="JCS_RGB"):
+        jpegblocks.splice(data, px, [])

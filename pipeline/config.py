@@ -227,8 +227,9 @@ class ClusterConfig(_Section):
     )
     decode_actor_memory_gb: float | None = Field(
         None, gt=0, description="Memory declared to Ray per DecodeDetect actor on a cluster (what packs a node). "
-        "None: 1.1 GB + 8 bytes per pixel of input.max_pixels (one image decoded at a time; measured peaks: "
-        "1.05 GB with 12 MP masters, 1.48 GB with 100 MP, bench/stage_memory.py).",
+        "None: 1.1 GB + 8 bytes per pixel of input.max_pixels up to 50 MP (one image decoded at a time; "
+        "measured peaks: 1.05 GB with 12 MP masters, 1.48 GB with 100 MP, bench/stage_memory.py). Set it for "
+        "archives of larger scans.",
     )
     restore_actor_memory_gb: float | None = Field(
         None, gt=0, description="Memory declared per Restore actor on a cluster. None: on CPU 1 GB + 0.6 GB per "
@@ -237,7 +238,8 @@ class ClusterConfig(_Section):
     )
     compose_task_memory_gb: float | None = Field(
         None, gt=0, description="Memory declared per Compose task on a cluster. None: 0.7 GB + 24 bytes per pixel "
-        "of input.max_pixels (measured: 0.93 GB at 12 MP, 2.6 GB at 100 MP).",
+        "of input.max_pixels up to 50 MP (measured: 0.93 GB at 12 MP, 2.6 GB at 100 MP). Set it for archives of "
+        "larger scans.",
     )
     restore_actor_cpus: float = Field(
         1.0, ge=0, description="CPUs reserved by the Restore actor when it restores on CPU. A GPU actor reserves no "

@@ -54,12 +54,19 @@ def resolve_device(resources: dict[str, float], cfg: RunConfig) -> str:
     return device
 
 
+TYPICAL_MAX_PIXELS = 50_000_000
+
+
 def memory_plan(cfg: RunConfig, device: str) -> dict[str, int]:
     """Bytes declared to Ray per DecodeDetect actor, Restore actor and Compose task, so that a node is packed
     with what fits its memory rather than with one actor per CPU (16 DecodeDetect actors on a 32 GiB node).
-    From peaks measured by bench/stage_memory.py, sized for the largest image a run accepts
-    (``input.max_pixels``); explicit ``cluster.*_memory_gb`` settings win."""
-    cc, px = cfg.cluster, cfg.input.max_pixels
+    From peaks measured by bench/stage_memory.py; explicit ``cluster.*_memory_gb`` settings win."""
+    cc = cfg.cluster
+    # Sized for masters up to 50 MP (or input.max_pixels when lower): sizing every actor for the 200 MP
+    # guard would leave most of a node's cores idle, and on one node could need more memory than it has.
+    # An actor that meets a larger scan uses more than declared; archives of larger scans set the
+    # cluster.*_memory_gb settings.
+    px = min(cfg.input.max_pixels, TYPICAL_MAX_PIXELS)
     gb = 1e9
     decode = cc.decode_actor_memory_gb or 1.1 + 8 * px / gb
     restore = cc.restore_actor_memory_gb or (3.0 if device == "cuda" else 1.0 + 0.6 * cfg.restore.micro_batch)
@@ -238,10 +245,18 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         lease.renew()
     resources = ray.cluster_resources()
     elastic = cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
+    if not elastic and sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0) > 1:
+        log.warning("cluster.elastic=false on a Ray of several nodes: pools are sized as if it were one machine, "
+                    "and a stage may find no node with room for its share")
     rp = plan_resources(resources, cfg, elastic=elastic)
     # Memory is declared on a cluster, where it decides how many actors a node takes; a local Ray the job
     # started is one fixed machine whose pools already follow its CPUs.
-    memory = memory_plan(cfg, rp.device) if elastic else {"decode": None, "restore": None, "compose": None}
+    cc = cfg.cluster
+    explicit = any(v is not None for v in (cc.decode_actor_memory_gb, cc.restore_actor_memory_gb,
+                                            cc.compose_task_memory_gb))
+    memory = memory_plan(cfg, rp.device) if elastic or explicit else \
+        {"decode": None, "restore": None, "compose": None}
+    _check_memory(memory, rp, elastic)
     log.info("resources: %s; memory per actor/task: %s", rp, memory)
     _log_waiting(resources, rp)
     record["restore_plan"] = {"device": rp.device, "gpus_per_actor": rp.restore_gpus,
@@ -291,6 +306,25 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
             runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
 
 
+def _check_memory(memory: dict, rp: ResourcePlan, elastic: bool) -> None:
+    """One DecodeDetect actor and one Compose task (and a CPU Restore actor) must fit on a node together, or
+    the run cannot move: refused on a fixed machine, said on a cluster (a larger node may still join)."""
+    import ray
+
+    need = (memory["decode"] or 0) + (memory["compose"] or 0) + (0 if rp.restore_gpus else memory["restore"] or 0)
+    nodes = [n["Resources"].get("memory", 0) for n in ray.nodes()
+             if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if not need or not nodes or need <= max(nodes):
+        return
+    msg = (f"the memory declared for one DecodeDetect actor, one Compose task"
+           f"{'' if rp.restore_gpus else ' and the CPU Restore actor'} ({need / 1e9:.1f} GB) is more than any "
+           f"node with CPUs offers ({max(nodes) / 1e9:.1f} GB); lower restore.micro_batch or the "
+           "cluster.*_memory_gb settings")
+    if not elastic:
+        raise ConfigError(msg)
+    log.warning("%s, or the run waits for a larger node", msg)
+
+
 def _log_waiting(resources: dict[str, float], rp: ResourcePlan) -> None:
     """Say so when the stages cannot start yet: Ray Data asks the autoscaler for what they need and waits."""
     missing = []
@@ -306,16 +340,31 @@ def _log_waiting(resources: dict[str, float], rp: ResourcePlan) -> None:
 def _consume(ds, cc: ClusterConfig):
     """The dataset's output batches, under Ray Data's no-progress guard set to ``cluster.stall_timeout_s``: a
     run in which no stage takes or hands on a block for that long (no node ever joins; a lost GPU node's
-    actor cannot restart anywhere) ends with ``Stalled``, naming the actors that are not alive. The guard
-    raises inside the iteration, so Ray Data shuts its execution down on the way out."""
+    actor cannot restart anywhere) ends with ``Stalled``. The guard raises inside the iteration, so Ray
+    Data shuts its execution down on the way out; by then the actors are released, so what they were
+    doing comes from snapshots taken while waiting."""
+    import threading
+
     from ray.data.exceptions import ExecutionTimeoutError
 
     ds.context.execution_no_progress_timeout_s = cc.stall_timeout_s
+    seen: dict[str, str] = {}
+    done = threading.Event()
+
+    def snapshots() -> None:
+        while not done.wait(min(30.0, cc.stall_timeout_s / 3)):
+            seen["states"] = _actor_states()
+
+    threading.Thread(target=snapshots, name="archive-restore-actor-states", daemon=True).start()
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    except ExecutionTimeoutError:
-        raise Stalled(f"no progress for {cc.stall_timeout_s:g} s (cluster.stall_timeout_s); {_actor_states()}. "
+    except ExecutionTimeoutError as e:
+        stages = "; ".join(line.strip(" -") for line in str(e).splitlines() if line.startswith("  - "))
+        raise Stalled(f"no progress for {cc.stall_timeout_s:g} s (cluster.stall_timeout_s); "
+                      f"{seen.get('states') or _actor_states()}; stages not finished: {stages or '?'}. "
                       "Run again to resume: finished images are kept") from None
+    finally:
+        done.set()
 
 
 def _actor_states() -> str:

@@ -45,7 +45,7 @@ def test_a_lost_gpu_node_ends_the_run_with_a_clear_error_and_a_rerun_finishes_ex
     first = r["first"]
     # (d) the run ended on the watchdog (45 s without a batch), naming the stage that lost its actor
     assert first["rc"] == 1, first
-    assert "cluster.stall_timeout_s" in first["error"] and "Restore RESTARTING" in first["error"], first
+    assert "cluster.stall_timeout_s" in first["error"] and "Restore" in first["error"], first
     assert first["ended_after_kill_s"] < 45 + 120  # not hanging; the bound is generous on purpose
     assert 0 < first["counts"]["distinct_done"] < 24
     # the re-run, with a new GPU node, did the rest: every image exactly once

@@ -227,10 +227,9 @@ def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path)
     assert f"{by_killed} skipped as done" in log
 
 
-def test_a_run_without_progress_ends_with_a_clear_error_and_stops_its_pipeline(ray_local):
+def test_a_run_without_progress_ends_with_a_clear_error(ray_local):
     """The watchdog is Ray Data's no-progress guard at cluster.stall_timeout_s, turned into Stalled; it
-    raises inside the iteration, so the execution is shut down rather than left running (found by review:
-    a watchdog thread left it running)."""
+    raises inside the iteration (a watchdog thread of ours, found by review, left the execution running)."""
     import threading
 
     from pipeline.errors import Stalled
@@ -238,9 +237,10 @@ def test_a_run_without_progress_ends_with_a_clear_error_and_stops_its_pipeline(r
     ds = ray_local.data.range(4, override_num_blocks=2).map_batches(lambda b: (time.sleep(30), b)[1])
     before = threading.active_count()
     t0 = time.monotonic()
-    with pytest.raises(Stalled, match="cluster.stall_timeout_s"):
+    with pytest.raises(Stalled, match="cluster.stall_timeout_s") as e:
         for _ in job._consume(ds, ClusterConfig(stall_timeout_s=2)):
             pass
+    assert "MapBatches(<lambda>)" in str(e.value)  # the stage that did not finish is named
     assert time.monotonic() - t0 < 25  # ended by the guard, not by the 30 s batch
     time.sleep(1)
     assert threading.active_count() <= before + 1  # no thread of ours left iterating
@@ -248,13 +248,16 @@ def test_a_run_without_progress_ends_with_a_clear_error_and_stops_its_pipeline(r
 
 def test_memory_is_declared_from_measured_peaks_and_the_largest_image_accepted():
     """bench/stage_memory.py measured (12 / 100 MP masters): DecodeDetect 1.05 / 1.48 GB, Compose 0.93 / 2.6 GB,
-    Restore on CPU at micro-batch 16: 10.3 GB. The declarations cover those at the same sizes."""
+    Restore on CPU at micro-batch 16: 10.3 GB. The declarations cover 12 MP and are sized up to 50 MP."""
     def plan(mp, device="cpu", **kw):
         return job.memory_plan(RunConfig.model_validate({"input": {"max_pixels": int(mp * 1e6)}, **kw}), device)
 
-    for mp, decode, compose in ((12, 1.05e9, 0.93e9), (100, 1.48e9, 2.6e9)):
+    for mp, decode, compose in ((12, 1.05e9, 0.93e9), (50, None, None)):
         m = plan(mp)
-        assert decode <= m["decode"] < 2 * decode + 1e9 and compose <= m["compose"] < 2 * compose + 1e9
+        if decode:
+            assert decode <= m["decode"] < 2 * decode + 1e9 and compose <= m["compose"] < 2 * compose + 1e9
+    # sized for masters up to 50 MP: the 200 MP guard does not make every actor ask for 200 MP's memory
+    assert plan(200) == plan(50) and plan(50)["compose"] < 2.6e9 * 1.2
     assert plan(12)["restore"] >= 10.3e9 and plan(12, "cuda")["restore"] < 5e9
     assert plan(12, restore={"micro_batch": 4})["restore"] < plan(12)["restore"]
     assert plan(12, cluster={"decode_actor_memory_gb": 0.5})["decode"] == 0.5e9  # an explicit setting wins

@@ -26,6 +26,10 @@ from .report import count_by_status
 
 log = logging.getLogger(__name__)
 
+# _execute passes max_restarts through ray_remote_args: Ray 2.60 has no named parameter for it, and warns
+# that the route goes away in 2.64 (Ray is pinned).
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="pipeline.job")
+
 # Ray keeps one object reference per block in the driver; this bounds them for huge manifests.
 MAX_BLOCKS = 20_000
 
@@ -245,7 +249,10 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         lease.renew()
     resources = ray.cluster_resources()
     elastic = cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
-    if not elastic and sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0) > 1:
+    # The memory of each live node with CPUs: where the CPU stages can run.
+    cpu_nodes = [n["Resources"].get("memory", 0) for n in ray.nodes()
+                 if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if not elastic and len(cpu_nodes) > 1:
         log.warning("cluster.elastic=false on a Ray of several nodes: pools are sized as if it were one machine, "
                     "and a stage may find no node with room for its share")
     rp = plan_resources(resources, cfg, elastic=elastic)
@@ -256,7 +263,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
                                             cc.compose_task_memory_gb))
     memory = memory_plan(cfg, rp.device) if elastic or explicit else \
         {"decode": None, "restore": None, "compose": None}
-    _check_memory(memory, rp, elastic)
+    _check_memory(memory, rp, elastic, cpu_nodes)
     log.info("resources: %s; memory per actor/task: %s", rp, memory)
     _log_waiting(resources, rp)
     record["restore_plan"] = {"device": rp.device, "gpus_per_actor": rp.restore_gpus,
@@ -271,9 +278,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     # retried (Ray Data's default is without end: a lost GPU node then hung the run silently); a Compose
     # task whose worker dies is retried (a retried batch rewrites the same result file). The watchdog in
     # _consume ends a run that stops making progress.
-    # Ray 2.60 has no named parameter for these; passing them this way is deprecated for 2.64 (Ray is pinned).
     actor_args = {"max_restarts": cfg.cluster.actor_restarts, "max_task_retries": -1}
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="pipeline.job")
     ds = ds.map_batches(
         DecodeDetect, fn_constructor_kwargs={"cfg": cfg, "root": pre.manifest.root, "passthrough": passthrough,
                                              "expected_weights": expected},
@@ -306,14 +311,11 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
             runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
 
 
-def _check_memory(memory: dict, rp: ResourcePlan, elastic: bool) -> None:
+def _check_memory(memory: dict, rp: ResourcePlan, elastic: bool, nodes: list[float]) -> None:
     """One DecodeDetect actor and one Compose task (and a CPU Restore actor) must fit on a node together, or
-    the run cannot move: refused on a fixed machine, said on a cluster (a larger node may still join)."""
-    import ray
-
+    the run cannot move: refused on a fixed machine, said on a cluster (a larger node may still join).
+    ``nodes``: the memory of each live node with CPUs."""
     need = (memory["decode"] or 0) + (memory["compose"] or 0) + (0 if rp.restore_gpus else memory["restore"] or 0)
-    nodes = [n["Resources"].get("memory", 0) for n in ray.nodes()
-             if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     if not need or not nodes or need <= max(nodes):
         return
     msg = (f"the memory declared for one DecodeDetect actor, one Compose task"

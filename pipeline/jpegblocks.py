@@ -27,6 +27,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def splice(master: bytes, pixels: np.ndarray, changed) -> tuple[bytes, float]:
             fh.write(master)
         try:
             m = jpeglib.read_dct(src)
-            comps = [m.Y] + ([m.Cb, m.Cr] if len(f.sampling) == 3 else [])
+            comps = _components(m, len(f.sampling))
         except Exception as e:  # what the marker walk could not see (a damaged table, ...)
             raise Unsupported(f"its coefficients could not be read ({type(e).__name__}: {e})") from None
         # libjpeg's own reading of the colour space (component ids 'R','G','B', an Adobe marker after the
@@ -180,12 +181,15 @@ def splice(master: bytes, pixels: np.ndarray, changed) -> tuple[bytes, float]:
     return data, float(touched.mean()) if touched.size else 0.0
 
 
+def _components(dct, n: int) -> list[np.ndarray]:
+    """A jpeglib DCT object's coefficient arrays, Y first (Cb, Cr when ``n`` is 3)."""
+    return [dct.Y] + ([dct.Cb, dct.Cr] if n == 3 else [])
+
+
 def _boxes(touched: np.ndarray):
     """Bounding boxes (MCU row and column slices) of the touched MCUs' connected groups: each is encoded as
     one crop, so MCUs between two far-apart faces are not encoded for nothing."""
-    import cv2
-
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(touched.astype(np.uint8), connectivity=8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(touched.astype(np.uint8), connectivity=8)
     for k in range(1, n):
         x, y, w, h = stats[k, :4]
         yield slice(y, y + h), slice(x, x + w)
@@ -210,7 +214,7 @@ def _encode_into(jpeglib, m, comps, f: Frame, pixels: np.ndarray, touched: np.nd
     c = jpeglib.read_dct(path)
     if not np.array_equal(c.qt, m.qt):  # e.g. a 16-bit table clamped for baseline: then nothing would match
         raise Unsupported("the master's quantisation tables cannot be written back as they are")
-    new = [c.Y] + ([c.Cb, c.Cr] if len(comps) == 3 else [])
+    new = _components(c, len(comps))
     sel = touched[rows, cols]
     for comp, fresh, (v, h) in zip(comps, new, f.sampling):
         # Each MCU holds v x h blocks of this component; a component's arrays stop at the image's last block.

@@ -486,6 +486,7 @@ class Compose:
                 changed: list | None) -> tuple[bytes, str | None]:
         """The derivative's bytes, and a note when ``output.jpeg_mode = blocks`` could not be honoured."""
         o = self.cfg.output
+        note = None
         if o.jpeg_mode == "blocks" and fmt == "JPEG" and row["src_format"] == "JPEG":  # others have no blocks
             if img.orientation in range(2, 9):
                 reason = f"EXIF orientation {img.orientation} was applied to the pixels"
@@ -498,10 +499,9 @@ class Compose:
                     return data, None
                 except jpegblocks.Unsupported as e:
                     reason = str(e)
-            return (imageio.encode(pixels, ".jpg", o.jpeg_quality),
-                    f"jpeg_mode=blocks not possible ({reason}): re-encoded at quality {o.jpeg_quality}")
+            note = f"jpeg_mode=blocks not possible ({reason}): re-encoded at quality {o.jpeg_quality}"
         return imageio.encode(pixels, imageio.FORMATS[fmt], o.jpeg_quality, o.webp_quality, o.png_level,
-                              o.tiff_compression), None
+                              o.tiff_compression), note
 
     def _write_review_crops(self, row: dict, before: np.ndarray, after: np.ndarray, faces: list[dict]) -> None:
         """Each face's before/after pair for the review page (review.py). They only help a curator: one that

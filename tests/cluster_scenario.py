@@ -60,30 +60,44 @@ class Watch:
 
     def __init__(self):
         self.nodes: dict[str, set[str]] = {"Restore": set(), "DecodeDetect": set(), "compose_and_record": set()}
+        self.names: set[str] = set()  # task names seen, for a failure's message
+        self.errors: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _run(self):
+    def _sweep(self, alive_only: bool):
         from ray.util.state import list_actors, list_tasks
 
+        try:
+            actors = list_actors(filters=[("state", "=", "ALIVE")] if alive_only else None, limit=10000)
+            for a in actors:
+                for stage in ("Restore", "DecodeDetect"):
+                    if stage in str(a.class_name) and a.node_id:
+                        self.nodes[stage].add(a.node_id)
+            tasks = list_tasks(filters=[("state", "=", "RUNNING")] if alive_only else None, limit=10000)
+            for t in tasks:
+                self.names.add(str(t.name))
+                if "compose_and_record" in str(t.name) and t.node_id:
+                    self.nodes["compose_and_record"].add(t.node_id)
+        except Exception as e:  # the state API is best effort while nodes come and go
+            self.errors.append(f"{type(e).__name__}: {e}"[:300])
+
+    def _run(self):
+        # Polling catches actors on nodes that are later killed (their records may go with them)
         while not self.stop.is_set():
-            try:
-                for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-                    for stage in ("Restore", "DecodeDetect"):
-                        if stage in str(a.class_name) and a.node_id:
-                            self.nodes[stage].add(a.node_id)
-                for t in list_tasks(filters=[("state", "=", "RUNNING")], limit=1000):
-                    if "compose_and_record" in str(t.name) and t.node_id:
-                        self.nodes["compose_and_record"].add(t.node_id)
-            except Exception:  # the state API is best effort while nodes come and go
-                pass
+            self._sweep(alive_only=True)
             time.sleep(0.5)
 
-    def result(self) -> dict[str, list[str]]:
+    def result(self) -> dict:
         self.stop.set()
         self.thread.join(5)
-        return {k: sorted(v) for k, v in self.nodes.items()}
+        # Compose tasks can start and finish between polls on a loaded machine (CI saw none caught):
+        # one sweep over finished tasks and dead actors too.
+        self._sweep(alive_only=False)
+        return {**{k: sorted(v) for k, v in self.nodes.items()}, "task_names": sorted(self.names)[:40],
+                "errors": self.errors[-3:]}
+
 
 
 def _run_job(cfg, box: dict) -> threading.Thread:

@@ -33,7 +33,7 @@ def test_pools_wait_for_nodes_grow_with_them_and_keep_gpu_nodes_for_gpu_work(tmp
     # (b) Restore only on GPU nodes; the CPU stages never on a GPU node (whose one CPU is the GPU actor's)
     assert placed["Restore"] and set(placed["Restore"]) <= {nodes["gpu1"], nodes["gpu2"]}
     assert placed["DecodeDetect"] and set(placed["DecodeDetect"]) == {nodes["cpu"]}
-    assert placed["compose_and_record"] and set(placed["compose_and_record"]) == {nodes["cpu"]}
+    assert placed["compose_and_record"] and set(placed["compose_and_record"]) == {nodes["cpu"]}, placed
     # (c) the GPU node that joined mid-run got a Restore actor
     assert nodes["gpu2"] in placed["Restore"]
     # logical GPUs: torch has no CUDA here, and the rows and run record say so

@@ -204,6 +204,10 @@ def status(output: str, manifest: str | None, as_json: bool, config_path: str | 
         if r.get("kind") == "review":
             click.echo(f"  review {r['run_id']} {r['state']}: {s.get('images_changed', '?')} images changed")
             continue
+        if r.get("kind") == "compact":
+            click.echo(f"  compact {r['run_id']} {r['state']}: {s.get('files_before', '?')} result files -> "
+                       f"{s.get('files_after', '?')}, {s.get('rows_to_history', '?')} rows to history")
+            continue
         click.echo(f"  run {r['run_id']} {r['state']}: {s.get('images', '?')} images, {s.get('images_per_s', '?')} img/s")
 
 
@@ -223,6 +227,36 @@ def report(output: str, config_path: str | None, s3_endpoint_url: str | None, se
 
     cfg = _config(config_path=config_path, s3_endpoint_url=s3_endpoint_url, sets=sets)
     click.echo(rep.write_report(output, cfg.storage))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("output")
+@click.option("--delete-history", is_flag=True,
+              help="Delete the rows no reader needs (and earlier compactions' history) instead of keeping them "
+                   "in OUTPUT/_history/.")
+@_read_options
+@_clean_errors
+def compact(output: str, delete_history: bool, config_path: str | None, s3_endpoint_url: str | None,
+            sets: tuple[str, ...]) -> None:
+    """Fold the results ledger into few files (about one per 100,000 images). Each image's latest row, and
+    the older rows that planning, retries, detection reuse and reviews read, stay; the other rows move to
+    OUTPUT/_history/. Plans, `status` and reviews answer as before. Takes the output's lease, so it waits
+    for no run: it is refused while one works on the output.
+
+    \b
+    Example:
+      archive-restore compact s3://museum/restored/
+    """
+    from .compaction import run_compact
+
+    cfg = _config(config_path=config_path, s3_endpoint_url=s3_endpoint_url, sets=sets)
+    record = run_compact(output, cfg, delete_history)
+    s = record["summary"]
+    click.echo(f"{output}: {s['files_before']} result files -> {s['files_after']}; {s['rows_kept']} rows kept, "
+               + (f"{s['rows_deleted']} deleted, and {s['history_files_deleted']} history files" if delete_history
+                  else f"{s['rows_to_history']} moved to _history/")
+               + (f"; {len(s['torn_left'])} incomplete files left for the next run to set aside"
+                  if s["torn_left"] else ""))
 
 
 @cli.command(context_settings=CONTEXT)

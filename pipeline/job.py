@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, layout, ledger, metadata, provenance, resume, runs, storage, weights
+from . import __version__, compaction, layout, ledger, metadata, provenance, resume, runs, storage, weights
 from .config import ClusterConfig, RunConfig
 from .errors import ConfigError, Stalled, StorageError
 from .manifest import Manifest, read_manifest
@@ -392,6 +392,16 @@ def _actor_states() -> str:
         " (RESTARTING or PENDING_CREATION: a lost node, or no node with the resources they need)"
 
 
+def _fold(out: str, cfg: RunConfig, run_id: str, lease: runs.Lease) -> dict | None:
+    """The per-batch result files into a few (compaction.py). The run's work is saved either way, so a
+    failure here is a warning and the record's ``ledger_fold``."""
+    try:
+        return compaction.fold_loose(out, cfg.storage, by=run_id, still_ours=lambda: not lease.lost.is_set())
+    except Exception as e:  # noqa: BLE001 - the next run or `archive-restore compact` folds them
+        log.warning("the run's result files were not folded (the next run will): %s: %s", type(e).__name__, e)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def run(cfg: RunConfig) -> dict:
     """Run (or resume) the job described by ``cfg``; return the run record."""
     run_id = runs.new_run_id()
@@ -443,6 +453,7 @@ def run(cfg: RunConfig) -> dict:
                 todo = resume.attach_prior(todo, results, out, cfg.storage)
             del results
             _execute(cfg, pre, todo, run_id, lease, record, progress, t0, inputs.folders)
+            record["ledger_fold"] = _fold(out, cfg, run_id, lease)
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),
                       summary=progress.summary(time.perf_counter() - t0), results=ledger.results_dir(out))
         record.pop("progress", None)

@@ -12,14 +12,23 @@ is damaged. Only a file that is provably incomplete (no Parquet footer: what a w
 place, as Ray's ``write_parquet`` in earlier versions did, leaves when killed) is skipped, with a
 warning; only a run that holds the output's lease moves such files aside (``set_aside``), and its run
 record lists them.
+
+Folding (``compaction.py``) keeps the number of files small: a fold writes new files under
+``_results/fold=<id>/`` and commits them with one record, ``_results/fold=<id>/_fold.json``, naming the
+files it wrote (``files``), the files whose rows they now hold (``replaces``) and the history files older
+rows went to (``history``, below ``_history/``). Readers take a fold's files only through its record and
+skip every file a record replaces, so a fold is all-or-nothing for them: before the record lands they see
+the old files, after it the new ones, and an interrupted fold leaves files nobody reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pyarrow as pa
@@ -51,13 +60,85 @@ def write_part(table: pa.Table, uri: str, cfg: StorageConfig) -> None:
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), cfg)
 
 
-def result_files(output_root: str, cfg: StorageConfig, run_id: str | None = None) -> list[str]:
-    """Result files (URIs), freshly listed; names starting with "." (temporary, set aside) are not results."""
-    where = results_dir(output_root)
-    if run_id:
-        where = storage.join(where, f"run={run_id}")
-    return [u for u in storage.list_files(where, cfg)
-            if u.endswith(".parquet") and not posixpath.basename(u).startswith(".")]
+FOLD_RECORD = "_fold.json"
+
+
+def history_dir(output_root: str) -> str:
+    return storage.join(output_root, "_history")
+
+
+@dataclass
+class Listing:
+    """The ledger's files as readers see them (``list_ledger``)."""
+    files: list[str] = field(default_factory=list)  # result files holding the current rows
+    loose: list[str] = field(default_factory=list)  # those of them that no fold wrote (one per Compose batch)
+    records: dict[str, dict] = field(default_factory=dict)  # fold record URI -> record, live ones
+    superseded: list[str] = field(default_factory=list)  # fold records whose files a later fold replaced
+    replaced: list[str] = field(default_factory=list)  # files still present whose rows a fold holds
+    orphans: list[str] = field(default_factory=list)  # files of folds that never committed
+    history: list[str] = field(default_factory=list)  # history files named by live records
+
+    def rel(self, uri: str, output_root: str) -> str:
+        return uri[len(results_dir(output_root)) + 1:]
+
+
+def _in_fold(rel: str) -> bool:
+    return rel.startswith("fold=")
+
+
+def list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
+    """List the ledger and read its fold records; see the module docstring. A record naming a file that is
+    gone (and that no later fold replaced) is an error: rows would be lost."""
+    base = results_dir(output_root)
+    listed = storage.list_files(base, cfg)
+    rel = {u: u[len(base) + 1:] for u in listed}
+    record_uris = [u for u in listed if posixpath.basename(u) == FOLD_RECORD]
+    workers = max(1, min(16 if storage.is_remote(output_root) else 4, len(record_uris)))
+    with ThreadPoolExecutor(workers) as pool:
+        bodies = list(pool.map(lambda u: _read_record(u, cfg), record_uris))
+    records = dict(zip(record_uris, bodies))
+    replaced = {r for body in bodies for r in body.get("replaces", [])}
+    committed = {f for body in bodies for f in body.get("files", [])}
+    out = Listing()
+    for u in listed:
+        name, r = posixpath.basename(u), rel[u]
+        if not name.endswith(".parquet") or name.startswith("."):
+            continue
+        if r in replaced:
+            out.replaced.append(u)
+        elif _in_fold(r) and r not in committed:
+            out.orphans.append(u)
+        else:
+            out.files.append(u)
+            if not _in_fold(r):
+                out.loose.append(u)
+    present = {rel[u] for u in listed}
+    for uri, body in records.items():
+        if body["files"] and all(f in replaced for f in body["files"]):
+            out.superseded.append(uri)  # a later fold holds its rows (and carries its history list)
+            continue
+        missing = [f for f in body.get("files", []) if f not in present and f not in replaced]
+        if missing:
+            raise StorageError(f"fold record {uri} names result file(s) that are gone ({', '.join(missing[:3])}): "
+                               "their rows would be lost; restore them (e.g. from a bucket version) before going on")
+        out.records[uri] = body
+        out.history += [storage.join(output_root, h) for h in body.get("history", [])]
+    return out
+
+
+def _read_record(uri: str, cfg: StorageConfig) -> dict:
+    data = storage.retrying(lambda: storage.read_bytes(uri, cfg), f"read of fold record {uri}", cfg)
+    try:
+        body = json.loads(data)
+        assert isinstance(body, dict) and isinstance(body.get("files"), list)
+    except (ValueError, AssertionError):
+        raise StorageError(f"fold record {uri} is damaged; nothing was changed") from None
+    return body
+
+
+def result_files(output_root: str, cfg: StorageConfig) -> list[str]:
+    """Result files (URIs) holding the current rows, freshly listed (``list_ledger``)."""
+    return list_ledger(output_root, cfg).files
 
 
 def _read_columns(path: str, fs, columns: list[str] | None) -> pa.Table:
@@ -83,14 +164,17 @@ def is_torn(uri: str, cfg: StorageConfig) -> bool:
     return tail != _MAGIC
 
 
+class _Vanished(Exception):
+    """A listed file was gone when read: moved aside or folded meanwhile; the reader lists again."""
+
+
 def _read_one(uri: str, cfg: StorageConfig, columns: list[str] | None) -> pa.Table | None:
-    """One result file; None when it is torn (or vanished: set aside by a lease holder meanwhile)."""
+    """One result file; None when it is torn."""
     fs, path = storage.get_arrow_fs(uri, cfg)
     try:
         return storage.retrying(lambda: _read_columns(path, fs, columns), f"read of result file {uri}", cfg)
     except FileNotFoundError:
-        log.debug("result file %s vanished while reading (set aside by the run holding the output)", uri)
-        return None
+        raise _Vanished(uri) from None
     except PermissionError as e:
         raise StorageError(f"result file {uri} cannot be read ({e}): fix its permissions; nothing was changed")
     except (pa.ArrowInvalid, OSError) as e:
@@ -106,12 +190,33 @@ def _read_one(uri: str, cfg: StorageConfig, columns: list[str] | None) -> pa.Tab
 
 
 def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None = None,
-                 run_id: str | None = None, torn: list[str] | None = None,
-                 transform: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
+                 torn: list[str] | None = None, transform: Callable[[pa.Table], pa.Table] | None = None,
+                 files: list[str] | None = None, history: bool = False) -> pa.Table:
     """Every readable result row (``columns`` only). Read-only: see the module docstring. Torn files are
     skipped and, when ``torn`` is given, listed there. ``transform`` is applied to each file's rows as they
-    are read (to keep only what is needed of a large ledger)."""
-    files = result_files(output_root, cfg, run_id)
+    are read (to keep only what is needed of a large ledger). ``files``: these files rather than the ledger's
+    current ones. ``history``: the rows ``compact`` moved to ``_history/`` as well. A file that vanishes while being read (a fold committed or a torn file
+    was moved aside meanwhile) makes the reader list the ledger again."""
+    for attempt in range(3):
+        found: list[str] = []
+        try:
+            return _load(output_root, cfg, columns, found, transform, files, history)
+        except _Vanished as e:
+            if files is not None or attempt == 2:
+                raise StorageError(f"result file {e} vanished while being read, three times: is something "
+                                   "deleting result files?") from None
+            log.info("result file %s vanished while being read (folded or moved aside meanwhile); reading again", e)
+        finally:
+            if torn is not None:
+                torn[:] = found
+    raise AssertionError("unreachable")
+
+
+def _load(output_root: str, cfg: StorageConfig, columns: list[str] | None, torn: list[str],
+          transform: Callable[[pa.Table], pa.Table] | None, files: list[str] | None, history: bool) -> pa.Table:
+    if files is None:
+        listing = list_ledger(output_root, cfg)
+        files = listing.files + (listing.history if history else [])
     workers = min(16, len(files)) if storage.is_remote(output_root) else min(4, len(files))
 
     def one(uri: str) -> tuple[str, pa.Table | None]:
@@ -126,8 +231,7 @@ def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None
     tables = []
     for uri, t in read:
         if t is None:
-            if torn is not None:
-                torn.append(uri)
+            torn.append(uri)
         else:
             tables.append(t)
     log.debug("ledger %s: %d result files, %d torn", output_root, len(files), len(files) - len(tables))

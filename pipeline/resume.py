@@ -32,21 +32,25 @@ def load_for_planning(output_root: str, cfg: StorageConfig, torn: list[str] | No
     """The ledger as planning needs it: the ledger columns plus the names of the files each row wrote
     (``output_name``, ``access_name``; for rows of earlier versions taken from their URIs). The URIs
     themselves are dropped file by file as they are read, so a large ledger costs its names only."""
-    def names_only(t: pa.Table) -> pa.Table:
-        for name_col, uri_col, ns in (("output_name", "output_uri", "images"), ("access_name", "access_uri", "access")):
-            names = pc.cast(t[name_col], pa.string()) if name_col in t.column_names else \
-                pa.nulls(t.num_rows, pa.string())
-            if uri_col in t.column_names:
-                prefix = storage.join(output_root, ns) + "/"
-                uris = pc.cast(t[uri_col], pa.string())
-                names = pc.coalesce(names, pc.if_else(pc.fill_null(pc.starts_with(uris, prefix), False),
-                                                      pc.utf8_slice_codeunits(uris, len(prefix)),
-                                                      pa.scalar(None, pa.string())))
-                t = t.drop_columns([uri_col])
-            t = t.drop_columns([c for c in (name_col,) if c in t.column_names]).append_column(name_col, names)
-        return t
+    return load_results(output_root, cfg, columns=PLAN_COLUMNS, torn=torn,
+                        transform=lambda t: names_only(t, output_root))
 
-    return load_results(output_root, cfg, columns=PLAN_COLUMNS, torn=torn, transform=names_only)
+
+def names_only(t: pa.Table, output_root: str) -> pa.Table:
+    """``t`` with ``output_name`` and ``access_name`` (from the URIs for rows of earlier versions) instead of
+    ``output_uri`` and ``access_uri``."""
+    for name_col, uri_col, ns in (("output_name", "output_uri", "images"), ("access_name", "access_uri", "access")):
+        names = pc.cast(t[name_col], pa.string()) if name_col in t.column_names else \
+            pa.nulls(t.num_rows, pa.string())
+        if uri_col in t.column_names:
+            prefix = storage.join(output_root, ns) + "/"
+            uris = pc.cast(t[uri_col], pa.string())
+            names = pc.coalesce(names, pc.if_else(pc.fill_null(pc.starts_with(uris, prefix), False),
+                                                  pc.utf8_slice_codeunits(uris, len(prefix)),
+                                                  pa.scalar(None, pa.string())))
+            t = t.drop_columns([uri_col])
+        t = t.drop_columns([c for c in (name_col,) if c in t.column_names]).append_column(name_col, names)
+    return t
 
 
 def latest_rows(results: pa.Table) -> pa.Table:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline import imageio, job, resume, storage, weights
+from pipeline import compaction, imageio, job, resume, storage, weights
 from pipeline.cli import cli
 from pipeline.config import RunConfig, StorageConfig, load_config
 from pipeline.errors import StorageError, WeightsError
@@ -390,7 +390,7 @@ def test_a_run_without_read_access_fails_before_any_work(s3_endpoint, s3fs_clien
 # ------------------------------------------------------------------------------------- 9. incremental results
 
 @pytest.mark.slow
-def test_results_land_per_compose_batch(ray_local, weights_dir, tmp_path):
+def test_results_land_per_compose_batch(ray_local, weights_dir, tmp_path, monkeypatch):
     """A block of 8 images must not wait for its last image before any of its rows are recorded."""
     files = _copy_small(tmp_path / "in", ["whole/codeformer_03.jpg", "whole/codeformer_04.jpg",
                                           "whole/codeformer_05.jpg", "old/old_d.png"])
@@ -399,13 +399,21 @@ def test_results_land_per_compose_batch(ray_local, weights_dir, tmp_path):
     cfg = load_config(None, test_overrides(weights_dir, out, _csv(tmp_path / "m.csv", files + dup),
                                            **{"cluster.rows_per_block": 8, "cluster.compose_batch_size": 2}),
                       environ={})
-    job.run(cfg)
+    fold = compaction.fold_loose
+    monkeypatch.setattr(compaction, "fold_loose", lambda *a, **k: None)  # to see the files as they landed
+    record = job.run(cfg)
+    assert record["ledger_fold"] is None
     parts = list((out / "_results").rglob("*.parquet"))
     assert len(parts) >= 4, parts
     assert sum(pq.read_metadata(p).num_rows for p in parts) == 8
     # Incremental: the first results were on disk before the block's last derivative was written.
     derivatives = [p.stat().st_mtime_ns for p in (out / "images").rglob("*.*")]
     assert min(p.stat().st_mtime_ns for p in parts) < max(derivatives)
+    # What a run does at its end: the per-batch files become one, rows unchanged.
+    before = sorted(map(str, resume.load_results(str(out), StorageConfig()).to_pylist()))
+    assert fold(str(out), cfg.storage, by="test")["files_after"] == 1
+    assert [p.name for p in (out / "_results").rglob("*.parquet")] == ["part-00000.parquet"]
+    assert sorted(map(str, resume.load_results(str(out), StorageConfig()).to_pylist())) == before
 
 
 # ------------------------------------------------------------------------------------- 10. permissions

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from pipeline import ledger, report, runs
 from pipeline.cli import cli
+from pipeline.config import StorageConfig
 
 from conftest import REPO, free_port, test_overrides, wait_for_port
 
@@ -84,11 +86,48 @@ def test_status_and_report(tmp_path):
     assert data["images"][0][0] == "a" and data["faces"] == [[0, 0, 0.2, "flag", "restored", None, None, None]]
 
 
+def test_compact_folds_the_ledger_and_status_answers_as_before(tmp_path):
+    out = tmp_path / "out"
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for run, day, ids in (("r1", 0, "abc"), ("r2", 1, "ab"), ("r3", 2, "a")):
+        d = out / "_results" / f"run={run}"
+        d.mkdir(parents=True)
+        for i in ids:  # one file per image: a run's per-batch files
+            pq.write_table(pa.Table.from_pylist([
+                {"image_id": i, "uri": f"/in/{i}.jpg", "status": "ok", "fingerprint": run, "n_faces": 0,
+                 "finished_at": t + dt.timedelta(days=day), "output_name": f"{i}.jpg", "run_id": run}]),
+                d / f"part-{i}.parquet")
+        (out / "_runs").mkdir(exist_ok=True)
+        (out / "_runs" / f"{run}.json").write_text(json.dumps({"run_id": run, "kind": "job", "state": "finished",
+                                                               "started_at": (t + dt.timedelta(days=day)).isoformat()}))
+    (tmp_path / "m.csv").write_text("uri,image_id\n/in/a.jpg,a\n/in/b.jpg,b\n/in/c.jpg,c\n")
+    status = ["status", str(out), "-m", str(tmp_path / "m.csv"), "--json"]
+    before = json.loads(CliRunner().invoke(cli, status).output)
+
+    def chart(history=True):  # the report's throughput chart, over every run's rows
+        return report.throughput(ledger.load_results(str(out), StorageConfig(), history=history),
+                                 runs.read_records(str(out), StorageConfig()))
+
+    chart_before = chart()
+    r = CliRunner().invoke(cli, ["compact", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == f"{out}: 6 result files -> 1; 3 rows kept, 3 moved to _history/"
+    after = json.loads(CliRunner().invoke(cli, status).output)
+    assert [r["state"] for r in after["runs"] if r["kind"] == "compact"] == ["finished"]
+    assert {k: after[k] for k in ("images", "by_status", "against_manifest")} == \
+        {k: before[k] for k in ("images", "by_status", "against_manifest")}
+    assert len(list((out / "_history").rglob("*.parquet"))) == 1
+    assert chart() == chart_before and chart(history=False) != chart_before
+    assert "compact " in CliRunner().invoke(cli, ["status", str(out)]).output
+    r = CliRunner().invoke(cli, ["compact", str(out), "--delete-history"])
+    assert r.exit_code == 0 and "0 deleted, and 1 history files" in r.output and not list((out / "_history").rglob("*.parquet"))
+    _one_line_error(CliRunner().invoke(cli, ["compact", str(tmp_path / "nothing")]), "holds no results")
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_ray_job_submit_runs_the_job_on_a_ray_head(weights_dir, archive, tmp_path):
     from pipeline.manifest import build_manifest
-    from pipeline.config import StorageConfig
 
     build_manifest(str(archive), str(tmp_path / "m.parquet"), StorageConfig())
     gcs, dash = free_port(), free_port()

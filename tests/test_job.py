@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
-from pipeline import imageio, job, resume
+from pipeline import compaction, imageio, job, ledger, resume
 from pipeline.config import ClusterConfig, RestoreConfig, RunConfig, StorageConfig, load_config
 from pipeline.errors import ConfigError
 
@@ -169,6 +169,26 @@ def test_end_to_end_job_on_local_ray(ray_local, weights_dir, archive, tmp_path):
     st = report.status(str(out), StorageConfig(), read_manifest(changed).table)
     assert st["result_rows"] == 3 * len(uris) + 2 and st["images"] == len(uris)
     assert st["against_manifest"]["current"] == len(uris) - 1 and st["against_manifest"]["missing"] == 1
+    # Each run folded its per-batch files (at most one file per run is left), and `compact` folds the history
+    # so that every plan is the same as over the full ledger.
+    listing = ledger.list_ledger(str(out), StorageConfig())
+    assert len(listing.files) <= 5 and len(listing.loose) <= 1 and listing.records, listing
+    manifest_table = read_manifest(changed).table
+
+    def plans():
+        rows = resume.load_for_planning(str(out), StorageConfig())
+        return {m: resume.plan(manifest_table, rows, fp, m, 3).counts
+                for fp in (record["fingerprint"], again["fingerprint"]) for m in ("missing", "outdated", "failed")}
+
+    before = plans()
+    compacted = compaction.run_compact(str(out), changed)
+    # Kept: each image's latest row, and all 5 retryable read_error rows of the missing file (max_attempts
+    # counts them); the 2 older rows of every other image go to history.
+    assert compacted["state"] == "finished" and compacted["summary"]["rows_to_history"] == 2 * len(uris) - 2
+    assert plans() == before and len(ledger.list_ledger(str(out), StorageConfig()).files) == 1
+    st2 = report.status(str(out), StorageConfig(), manifest_table)
+    assert {k: st2[k] for k in ("images", "by_status", "against_manifest")} == \
+        {k: st[k] for k in ("images", "by_status", "against_manifest")}
 
 
 def _cli(*args, **kw):

@@ -84,14 +84,10 @@ def retrying(fn: Callable[[], T], what: str, cfg: StorageConfig) -> T:
 
 
 def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
-    """Read a whole object; transient failures are retried with backoff, a missing object is not."""
+    """Read a whole object; transient failures are retried with backoff, a missing object is not.
+    One GET on an object store (``fs.open`` would add a HEAD, and split large objects into ranged GETs)."""
     fs, path = get_fs(uri, cfg)
-
-    def read() -> bytes:
-        with fs.open(path, "rb") as f:
-            return f.read()
-
-    return retrying(read, f"read of {uri}", cfg)
+    return retrying(lambda: fs.cat_file(path), f"read of {uri}", cfg)
 
 
 def read_head(uri: str, cfg: StorageConfig, n: int = 1024) -> bytes:

@@ -143,19 +143,14 @@ def result_files(output_root: str, cfg: StorageConfig) -> list[str]:
 
 def _read_columns(path: str | pa.Buffer, fs, columns: list[str] | None) -> pa.Table:
     """Read ``columns`` of a file (``path`` in ``fs``, or its bytes); a file written before a column existed
-    gets it as nulls (after the concat)."""
-    def src():
-        return pa.BufferReader(path) if isinstance(path, pa.Buffer) else path
-
-    try:
-        return pq.read_table(src(), filesystem=fs, columns=columns)
-    except (pa.ArrowInvalid, KeyError):
-        if columns is None:
-            raise
-        present = set(pq.read_schema(src(), filesystem=fs).names)
-        if present >= set(columns):
-            raise
-        return pq.read_table(src(), filesystem=fs, columns=[c for c in columns if c in present])
+    gets it as nulls (after the concat). ``ParquetFile`` rather than ``read_table``: the dataset layer costs
+    ~0.5 ms of CPU per call, which on a ledger of 20,000 small files is 10 s of the driver's time."""
+    small = isinstance(path, pa.Buffer)
+    f = pq.ParquetFile(pa.BufferReader(path) if small else path, filesystem=None if small else fs)
+    if columns is not None:
+        present = set(f.schema_arrow.names)
+        columns = [c for c in columns if c in present]
+    return f.read(columns=columns, use_threads=not small)
 
 
 def is_torn(uri: str, cfg: StorageConfig) -> bool:

@@ -176,12 +176,12 @@ def assign(image_ids, uris, root: str, output_format: str, access_copy: bool,
     sub = pa.table({"image_id": ids, "key": keys, "unchanged": unchanged}).filter(contested)
     keep = _holders(sub, _names(sub["key"], output_format, access_copy), claims)
     lose = pc.and_(contested, pc.invert(pc.is_in(ids, value_set=pa.array(sorted(keep), pa.string()))))
-    idx = pc.indices_nonzero(lose).to_pylist()
+    idx = pc.indices_nonzero(lose)
     tagged = [with_tag(k, i) for k, i in zip(pc.take(keys, idx).to_pylist(), pc.take(ids, idx).to_pylist())]
-    if idx:
+    if tagged:
         keys = pc.replace_with_mask(keys, lose, pa.array(tagged, pa.string()))
         log.warning("%d images would share an output file with another image; their keys get a ~suffix "
-                    "(e.g. %s)", len(idx), tagged[0])
+                    "(e.g. %s)", len(tagged), tagged[0])
     still = _contested(ids, _names(keys, output_format, access_copy), claims)
     error = pc.if_else(still, pa.scalar("its output name collides with another image's; rename one of the files"),
                        pa.scalar(None, pa.string()))

@@ -113,3 +113,14 @@ def test_names_one_filesystem_would_merge_count_as_one():
     k = k.to_pylist()
     assert k[0] != k[1] and k[2] != k[3] and err.null_count == 4
     assert len({n.lower() for n in k}) == 4
+
+
+def test_a_name_two_earlier_results_hold_is_an_error_for_that_image_not_a_failed_plan():
+    """Two earlier results claim one name (ids changed between manifests, say) and only one of those images
+    is in the manifest: it keeps its key, which still collides with the other's file, so that image gets a
+    key error (its row says why) and the others are planned. Planning used to fail on the whole manifest
+    here (an empty take in Arrow)."""
+    claims = pa.table({"image_id": ["A", "Z"], "ns": ["images", "images"], "name": ["a.jpg", "a.jpg"]})
+    k, err = keys.assign(pa.array(["A", "B"]), pa.array(["/r/a.jpg", "/r/b.jpg"]), "/r/", "same", False, claims)
+    assert k.to_pylist() == ["a.jpg", "b.jpg"]
+    assert "collides" in err[0].as_py() and err[1].as_py() is None

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -82,6 +83,9 @@ def _is_in(values, statuses) -> pa.ChunkedArray:
     return pc.is_in(values, value_set=pa.array(sorted(s.value for s in statuses)))
 
 
+MODES = ("missing", "outdated", "failed", "all")
+
+
 def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max_attempts: int | None = None) -> Plan:
     """Which manifest rows to process now.
 
@@ -91,61 +95,61 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
     all: every image
     In ``missing`` and ``outdated``, images that have failed ``max_attempts`` times with retryable errors under
     this fingerprint, and never completed since, are left out (``gave_up``).
+
+    Each ledger row is mapped to its image's position in the manifest once (one hash of the manifest's ids),
+    and the rest is numpy over integers: a 10-million-image plan holds a few arrays of 10 M numbers rather
+    than sorted copies of the ledger. Rows of images not in the manifest do not count. Among rows of one
+    image with the same ``finished_at``, the first read is the latest (as in ``latest_rows``).
     """
-    ids = manifest.select(["image_id"])
-    results = results.select([c for c in LEDGER_COLUMNS if c in results.column_names])  # sorts move less
-    final = results.filter(_is_in(results["status"], FINAL_STATUSES)) if results.num_rows else results
-    completed = pa.table({"image_id": pc.unique(final["image_id"])}) if final.num_rows else ids.slice(0, 0)
-    latest_final = latest_rows(final) if final.num_rows else final
-    current = latest_final.filter(pc.equal(latest_final["fingerprint"], fingerprint)) if final.num_rows else final
-    latest = latest_rows(results) if results.num_rows else results
-    failed = latest.filter(_is_in(latest["status"], ERROR_STATUSES)) if results.num_rows else results
-
-    def known(t):
-        return ids.join(t.select(["image_id"]), "image_id", join_type="left semi").num_rows if t.num_rows else 0
-
-    counts = {
-        "manifest": manifest.num_rows,
-        "completed": known(completed),
-        "current": known(current),
-        "outdated": known(completed) - known(current),
-        "failed": known(failed),
-    }
-    counts["missing"] = counts["manifest"] - counts["completed"]
-    gave_up = _gave_up(results, fingerprint, max_attempts, current)
-    counts["gave_up"] = known(gave_up)
-    if mode == "all":
-        done = ids.slice(0, 0)
-    elif mode == "missing":
-        done = completed
-    elif mode == "outdated":
-        done = current.select(["image_id"])
-    elif mode == "failed":
-        done = completed.join(failed.select(["image_id"]), "image_id", join_type="left anti")
-    else:
+    if mode not in MODES:
         raise ValueError(f"unknown reprocess mode {mode!r}")
-    if mode in ("missing", "outdated") and gave_up.num_rows:
-        done = pa.concat_tables([done.select(["image_id"]).cast(pa.schema([("image_id", pa.string())])),
-                                 gave_up.select(["image_id"]).cast(pa.schema([("image_id", pa.string())]))])
-    todo = join_keeping_order(manifest, done, "left anti") if done.num_rows else manifest
+    n = manifest.num_rows
+    completed = np.zeros(n, dtype=bool)
+    current = np.zeros(n, dtype=bool)
+    failed = np.zeros(n, dtype=bool)
+    gave_up = np.zeros(n, dtype=bool)
+    if results.num_rows and n:
+        code = pc.index_in(results["image_id"], value_set=manifest["image_id"].combine_chunks())
+        mine = pc.is_valid(code)
+        code = pc.filter(code, mine).to_numpy(zero_copy_only=False).astype(np.int64)
+        status = pc.filter(results["status"], mine)
+        finished = pc.cast(pc.filter(results["finished_at"], mine), pa.timestamp("ms", tz="UTC")).cast(pa.int64())
+        finished = pc.fill_null(finished, np.iinfo(np.int64).min).to_numpy()
+        same_fp = pc.fill_null(pc.equal(pc.filter(results["fingerprint"], mine), fingerprint), False)
+        same_fp = same_fp.to_numpy(zero_copy_only=False)
+
+        def flag(statuses) -> np.ndarray:
+            return pc.fill_null(_is_in(status, statuses), False).to_numpy(zero_copy_only=False)
+
+        is_final, is_error = flag(FINAL_STATUSES), flag(ERROR_STATUSES)
+        order = np.lexsort((-finished, code))  # by image, newest first; stable, so ties keep reading order
+
+        def newest(rows: np.ndarray) -> np.ndarray:
+            """Of ``rows`` (positions in ``order``'s order), the first of each image."""
+            c = code[rows]
+            return rows[np.r_[True, c[1:] != c[:-1]]] if len(rows) else rows
+
+        latest = newest(order)
+        failed[code[latest]] = is_error[latest]
+        latest_final = newest(order[is_final[order]])
+        completed[code[latest_final]] = True
+        current[code[latest_final]] = same_fp[latest_final]
+        if max_attempts:
+            tries = np.bincount(code[same_fp & flag(RETRYABLE)], minlength=n)
+            gave_up = (tries >= max_attempts) & ~current
+    counts = {"manifest": n, "completed": int(completed.sum()), "current": int(current.sum())}
+    counts["outdated"] = counts["completed"] - counts["current"]
+    counts["failed"] = int(failed.sum())
+    counts["missing"] = n - counts["completed"]
+    counts["gave_up"] = int(gave_up.sum())
+    done = {"all": np.zeros(n, dtype=bool), "missing": completed, "outdated": current,
+            "failed": completed & ~failed}[mode]
+    if mode in ("missing", "outdated"):
+        done = done | gave_up
+    todo = manifest.filter(pa.array(~done)) if done.any() else manifest
     counts["todo"] = todo.num_rows
-    counts["skipped"] = manifest.num_rows - todo.num_rows
+    counts["skipped"] = n - todo.num_rows
     return Plan(todo, counts)
-
-
-def _gave_up(results: pa.Table, fingerprint: str, max_attempts: int | None, current: pa.Table) -> pa.Table:
-    """Images with at least ``max_attempts`` retryable errors under ``fingerprint`` and no current result."""
-    empty = pa.table({"image_id": pa.array([], pa.string())})
-    if not max_attempts or not results.num_rows:
-        return empty
-    errs = results.filter(pc.and_(pc.equal(results["fingerprint"], fingerprint), _is_in(results["status"], RETRYABLE)))
-    if not errs.num_rows:
-        return empty
-    n = errs.group_by("image_id").aggregate([("image_id", "count")])
-    out = n.filter(pc.greater_equal(n["image_id_count"], max_attempts)).select(["image_id"])
-    if current.num_rows and out.num_rows:
-        out = out.join(current.select(["image_id"]), "image_id", join_type="left anti")
-    return out
 
 
 PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces", "faces_skipped"]
@@ -191,14 +195,15 @@ def attach_prior(todo: pa.Table, ledger: pa.Table, output_root: str, cfg: Storag
 def claims(results: pa.Table) -> pa.Table:
     """(image_id, ns, name) of every file that any result row says it wrote below images/ or access/ (from
     ``load_for_planning``): an image keeps every name it was ever given, not only its latest one, so that
-    history rows stay true."""
+    history rows stay true. A claim may repeat (one per row that wrote the file): ``keys.assign`` does not
+    mind, and a grouped distinct over a 10 M-row ledger held ~2 GB."""
     parts = []
     for name_col, ns in (("output_name", "images"), ("access_name", "access")):
         if name_col not in results.column_names:
             continue
         names = pc.cast(results[name_col], pa.string())
         t = pa.table({"image_id": pc.cast(results["image_id"], pa.string()), "name": names}).filter(pc.is_valid(names))
-        parts.append(_with_ns(t.group_by(["image_id", "name"]).aggregate([]), ns))
+        parts.append(_with_ns(t, ns))
     if not parts:
         return pa.table({"image_id": pa.array([], pa.string()), "ns": pa.array([], pa.string()),
                          "name": pa.array([], pa.string())})
@@ -206,7 +211,8 @@ def claims(results: pa.Table) -> pa.Table:
 
 
 def _with_ns(t: pa.Table, ns: str) -> pa.Table:
-    return pa.table({"image_id": t["image_id"], "ns": pa.array([ns] * t.num_rows, pa.string()), "name": t["name"]})
+    return pa.table({"image_id": t["image_id"], "ns": pa.repeat(pa.scalar(ns, pa.string()), t.num_rows),
+                     "name": t["name"]})
 
 
 def assign_keys(manifest: pa.Table, root: str, output: OutputConfig, held: pa.Table | None) -> pa.Table:

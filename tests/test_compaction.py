@@ -72,8 +72,8 @@ def _view(out: str, written: pa.Table, cfg: StorageConfig = CFG) -> dict:
         history.setdefault(r["image_id"], []).append(r)
     stale = {(r["image_id"], r["out_sha256"]): decisions._stale(history.get(r["image_id"], []), r["out_sha256"])
              for r in written.select(["image_id", "out_sha256"]).to_pylist()}
-    return {"plans": plans, "claims": sorted((r["image_id"], r["ns"], r["name"])
-                                             for r in resume.claims(planning).to_pylist()),
+    return {"plans": plans, "claims": sorted({(r["image_id"], r["ns"], r["name"])
+                                              for r in resume.claims(planning).to_pylist()}),
             "prior": sorted(prior.drop_columns(["uri"]).to_pylist(), key=lambda r: r["image_id"]),
             "latest": sorted(resume.latest_rows(rows).to_pylist(), key=lambda r: r["image_id"]), "stale": stale}
 

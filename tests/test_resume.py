@@ -78,3 +78,61 @@ def test_rows_of_earlier_versions_claim_their_files_by_uri(tmp_path):
     assert "output_uri" not in results.column_names
     assert sorted(resume.claims(results).to_pylist(), key=lambda r: r["ns"]) == [
         {"image_id": "A", "ns": "access", "name": "x/a.jpg"}, {"image_id": "A", "ns": "images", "name": "x/a.jpg"}]
+
+
+def _reference_plan(manifest_ids, rows, fp, mode, max_attempts):
+    """The rules of ``resume.plan`` one image at a time, in plain Python: the oracle for its vectorised form."""
+    from pipeline.schema import ERROR_STATUSES, FINAL_STATUSES
+
+    final = {s.value for s in FINAL_STATUSES}
+    error = {s.value for s in ERROR_STATUSES}
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["image_id"], []).append(r)
+    todo, counts = [], dict.fromkeys(["completed", "current", "failed", "gave_up"], 0)
+    for i in manifest_ids:
+        rs = sorted(by_image.get(i, []), key=lambda r: r["finished_at"])
+        finals = [r for r in rs if r["status"] in final]
+        completed, current = bool(finals), bool(finals) and finals[-1]["fingerprint"] == fp
+        failed = bool(rs) and rs[-1]["status"] in error
+        tries = sum(r["fingerprint"] == fp and r["status"] in {s.value for s in resume.RETRYABLE} for r in rs)
+        gave_up = bool(max_attempts) and tries >= max_attempts and not current
+        counts["completed"] += completed
+        counts["current"] += current
+        counts["failed"] += failed
+        counts["gave_up"] += gave_up
+        done = {"all": False, "missing": completed, "outdated": current, "failed": completed and not failed}[mode]
+        if mode in ("missing", "outdated"):
+            done = done or gave_up
+        if not done:
+            todo.append(i)
+    return todo, counts
+
+
+def test_plan_matches_the_rules_one_image_at_a_time():
+    import random
+
+    from pipeline.schema import Status
+
+    rng = random.Random(11)
+    ids = [f"i{k:03d}" for k in range(120)]
+    rows = []
+    for i in ids + ["not-in-manifest"]:
+        t = T0
+        for _ in range(rng.randint(0, 6)):
+            t += dt.timedelta(seconds=rng.randint(1, 1000))
+            rows.append({"image_id": i, "status": rng.choice([s.value for s in Status] + ["ok"] * 4),
+                         "fingerprint": rng.choice(["f1", "f2", None]), "finished_at": t})
+    rng.shuffle(rows)
+    results = pa.Table.from_pylist(rows, pa.schema([("image_id", pa.string()), ("status", pa.string()),
+                                                    ("fingerprint", pa.string()),
+                                                    ("finished_at", pa.timestamp("ms", tz="UTC"))]))
+    manifest = pa.table({"image_id": ids[::-1], "uri": [f"/x/{i}" for i in ids[::-1]]})  # not sorted by id
+    for fp in ("f1", "f2", "f3"):
+        for mode in resume.MODES:
+            for n in (None, 1, 2, 3):
+                got = resume.plan(manifest, results, fp, mode, n)
+                todo, counts = _reference_plan(ids[::-1], rows, fp, mode, n)
+                assert got.todo["image_id"].to_pylist() == todo, (fp, mode, n)
+                assert {k: got.counts[k] for k in counts} == counts, (fp, mode, n)
+                assert got.counts["todo"] == len(todo) and got.counts["manifest"] == len(ids)

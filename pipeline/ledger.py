@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -200,16 +201,17 @@ def _read_one(uri: str, cfg: StorageConfig, columns: list[str] | None) -> pa.Tab
 
 def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None = None,
                  torn: list[str] | None = None, transform: Callable[[pa.Table], pa.Table] | None = None,
-                 files: list[str] | None = None, history: bool = False) -> pa.Table:
+                 files: list[str] | None = None, history: bool = False, source: bool = False) -> pa.Table:
     """Every readable result row (``columns`` only). Read-only: see the module docstring. Torn files are
     skipped and, when ``torn`` is given, listed there. ``transform`` is applied to each file's rows as they
     are read (to keep only what is needed of a large ledger). ``files``: these files rather than the ledger's
-    current ones. ``history``: the rows ``compact`` moved to ``_history/`` as well. A file that vanishes while being read (a fold committed or a torn file
+    current ones. ``history``: the rows ``compact`` moved to ``_history/`` as well. ``source``: add
+    ``_source``, the file each row came from (dictionary-encoded: 4 bytes a row). A file that vanishes while being read (a fold committed or a torn file
     was moved aside meanwhile) makes the reader list the ledger again."""
     for attempt in range(3):
         found: list[str] = []
         try:
-            return _load(output_root, cfg, columns, found, transform, files, history)
+            return _load(output_root, cfg, columns, found, transform, files, history, source)
         except _Vanished as e:
             if files is not None or attempt == 2:
                 raise StorageError(f"result file {e} vanished while being read, three times: is something "
@@ -222,7 +224,8 @@ def load_results(output_root: str, cfg: StorageConfig, columns: list[str] | None
 
 
 def _load(output_root: str, cfg: StorageConfig, columns: list[str] | None, torn: list[str],
-          transform: Callable[[pa.Table], pa.Table] | None, files: list[str] | None, history: bool) -> pa.Table:
+          transform: Callable[[pa.Table], pa.Table] | None, files: list[str] | None, history: bool,
+          source: bool) -> pa.Table:
     if files is None:
         listing = list_ledger(output_root, cfg)
         files = listing.files + (listing.history if history else [])
@@ -230,7 +233,12 @@ def _load(output_root: str, cfg: StorageConfig, columns: list[str] | None, torn:
 
     def one(uri: str) -> tuple[str, pa.Table | None]:
         t = _read_one(uri, cfg, columns)
-        return uri, (transform(t) if transform and t is not None else t)
+        if t is not None and transform:
+            t = transform(t)
+        if t is not None and source:
+            t = t.append_column("_source", pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(t.num_rows, np.int32)), pa.array([uri], pa.string())))
+        return uri, t
 
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:

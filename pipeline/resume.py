@@ -34,7 +34,7 @@ def load_for_planning(output_root: str, cfg: StorageConfig, torn: list[str] | No
     (``output_name``, ``access_name``; for rows of earlier versions taken from their URIs). The URIs
     themselves are dropped file by file as they are read, so a large ledger costs its names only."""
     return load_results(output_root, cfg, columns=PLAN_COLUMNS, torn=torn,
-                        transform=lambda t: names_only(t, output_root))
+                        transform=lambda t: names_only(t, output_root), source=True)
 
 
 def names_only(t: pa.Table, output_root: str) -> pa.Table:
@@ -162,16 +162,23 @@ def attach_prior(todo: pa.Table, ledger: pa.Table, output_root: str, cfg: Storag
 
     DecodeDetect reuses the faces when the image's bytes and the detector are unchanged, skipping the most
     expensive CPU step when an archive is re-processed for new restoration weights or settings, and keeps
-    rejected faces original. Only the images about to be processed are looked up, so a plain resume costs
-    nothing here.
+    rejected faces original. ``ledger`` is what planning read (``load_for_planning``): only images about to
+    be processed that have an ``ok``/``no_face`` row can reuse anything, and only the files holding those
+    rows are read (their faces were not read for planning). A resume after failures, whose images never
+    completed, reads nothing more.
     """
     if not todo.num_rows or not ledger.num_rows:
         return todo
-    seen = pc.is_in(todo["image_id"], value_set=ledger["image_id"].combine_chunks().unique())
+    done = ledger.filter(_is_in(ledger["status"], {Status.OK, Status.NO_FACE}))
+    seen = pc.is_in(todo["image_id"], value_set=done["image_id"].combine_chunks().unique())
     if not pc.any(seen).as_py():
         return todo
     wanted = todo["image_id"].filter(seen).combine_chunks()
-    prior = load_results(output_root, cfg, columns=PRIOR_COLUMNS,
+    files = None  # a ledger table without sources (built by hand): every file
+    if "_source" in done.column_names:
+        mine = done.filter(pc.is_in(done["image_id"], value_set=wanted))["_source"]
+        files = sorted(set(pc.unique(pc.cast(mine, pa.string())).to_pylist()))
+    prior = load_results(output_root, cfg, columns=PRIOR_COLUMNS, files=files,
                          transform=lambda t: t.filter(pc.is_in(t["image_id"], value_set=wanted)))
     if "detect_fingerprint" not in prior.column_names:
         return todo

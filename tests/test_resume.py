@@ -1,6 +1,8 @@
 import datetime as dt
+import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import resume
 
@@ -136,3 +138,28 @@ def test_plan_matches_the_rules_one_image_at_a_time():
                 assert got.todo["image_id"].to_pylist() == todo, (fp, mode, n)
                 assert {k: got.counts[k] for k in counts} == counts, (fp, mode, n)
                 assert got.counts["todo"] == len(todo) and got.counts["manifest"] == len(ids)
+
+
+def test_detection_reuse_reads_only_the_files_holding_reusable_rows(tmp_path, monkeypatch):
+    from pipeline import ledger
+    from pipeline.config import StorageConfig
+
+    cfg, out = StorageConfig(), str(tmp_path / "out")
+    face = [{"bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9, "landmarks": [0.5] * 10, "review": None}]
+    for image, status in (("a", "ok"), ("b", "read_error"), ("c", "ok")):
+        ledger.write_part(pa.Table.from_pylist([{
+            "image_id": image, "status": status, "fingerprint": "f", "detect_fingerprint": "d" if status == "ok" else None,
+            "finished_at": T0, "src_sha256": "s", "faces": face if status == "ok" else None, "faces_skipped": 0}]),
+            ledger.part_uri(out, "r1", [image]), cfg)
+    planning = resume.load_for_planning(out, cfg)
+    manifest = pa.table({"image_id": ["a", "b", "c"], "uri": ["/a", "/b", "/c"]})
+    read = []
+    real = ledger._read_one
+    monkeypatch.setattr(ledger, "_read_one", lambda uri, *a: read.append(uri) or real(uri, *a))
+    todo = resume.plan(manifest, planning, "f", "missing").todo  # b: a retry; it never completed
+    assert todo["image_id"].to_pylist() == ["b"]
+    assert resume.attach_prior(todo, planning, out, cfg).column_names == todo.column_names and read == []
+    todo = resume.plan(manifest, planning, "g", "outdated").todo.filter(pc.equal(manifest["image_id"], "a"))
+    got = resume.attach_prior(todo, planning, out, cfg)
+    assert read == [ledger.part_uri(out, "r1", ["a"])]  # one file, the one holding a's faces
+    assert got["prior_detect_fp"].to_pylist() == ["d"] and json.loads(got["prior_faces_json"][0].as_py())["faces"]

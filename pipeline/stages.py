@@ -90,7 +90,7 @@ class DecodeDetect:
 
     def _reusable(self, row: dict) -> bool:
         """Stored detections stand when the bytes and the detector (settings + weights) are unchanged."""
-        return (not self.cfg.redetect and row.get("prior_faces_json") is not None
+        return (not self.cfg.redetect and row.get("prior_faces") is not None
                 and row.get("prior_sha256") == row["src_sha256"] and row.get("prior_detect_fp") == self.detect_fp)
 
     def process(self, row: dict) -> dict:
@@ -121,10 +121,9 @@ class DecodeDetect:
         try:
             bgr = imageio.to_bgr8(img.pixels)
             if row["detect_reused"]:
-                prior = json.loads(row["prior_faces_json"])
                 faces = [Face(np.asarray(f["bbox"], np.float32), f["score"],
-                              np.asarray(f["landmarks"], np.float32).reshape(5, 2)) for f in prior["faces"]]
-                skipped = prior.get("skipped", 0)
+                              np.asarray(f["landmarks"], np.float32).reshape(5, 2)) for f in row["prior_faces"]]
+                skipped = row.get("prior_faces_skipped") or 0
             else:
                 faces, skipped = self.detector.detect(bgr)
             from .identity import arcface_matrix  # torch: see Restore
@@ -142,7 +141,7 @@ class DecodeDetect:
             return _error(row, Status.DETECT_ERROR, f"face detection failed: {type(e).__name__}: {e}")
         row["detect_s"] = time.perf_counter() - t1
         if self.cfg.review.carry_decisions and row.get("prior_sha256") == row["src_sha256"]:
-            review.mark_rejected(records, row.get("prior_rejected_json"))  # a curator's rejection stands
+            review.mark_rejected(records, review.rejected_boxes(row.get("prior_faces")))  # a rejection stands
         row["n_faces"] = len(records)
         row["faces_skipped"] = skipped
         row["faces_json"] = json.dumps({"faces": records})

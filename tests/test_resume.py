@@ -162,4 +162,25 @@ def test_detection_reuse_reads_only_the_files_holding_reusable_rows(tmp_path, mo
     todo = resume.plan(manifest, planning, "g", "outdated").todo.filter(pc.equal(manifest["image_id"], "a"))
     got = resume.attach_prior(todo, planning, out, cfg)
     assert read == [ledger.part_uri(out, "r1", ["a"])]  # one file, the one holding a's faces
-    assert got["prior_detect_fp"].to_pylist() == ["d"] and json.loads(got["prior_faces_json"][0].as_py())["faces"]
+    assert got["prior_detect_fp"].to_pylist() == ["d"]
+    assert got["prior_faces"].to_pylist() == [[{k: face[0][k] for k in ("bbox", "score", "landmarks", "review")}]]
+
+
+def test_stored_faces_keeps_what_reuse_needs_across_chunks_slices_and_nulls():
+    face = pa.struct([("bbox", pa.list_(pa.float64())), ("score", pa.float64()), ("landmarks", pa.list_(pa.float64())),
+                      ("identity_similarity", pa.float64()), ("review", pa.string())])
+    rows = [[{"bbox": [1.0, 2, 3, 4], "score": 0.9, "landmarks": [0.1] * 10, "identity_similarity": 0.5, "review": None},
+             {"bbox": [5.0, 6, 7, 8], "score": 0.8, "landmarks": [0.2] * 10, "identity_similarity": 0.4,
+              "review": "rejected"}],
+            None, [],
+            [{"bbox": [9.0, 9, 9, 9], "score": 0.7, "landmarks": [0.3] * 10, "identity_similarity": None, "review": None}]]
+    full = pa.array(rows * 2, pa.list_(face))
+    chunked = pa.chunked_array([full.slice(1, 3), full.slice(4, 3)])  # sliced chunks: offsets not at zero
+    want = [None if fs is None else [{k: f[k] for k in ("bbox", "score", "landmarks", "review")} for f in fs]
+            for fs in (rows * 2)[1:7]]
+    assert resume.stored_faces(chunked).to_pylist() == want
+    old = pa.array([[{"bbox": [1.0, 2, 3, 4], "score": 0.9, "landmarks": [0.1] * 10}]],  # rows before "review"
+                   pa.list_(pa.struct([("bbox", pa.list_(pa.float64())), ("score", pa.float64()),
+                                       ("landmarks", pa.list_(pa.float64()))])))
+    assert resume.stored_faces(pa.chunked_array([old])).to_pylist() == [
+        [{"bbox": [1.0, 2, 3, 4], "score": 0.9, "landmarks": [0.1] * 10, "review": None}]]

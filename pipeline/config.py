@@ -336,8 +336,14 @@ _WHEN_NOT_DEFAULT = ("jpeg_mode",)
 
 
 def detect_fingerprint(detect: DetectConfig, detector_sha256: str) -> str:
-    """Identity of a detection result: the detector settings and weights. Same bytes + same value = same faces."""
-    blob = json.dumps({"detect": detect.model_dump(), "weights": detector_sha256}, sort_keys=True).encode()
+    """Identity of a detection result: the detector settings and weights, and ``OUTPUT_VERSION`` (a code
+    change that redoes outputs may change detection or alignment too, so stored faces are not reused across
+    it). Same bytes + same value = same faces. Version 1 is left out, so rows written before the version
+    was part of it keep their value."""
+    relevant = {"detect": detect.model_dump(), "weights": detector_sha256}
+    if OUTPUT_VERSION != 1:
+        relevant["output_version"] = OUTPUT_VERSION
+    blob = json.dumps(relevant, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

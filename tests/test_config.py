@@ -125,3 +125,13 @@ def test_every_setting_is_in_the_fingerprint_exactly_when_listed():
     wrong = {k: v for k, v in walked.items() if v != (k in IN_FINGERPRINT)}
     assert not wrong, f"fingerprint membership differs from IN_FINGERPRINT for: {wrong}"
     assert len(walked) > 60  # the walk reached every section
+
+
+def test_output_version_keys_detection_reuse_and_version_1_keeps_old_values(monkeypatch):
+    from pipeline import config
+    from pipeline.config import DetectConfig, detect_fingerprint
+
+    # The value rows carry from before the version was part of it (computed at 06ea38e).
+    assert detect_fingerprint(DetectConfig(), "bb") == "277367903a5c26d1"
+    monkeypatch.setattr(config, "OUTPUT_VERSION", 2)
+    assert detect_fingerprint(DetectConfig(), "bb") != "277367903a5c26d1"

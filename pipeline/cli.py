@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, PipelineError, Stopped
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 log = logging.getLogger("pipeline")
@@ -24,6 +24,9 @@ def _clean_errors(fn):
         except PipelineError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
+        except Stopped as e:  # SIGTERM (job.run): 128 + 15, the shell's code for a process ended by it
+            click.echo(f"Error: {e}; the images it finished are saved: run it again to go on", err=True)
+            sys.exit(143)
     return wrapper
 
 

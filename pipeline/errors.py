@@ -32,3 +32,8 @@ class Fenced(StorageError):
 
 class Stalled(PipelineError):
     """The cluster made no progress for too long (no workers joined, a lost node's actors cannot restart)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was asked to stop (SIGTERM: `ray job stop`, a pod's termination, `kill`). A KeyboardInterrupt,
+    like Ctrl-C, so that no ``except Exception`` on the way swallows it."""

@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ import pyarrow.compute as pc
 
 from . import __version__, compaction, layout, ledger, metadata, provenance, resume, runs, storage, weights
 from .config import ClusterConfig, RunConfig
-from .errors import ConfigError, Stalled, StorageError
+from .errors import ConfigError, Stalled, Stopped, StorageError
 from .manifest import Manifest, read_manifest
 from .report import count_by_status
 
@@ -345,7 +348,6 @@ def _consume(ds, cc: ClusterConfig):
     actor cannot restart anywhere) ends with ``Stalled``. The guard raises inside the iteration, so Ray
     Data shuts its execution down on the way out; by then the actors are released, so what they were
     doing comes from snapshots taken while waiting."""
-    import threading
 
     from ray.data.exceptions import ExecutionTimeoutError
 
@@ -402,8 +404,34 @@ def _fold(out: str, cfg: RunConfig, run_id: str, lease: runs.Lease) -> dict | No
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM becomes ``Stopped`` in the main thread, so a stopped run ends like Ctrl-C: its record says
+    ``stopped`` with what it finished (every finished batch is already in the ledger), and it releases the
+    output's lease, so the next run starts at once instead of waiting for the lease to lapse. Without it the
+    process died mid-statement, its record saying ``running``."""
+    if threading.current_thread() is not threading.main_thread():  # e.g. a test's thread: leave signals be
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the record be written
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: RunConfig) -> dict:
     """Run (or resume) the job described by ``cfg``; return the run record."""
+    with _stop_on_sigterm():
+        return _run(cfg)
+
+
+def _run(cfg: RunConfig) -> dict:
     run_id = runs.new_run_id()
     t0 = time.perf_counter()
     if not cfg.output.root:
@@ -457,8 +485,9 @@ def run(cfg: RunConfig) -> dict:
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),
                       summary=progress.summary(time.perf_counter() - t0), results=ledger.results_dir(out))
         record.pop("progress", None)
-    except BaseException as e:  # Ctrl-C included: the record says how the run ended
-        record.update(state="lost" if lease.lost.is_set() else "failed", phase=record.get("phase"),
+    except BaseException as e:  # Ctrl-C and SIGTERM included: the record says how the run ended
+        state = "lost" if lease.lost.is_set() else "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+        record.update(state=state, phase=record.get("phase"),
                       error=f"{type(e).__name__}: {e}", finished_at=runs.now_iso(),
                       summary=progress.summary(time.perf_counter() - t0))
         raise

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
-from pipeline import compaction, imageio, job, ledger, resume
+from pipeline import compaction, imageio, job, ledger, resume, runs
 from pipeline.config import ClusterConfig, RestoreConfig, RunConfig, StorageConfig, load_config
 from pipeline.errors import ConfigError
 
@@ -198,7 +198,8 @@ def _cli(*args, **kw):
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path, sig):
     src = tmp_path / "archive"
     from conftest import IMAGES
     rels = ["whole/codeformer_03.jpg", "whole/codeformer_04.jpg", "whole/codeformer_05.jpg",
@@ -224,15 +225,28 @@ def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path)
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the job ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_run = json.loads(next(out.glob("_runs/*.json")).read_text())["run_id"]
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    else:  # `ray job stop`, a pod's termination: the driver alone is told
+        proc.send_signal(signal.SIGTERM)
+        stopped_log = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 143, stopped_log[-3000:]
+        assert "Error: stopped by SIGTERM; the images it finished are saved" in stopped_log, stopped_log[-3000:]
+    first = json.loads(next(out.glob("_runs/*.json")).read_text())
+    killed_run = first["run_id"]
     partial = _results(out)
     assert 0 < partial.num_rows < n, "kill should land mid-run"
+    if sig == signal.SIGTERM:  # the record says so, counts what was finished, and the lease is free
+        assert first["state"] == "stopped" and first["summary"]["images"] <= partial.num_rows, first
+        assert runs.holder(str(out), StorageConfig())["state"] == "released"
 
     resumed = _cli(*args)
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log[-3000:]
+    if sig == signal.SIGTERM:  # the lease was released: the next run took nothing over, waited for nothing
+        second = [json.loads(p.read_text()) for p in out.glob("_runs/*.json") if p.stem != killed_run]
+        assert len(second) == 1 and "took_over_from" not in second[0], second
     res = _results(out)
     ids = res["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == n, "every image exactly once across the killed and the resumed run"

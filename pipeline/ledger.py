@@ -89,7 +89,19 @@ def _in_fold(rel: str) -> bool:
 
 def list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
     """List the ledger and read its fold records; see the module docstring. A record naming a file that is
-    gone (and that no later fold replaced) is an error: rows would be lost."""
+    gone (and that no later fold replaced) is an error: rows would be lost. A record deleted between the
+    listing and its read (a later fold superseded it meanwhile) makes this list again."""
+    for attempt in range(3):
+        try:
+            return _list_ledger(output_root, cfg)
+        except FileNotFoundError as e:
+            if attempt == 2:
+                raise StorageError(f"fold records of {output_root} keep vanishing while being read ({e})") from None
+            log.info("a fold record vanished while being read (superseded meanwhile); listing again")
+    raise AssertionError("unreachable")
+
+
+def _list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
     base = results_dir(output_root)
     listed = storage.list_files(base, cfg)
     rel = {u: u[len(base) + 1:] for u in listed}
@@ -128,7 +140,7 @@ def list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
 
 
 def _read_record(uri: str, cfg: StorageConfig) -> dict:
-    data = storage.retrying(lambda: storage.read_bytes(uri, cfg), f"read of fold record {uri}", cfg)
+    data = storage.read_bytes(uri, cfg)  # retried there; FileNotFoundError goes to list_ledger
     try:
         body = json.loads(data)
         assert isinstance(body, dict) and isinstance(body.get("files"), list)

@@ -212,3 +212,37 @@ def test_compaction_on_s3(s3_endpoint, s3fs_client):
     fold = f"fold={summary['fold_id']}"
     assert left == [f"_history/{fold}/part-00000.parquet", f"_results/{fold}/_fold.json",
                     f"_results/{fold}/part-00000.parquet"]  # the 12 per-batch files are gone
+
+
+def test_a_reader_racing_a_fold_lists_again_instead_of_failing_or_losing_rows(tmp_path, monkeypatch):
+    """``status`` takes no lease: a compaction may commit and clean up between its listing and its reads."""
+    out = str(tmp_path / "out")
+    rows = _ledger(out, 8, n_images=20, n_files=6)
+    compaction.compact(out, CFG, by="c1")
+    _ledger(out, 9, n_images=20, n_files=6)
+    every = ledger.load_results(out, CFG).num_rows
+    real_record, real_read = ledger._read_record, ledger._read_one
+    raced = {"record": False, "file": False}
+
+    def record_then_fold(uri, cfg):  # the first record read finds the record superseded and deleted
+        if not raced["record"]:
+            raced["record"] = True
+            compaction.compact(out, CFG, by="c2")
+        return real_record(uri, cfg)
+
+    monkeypatch.setattr(ledger, "_read_record", record_then_fold)
+    assert ledger.load_results(out, CFG).num_rows < every  # compacted: fewer live rows, and no error
+    assert raced["record"]
+    monkeypatch.setattr(ledger, "_read_record", real_record)
+    _ledger(out, 10, n_images=20, n_files=6)
+    listing_rows = ledger.load_results(out, CFG, history=True).num_rows
+
+    def file_then_fold(uri, cfg, columns):  # a listed file is folded away before it is read
+        if not raced["file"]:
+            raced["file"] = True
+            compaction.fold_loose(out, CFG, by="run")
+        return real_read(uri, cfg, columns)
+
+    monkeypatch.setattr(ledger, "_read_one", file_then_fold)
+    assert ledger.load_results(out, CFG, history=True).num_rows == listing_rows and raced["file"]
+    assert rows.num_rows  # (the first ledger)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -129,7 +130,7 @@ def _commit(output_root: str, fold_id: str, body: dict, cfg: StorageConfig,
     if still_ours is not None and not still_ours():
         raise StorageError("the output's lease was lost during the fold (another run took the output over); "
                            "nothing was committed")
-    uri = storage.join(ledger.results_dir(output_root), f"fold={fold_id}", ledger.FOLD_RECORD)
+    uri = storage.join(ledger.results_dir(output_root), ledger.FOLDS, f"{fold_id}.json")
     storage.write_bytes(uri, json.dumps(body, indent=1).encode(), cfg)
     return uri
 
@@ -153,7 +154,7 @@ def fold_loose(output_root: str, cfg: StorageConfig, by: str, min_files: int = 2
             "files": [listing.rel(u, output_root) for u in out.written],
             "replaces": sorted(listing.rel(u, output_root) for u in inputs + listing.replaced), "history": []}
     _commit(output_root, fold_id, body, cfg, still_ours)
-    cleanup(output_root, cfg)
+    cleanup(output_root, cfg, still_ours=still_ours)
     log.info("ledger: %d result files folded into %d (%d rows)", len(inputs), len(out.written), out.total)
     return {"fold_id": fold_id, "files_before": len(inputs), "files_after": len(out.written), "rows": out.total}
 
@@ -209,7 +210,7 @@ def compact(output_root: str, cfg: StorageConfig, by: str, delete_history: bool 
             "replaces": sorted(listing.rel(u, output_root) for u in inputs + listing.replaced),
             "history": carried + [_rel_root(h, output_root) for h in hist.written]}
     _commit(output_root, fold_id, body, cfg, still_ours)
-    gone = cleanup(output_root, cfg, history=True)
+    gone = cleanup(output_root, cfg, history=True, still_ours=still_ours)
     log.info("ledger compacted: %d files -> %d, %d rows kept, %d older rows %s", len(inputs), len(live.written),
              live.total, older, "deleted" if delete_history else "moved to history")
     return {"fold_id": fold_id, "files_before": len(inputs), "files_after": len(live.written),
@@ -221,24 +222,32 @@ def _rel_root(uri: str, output_root: str) -> str:
     return uri[len(output_root.rstrip("/")) + 1:]
 
 
-def cleanup(output_root: str, cfg: StorageConfig, history: bool = False) -> dict:
+_HISTORY_PART = re.compile(r"/_history/fold=[^/]+/part-\d{5}\.parquet$")
+
+
+def cleanup(output_root: str, cfg: StorageConfig, history: bool = False,
+            still_ours: Callable[[], bool] | None = None) -> dict:
     """Delete what no reader reaches: fold records a later fold superseded (first, so that files they
     name never come back), then replaced files and files of folds that never committed; with ``history``,
-    files below ``_history/`` that no live record names. Only under the output's lease."""
+    history files (``_history/fold=<id>/part-NNNNN.parquet``, nothing else) that no live record names.
+    Only under the output's lease, checked before each kind of delete: files of a fold that another run,
+    having taken the output over, is writing must not be taken for an interrupted fold's."""
     listing = ledger.list_ledger(output_root, cfg)
     gone = {"records": 0, "files": 0, "history": 0}
-    for uri in listing.superseded:
-        storage.delete(uri, cfg)
-        gone["records"] += 1
-    for uri in listing.replaced + listing.orphans:
-        storage.delete(uri, cfg)
-        gone["files"] += 1
+
+    def drop(what: str, uris: list[str]) -> None:
+        if uris and still_ours is not None and not still_ours():
+            raise StorageError("the output's lease was lost during the cleanup after a fold (the fold itself is "
+                               "committed); the next fold deletes what is left")
+        storage.delete_many(uris, cfg)
+        gone[what] += len(uris)
+
+    drop("records", listing.superseded)
+    drop("files", listing.replaced + listing.orphans)
     if history:
         named = set(listing.history)
-        for uri in storage.list_files(ledger.history_dir(output_root), cfg):
-            if uri not in named:
-                storage.delete(uri, cfg)
-                gone["history"] += 1
+        drop("history", [u for u in storage.list_files(ledger.history_dir(output_root), cfg)
+                         if u not in named and _HISTORY_PART.search(u)])
     if not storage.is_remote(output_root):  # object stores have no folders to leave behind
         _drop_empty_dirs(ledger.results_dir(output_root))
         _drop_empty_dirs(ledger.history_dir(output_root))

@@ -33,7 +33,7 @@ from .errors import StorageError
 
 log = logging.getLogger(__name__)
 
-WRITE_AREAS = ("images", "access", "review", "_results", "_runs", "_lock", "_verify", "report")
+WRITE_AREAS = ("images", "access", "review", "_results", "_history", "_runs", "_lock", "_verify", "report")
 _REMOTE = r"^[a-zA-Z][a-zA-Z0-9+.-]*://"
 
 

@@ -14,11 +14,15 @@ warning; only a run that holds the output's lease moves such files aside (``set_
 record lists them.
 
 Folding (``compaction.py``) keeps the number of files small: a fold writes new files under
-``_results/fold=<id>/`` and commits them with one record, ``_results/fold=<id>/_fold.json``, naming the
+``_results/fold=<id>/`` and commits them with one record, ``_results/~folds/<id>.json``, naming the
 files it wrote (``files``), the files whose rows they now hold (``replaces``) and the history files older
 rows went to (``history``, below ``_history/``). Readers take a fold's files only through its record and
 skip every file a record replaces, so a fold is all-or-nothing for them: before the record lands they see
-the old files, after it the new ones, and an interrupted fold leaves files nobody reads.
+the old files, after it the new ones, and an interrupted fold leaves files nobody reads. A listing is
+not a snapshot (S3 serves it in pages of 1,000 keys, in key order), so records sort after every result
+file ("~"): a record in a listing means its files were written before the pages that list them were
+served, else the listing is taken again; a listing that shows a fold's files without its record, and a
+new record on a second look, is taken again too.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -61,7 +66,7 @@ def write_part(table: pa.Table, uri: str, cfg: StorageConfig) -> None:
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), cfg)
 
 
-FOLD_RECORD = "_fold.json"
+FOLDS = "~folds"  # under _results/; "~" sorts after "fold=" and "run=" in a listing
 
 
 def history_dir(output_root: str) -> str:
@@ -78,6 +83,7 @@ class Listing:
     replaced: list[str] = field(default_factory=list)  # files still present whose rows a fold holds
     orphans: list[str] = field(default_factory=list)  # files of folds that never committed
     history: list[str] = field(default_factory=list)  # history files named by live records
+    missing: list[str] = field(default_factory=list)  # files live records name that the listing lacks
 
     def rel(self, uri: str, output_root: str) -> str:
         return uri[len(results_dir(output_root)) + 1:]
@@ -89,23 +95,34 @@ def _in_fold(rel: str) -> bool:
 
 def list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
     """List the ledger and read its fold records; see the module docstring. A record naming a file that is
-    gone (and that no later fold replaced) is an error: rows would be lost. A record deleted between the
-    listing and its read (a later fold superseded it meanwhile) makes this list again."""
+    still not there on a third look (and that no later fold replaced) is an error: rows would be lost. A
+    record deleted between the listing and its read (a later fold superseded it meanwhile) makes this list
+    again."""
+    prev: Listing | None = None
     for attempt in range(3):
         try:
-            return _list_ledger(output_root, cfg)
+            out = _list_ledger(output_root, cfg)
         except FileNotFoundError as e:
-            if attempt == 2:
-                raise StorageError(f"fold records of {output_root} keep vanishing while being read ({e})") from None
             log.info("a fold record vanished while being read (superseded meanwhile); listing again")
-    raise AssertionError("unreachable")
+            last = f"fold records keep vanishing while being read ({e})"
+            continue
+        settled = not out.orphans or (prev is not None and set(prev.records) == set(out.records))
+        if not out.missing and settled:
+            return out
+        last = (f"fold record(s) name result files that are gone ({', '.join(out.missing[:3])}): their rows "
+                "would be lost; restore them (e.g. from a bucket version) before going on") if out.missing else ""
+        if not out.missing and attempt == 2:
+            return out  # an interrupted fold's files: nobody reads them
+        prev = out
+        time.sleep(0.2 * (attempt + 1))
+    raise StorageError(f"{output_root}: {last}")
 
 
 def _list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
     base = results_dir(output_root)
     listed = storage.list_files(base, cfg)
     rel = {u: u[len(base) + 1:] for u in listed}
-    record_uris = [u for u in listed if posixpath.basename(u) == FOLD_RECORD]
+    record_uris = [u for u in listed if rel[u].startswith(FOLDS + "/") and u.endswith(".json")]
     workers = max(1, min(16 if storage.is_remote(output_root) else 4, len(record_uris)))
     with ThreadPoolExecutor(workers) as pool:
         bodies = list(pool.map(lambda u: _read_record(u, cfg), record_uris))
@@ -130,10 +147,7 @@ def _list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
         if body["files"] and all(f in replaced for f in body["files"]):
             out.superseded.append(uri)  # a later fold holds its rows (and carries its history list)
             continue
-        missing = [f for f in body.get("files", []) if f not in present and f not in replaced]
-        if missing:
-            raise StorageError(f"fold record {uri} names result file(s) that are gone ({', '.join(missing[:3])}): "
-                               "their rows would be lost; restore them (e.g. from a bucket version) before going on")
+        out.missing += [f for f in body["files"] if f not in present and f not in replaced]
         out.records[uri] = body
         out.history += [storage.join(output_root, h) for h in body.get("history", [])]
     return out

@@ -113,7 +113,7 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
         code = pc.filter(code, mine).to_numpy(zero_copy_only=False).astype(np.int64)
         status = pc.filter(results["status"], mine)
         finished = pc.cast(pc.filter(results["finished_at"], mine), pa.timestamp("ms", tz="UTC")).cast(pa.int64())
-        finished = pc.fill_null(finished, np.iinfo(np.int64).min).to_numpy()
+        finished = pc.fill_null(finished, np.iinfo(np.int64).min + 1).to_numpy()  # null: the oldest (negated below)
         same_fp = pc.fill_null(pc.equal(pc.filter(results["fingerprint"], mine), fingerprint), False)
         same_fp = same_fp.to_numpy(zero_copy_only=False)
 

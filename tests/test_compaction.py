@@ -103,8 +103,8 @@ def test_a_compacted_ledger_answers_every_reader_as_the_full_one_did_and_loses_n
     assert _view(out, rows) == before
     assert _all_rows(out) == _canon(rows)  # live + history: every row, once
     # Nothing but the fold is left under _results: the replaced per-batch files are gone.
-    assert sorted(p.name for p in (tmp_path / "out" / "_results").rglob("*") if p.is_file()) == \
-        sorted(["_fold.json", "part-00000.parquet"])
+    assert sorted(str(p.relative_to(tmp_path / "out" / "_results")) for p in (tmp_path / "out" / "_results").rglob("*")
+                  if p.is_file()) == [f"fold={summary['fold_id']}/part-00000.parquet", f"~folds/{summary['fold_id']}.json"]
 
 
 def test_later_runs_folds_and_a_second_compaction_keep_history_and_answers(tmp_path):
@@ -177,7 +177,7 @@ def test_a_fold_record_naming_a_file_that_is_gone_stops_readers(tmp_path):
     compaction.compact(out, CFG, by="c1")
     (part,) = (tmp_path / "out" / "_results").rglob("part-00000.parquet")
     part.unlink()
-    with pytest.raises(StorageError, match="names result file.*gone"):
+    with pytest.raises(StorageError, match="name result files that are gone"):
         ledger.load_results(out, CFG)
 
 
@@ -210,8 +210,8 @@ def test_compaction_on_s3(s3_endpoint, s3fs_client):
     assert _view(out, rows, cfg) == before and _all_rows(out, cfg) == _canon(rows)
     left = sorted(p.split("/out/", 1)[1] for p in s3fs_client.find("ledger/out"))
     fold = f"fold={summary['fold_id']}"
-    assert left == [f"_history/{fold}/part-00000.parquet", f"_results/{fold}/_fold.json",
-                    f"_results/{fold}/part-00000.parquet"]  # the 12 per-batch files are gone
+    assert left == [f"_history/{fold}/part-00000.parquet", f"_results/{fold}/part-00000.parquet",
+                    f"_results/~folds/{summary['fold_id']}.json"]  # the 12 per-batch files are gone
 
 
 def test_a_reader_racing_a_fold_lists_again_instead_of_failing_or_losing_rows(tmp_path, monkeypatch):
@@ -246,3 +246,52 @@ def test_a_reader_racing_a_fold_lists_again_instead_of_failing_or_losing_rows(tm
     monkeypatch.setattr(ledger, "_read_one", file_then_fold)
     assert ledger.load_results(out, CFG, history=True).num_rows == listing_rows and raced["file"]
     assert rows.num_rows  # (the first ledger)
+
+
+def test_compaction_deletes_nothing_under_history_but_its_own_files(tmp_path):
+    out = tmp_path / "out"
+    _ledger(str(out), 11, n_images=10, n_files=3)
+    mine = [out / "_history" / "scans" / "portrait_1901.tif", out / "_history" / "fold=x" / "notes.parquet"]
+    for p in mine:  # someone's own files in a folder that happens to be called _history
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"original")
+    compaction.compact(str(out), CFG, by="c1")
+    compaction.compact(str(out), CFG, by="c2", delete_history=True)
+    assert all(p.read_bytes() == b"original" for p in mine)
+    assert not list((out / "_history").rglob("part-*.parquet"))
+
+
+def test_a_listing_torn_by_a_concurrent_fold_is_taken_again(tmp_path, monkeypatch):
+    """A listing is not a snapshot: pages served before a fold's commit and after its cleanup show the new
+    files without their record and the old ones gone. The reader must not take that as an empty ledger."""
+    out = str(tmp_path / "out")
+    rows = _ledger(out, 12, n_images=15, n_files=5)
+    compaction.compact(out, CFG, by="c1")
+    real = compaction.storage.list_files
+    calls = []
+
+    def torn_once(uri, cfg):
+        got = real(uri, cfg)
+        calls.append(uri)
+        if len(calls) == 1:  # the record's page was served before the commit: only the fold's parts
+            return [u for u in got if "/~folds/" not in u]
+        if len(calls) == 2:  # the parts' page before they were written, the record's after the commit
+            return [u for u in got if "/fold=" not in u]
+        return got
+
+    monkeypatch.setattr(ledger.storage, "list_files", torn_once)
+    assert ledger.load_results(out, CFG).num_rows == compaction.kept_rows(  # every live row, none lost
+        resume.names_only(rows, out)).sum()
+    assert len(calls) >= 3
+
+
+def test_cleanup_stops_when_the_lease_is_lost(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    _ledger(out, 13, n_images=10, n_files=4)
+    monkeypatch.setattr(compaction, "cleanup", lambda *a, **k: {"history": 0})  # commit, leave the old files
+    compaction.compact(out, CFG, by="c1")
+    monkeypatch.undo()
+    before = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+    with pytest.raises(StorageError, match="lease was lost"):
+        compaction.cleanup(out, CFG, still_ours=lambda: False)
+    assert sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file()) == before

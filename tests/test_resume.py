@@ -184,3 +184,11 @@ def test_stored_faces_keeps_what_reuse_needs_across_chunks_slices_and_nulls():
                                        ("landmarks", pa.list_(pa.float64()))])))
     assert resume.stored_faces(pa.chunked_array([old])).to_pylist() == [
         [{"bbox": [1.0, 2, 3, 4], "score": 0.9, "landmarks": [0.1] * 10, "review": None}]]
+
+
+def test_a_row_without_a_finish_time_is_the_oldest():
+    res = pa.table({"image_id": ["a", "a"], "status": ["ok", "ok"], "fingerprint": ["new", "old"],
+                    "finished_at": pa.array([T0, None], pa.timestamp("ms", tz="UTC"))})
+    manifest = pa.table({"image_id": ["a"], "uri": ["/a"]})
+    assert resume.latest_rows(res)["fingerprint"].to_pylist() == ["new"]
+    assert resume.plan(manifest, res, "new", "outdated").counts["current"] == 1

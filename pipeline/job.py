@@ -247,6 +247,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     from .stages import DecodeDetect, Restore, compose_and_record
 
     session = _init_ray(cfg)
+    _rearm_sigterm()
     if session:  # a killed driver leaves some of its local Ray behind: the next run stops them (runs.py)
         lease.update(ray_session=session)
         lease.renew()
@@ -404,6 +405,14 @@ def _fold(out: str, cfg: RunConfig, run_id: str, lease: runs.Lease) -> dict | No
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the record be written
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
+_trapping = threading.Event()  # set while a run in the main thread turns SIGTERM into Stopped
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm():
     """SIGTERM becomes ``Stopped`` in the main thread, so a stopped run ends like Ctrl-C: its record says
@@ -413,16 +422,21 @@ def _stop_on_sigterm():
     if threading.current_thread() is not threading.main_thread():  # e.g. a test's thread: leave signals be
         yield
         return
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the record be written
-        raise Stopped(f"stopped by {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    _trapping.set()
     try:
         yield
     finally:
+        _trapping.clear()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _rearm_sigterm() -> None:
+    """After ``ray.init``: Ray's core worker installs its own SIGTERM handler in the driver (it logs and
+    dies), which replaced ours (found by the SIGTERM test: the process ended by the signal, record
+    ``running``)."""
+    if _trapping.is_set() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
 
 
 def run(cfg: RunConfig) -> dict:

@@ -141,6 +141,9 @@ def fold_loose(output_root: str, cfg: StorageConfig, by: str, min_files: int = 2
     fewer than ``min_files``. The caller holds the output's lease."""
     listing = ledger.list_ledger(output_root, cfg)
     if len(listing.loose) < min_files:
+        if listing.orphans or listing.replaced or listing.superseded:
+            # What an interrupted fold or cleanup left: readers list twice while a fold's files lie about.
+            cleanup(output_root, cfg, still_ours=still_ours)
         return None
     fold_id = runs.new_run_id()
     base = storage.join(ledger.results_dir(output_root), f"fold={fold_id}")

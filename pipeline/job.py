@@ -431,6 +431,11 @@ def _stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _hold_sigterm() -> None:
+    if _trapping.is_set() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _rearm_sigterm() -> None:
     """After ``ray.init``: Ray's core worker installs its own SIGTERM handler in the driver (it logs and
     dies), which replaced ours (found by the SIGTERM test: the process ended by the signal, record
@@ -506,6 +511,7 @@ def _run(cfg: RunConfig) -> dict:
                       summary=progress.summary(time.perf_counter() - t0))
         raise
     finally:
+        _hold_sigterm()  # a second SIGTERM must not cut the record or the lease's release short
         lease.stop()  # no renewal may land after the final record
         try:
             runs.write_record(out, record, cfg.storage)

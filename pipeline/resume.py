@@ -189,8 +189,13 @@ def attach_prior(todo: pa.Table, ledger: pa.Table, output_root: str, cfg: Storag
         return todo
     skipped = prior["faces_skipped"] if "faces_skipped" in prior.column_names else \
         pa.repeat(pa.scalar(0, pa.int32()), prior.num_rows)
+    try:
+        faces = stored_faces(prior["faces"])
+    except TypeError as e:  # not what our writers write (a hand-made ledger): detect again rather than fail
+        log.warning("stored faces cannot be reused (%s); detecting again", e)
+        return todo
     lookup = {"prior_sha256": prior["src_sha256"], "prior_detect_fp": prior["detect_fingerprint"],
-              "prior_faces": stored_faces(prior["faces"]), "prior_faces_skipped": pc.fill_null(skipped, 0)}
+              "prior_faces": faces, "prior_faces_skipped": pc.fill_null(skipped, 0)}
     # By position rather than a hash join: Arrow's join does not carry list columns, and this keeps order.
     at = pc.index_in(todo["image_id"], value_set=prior["image_id"].combine_chunks())
     for name, col in lookup.items():

@@ -202,9 +202,10 @@ def list_files(uri: str, cfg: StorageConfig) -> list[str]:
 
 
 def delete(uri: str, cfg: StorageConfig) -> None:
+    """Delete one file (its name taken literally: ``rm`` would expand ``[``, ``*`` and ``?``); missing is fine."""
     fs, path = get_fs(uri, cfg)
     try:
-        retrying(lambda: fs.rm(path), f"delete of {uri}", cfg)
+        retrying(lambda: fs.rm_file(path), f"delete of {uri}", cfg)
     except FileNotFoundError:
         pass
 
@@ -219,10 +220,17 @@ def delete_many(uris: list[str], cfg: StorageConfig) -> None:
             delete(uri, cfg)
         return
     fs, _ = get_fs(uris[0], cfg)
-    paths = [get_fs(u, cfg)[1] for u in uris]
+    # fsspec's rm expands glob characters in the paths it is given: such names go one by one.
+    plain = [u for u in uris if not any(c in u for c in "[]*?")]
+    for uri in sorted(set(uris) - set(plain)):
+        delete(uri, cfg)
+    paths = [get_fs(u, cfg)[1] for u in plain]
     for start in range(0, len(paths), 1000):
         chunk = paths[start:start + 1000]
-        retrying(lambda: fs.rm(chunk), f"delete of {len(chunk)} files below {uris[0].rsplit('/', 2)[0]}", cfg)
+        try:
+            retrying(lambda: fs.rm(chunk), f"delete of {len(chunk)} files below {uris[0].rsplit('/', 2)[0]}", cfg)
+        except FileNotFoundError:  # all of them gone already
+            pass
 
 
 # Spellings of one protocol that fsspec serves with the same filesystem: compared as one.

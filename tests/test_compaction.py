@@ -295,3 +295,51 @@ def test_cleanup_stops_when_the_lease_is_lost(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="lease was lost"):
         compaction.cleanup(out, CFG, still_ours=lambda: False)
     assert sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file()) == before
+
+
+def test_what_an_interrupted_fold_left_is_cleaned_by_the_next_run_even_without_a_fold(tmp_path, monkeypatch):
+    """Its files make every reader list the ledger twice (a fold might be committing), so they must not
+    stay until the next fold, which a finished archive may never have."""
+    out = str(tmp_path / "out")
+    _ledger(out, 14, n_images=10, n_files=4)
+    with monkeypatch.context() as m:
+        m.setattr(compaction, "_commit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            compaction.compact(out, CFG, by="c1")
+    compaction.compact(out, CFG, by="c2")  # the ledger is folded now: one file, nothing loose
+    assert not ledger.list_ledger(out, CFG).orphans
+    with monkeypatch.context() as m:  # interrupted again, on a ledger with nothing loose to fold
+        m.setattr(compaction, "_commit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            compaction.compact(out, CFG, by="c3")
+    assert ledger.list_ledger(out, CFG).orphans
+    assert compaction.fold_loose(out, CFG, by="next run") is None  # nothing to fold...
+    assert not ledger.list_ledger(out, CFG).orphans  # ...but the leftovers are gone
+
+
+def test_delete_many_takes_names_with_glob_characters_literally(tmp_path):
+    from pipeline import storage
+
+    d = tmp_path / "a[1]"
+    d.mkdir()
+    files = [d / "x*.parquet", d / "y?.parquet", d / "plain.parquet"]
+    for f in files:
+        f.write_bytes(b"x")
+    keep = d / "x1.parquet"  # what the glob x*.parquet would also match
+    keep.write_bytes(b"keep")
+    storage.delete_many([str(f) for f in files] + [str(d / "gone.parquet")], CFG)
+    assert [p.name for p in d.iterdir()] == ["x1.parquet"]
+
+
+@pytest.mark.integration
+def test_delete_many_on_s3_in_bulk_and_literally(s3_endpoint, s3fs_client):
+    from pipeline import storage
+
+    s3fs_client.mkdir("bulk")
+    names = ["a[1]/x*.parquet", "a[1]/y?.parquet", "a[1]/x1.parquet"] + [f"b/p{i}.parquet" for i in range(5)]
+    for n in names:
+        s3fs_client.pipe_file(f"bulk/{n}", b"x")
+    cfg = StorageConfig(s3_endpoint_url=s3_endpoint, retries=1)
+    storage.delete_many([f"s3://bulk/{n}" for n in names if n != "a[1]/x1.parquet"] + ["s3://bulk/b/gone"], cfg)
+    s3fs_client.invalidate_cache()
+    assert s3fs_client.find("bulk") == ["bulk/a[1]/x1.parquet"]

@@ -541,7 +541,7 @@ def readers_during_job(work: Path, seed: int = 0, n: int = 16) -> Outcome:
         o.problems.append(f"run exited {p.returncode}")
     rec = [r for r in runs.read_records(str(out), StorageConfig()) if r["state"] == "finished"]
     # The run itself folds its per-batch files at its end (compaction.py): those may be gone, no others.
-    folded = {str(out / "_results" / f) for r in (out / "_results" / "~folds").glob("*.json")
+    folded = {str(out / "_results" / f) for r in (out / "_results" / "_folds").glob("*.json")
               for body in [json.loads(r.read_text())] if rec and body["by"] == rec[-1]["run_id"]
               for f in body["replaces"]}
     changed = [f for f in changed if not (f in folded and not Path(f).exists())]

@@ -14,15 +14,16 @@ warning; only a run that holds the output's lease moves such files aside (``set_
 record lists them.
 
 Folding (``compaction.py``) keeps the number of files small: a fold writes new files under
-``_results/fold=<id>/`` and commits them with one record, ``_results/~folds/<id>.json``, naming the
+``_results/fold=<id>/`` and commits them with one record, ``_results/_folds/<id>.json``, naming the
 files it wrote (``files``), the files whose rows they now hold (``replaces``) and the history files older
 rows went to (``history``, below ``_history/``). Readers take a fold's files only through its record and
 skip every file a record replaces, so a fold is all-or-nothing for them: before the record lands they see
-the old files, after it the new ones, and an interrupted fold leaves files nobody reads. A listing is
-not a snapshot (S3 serves it in pages of 1,000 keys, in key order), so records sort after every result
-file ("~"): a record in a listing means its files were written before the pages that list them were
-served, else the listing is taken again; a listing that shows a fold's files without its record, and a
-new record on a second look, is taken again too.
+the old files, after it the new ones, and an interrupted fold leaves files nobody reads. A listing is not
+a snapshot (S3 serves it in pages of 1,000 keys), so the records are listed on their own, after the
+result files: a record seen means its files were written before the result files were listed, else the
+listing is taken again; a listing that shows a fold's files without its record, and a new record on a
+second look, is taken again too. The "_" keeps the records out of what Parquet dataset readers (pyarrow,
+Spark, DuckDB) take from ``_results/``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def write_part(table: pa.Table, uri: str, cfg: StorageConfig) -> None:
     storage.write_bytes(uri, sink.getvalue().to_pybytes(), cfg)
 
 
-FOLDS = "~folds"  # under _results/; "~" sorts after "fold=" and "run=" in a listing
+FOLDS = "_folds"  # under _results/; listed after the result files (see the module docstring)
 
 
 def history_dir(output_root: str) -> str:
@@ -120,9 +121,9 @@ def list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
 
 def _list_ledger(output_root: str, cfg: StorageConfig) -> Listing:
     base = results_dir(output_root)
-    listed = storage.list_files(base, cfg)
+    listed = [u for u in storage.list_files(base, cfg) if not u[len(base) + 1:].startswith(FOLDS + "/")]
+    record_uris = [u for u in storage.list_files(storage.join(base, FOLDS), cfg) if u.endswith(".json")]
     rel = {u: u[len(base) + 1:] for u in listed}
-    record_uris = [u for u in listed if rel[u].startswith(FOLDS + "/") and u.endswith(".json")]
     workers = max(1, min(16 if storage.is_remote(output_root) else 4, len(record_uris)))
     with ThreadPoolExecutor(workers) as pool:
         bodies = list(pool.map(lambda u: _read_record(u, cfg), record_uris))

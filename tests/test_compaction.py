@@ -104,7 +104,7 @@ def test_a_compacted_ledger_answers_every_reader_as_the_full_one_did_and_loses_n
     assert _all_rows(out) == _canon(rows)  # live + history: every row, once
     # Nothing but the fold is left under _results: the replaced per-batch files are gone.
     assert sorted(str(p.relative_to(tmp_path / "out" / "_results")) for p in (tmp_path / "out" / "_results").rglob("*")
-                  if p.is_file()) == [f"fold={summary['fold_id']}/part-00000.parquet", f"~folds/{summary['fold_id']}.json"]
+                  if p.is_file()) == [f"_folds/{summary['fold_id']}.json", f"fold={summary['fold_id']}/part-00000.parquet"]
 
 
 def test_later_runs_folds_and_a_second_compaction_keep_history_and_answers(tmp_path):
@@ -210,8 +210,8 @@ def test_compaction_on_s3(s3_endpoint, s3fs_client):
     assert _view(out, rows, cfg) == before and _all_rows(out, cfg) == _canon(rows)
     left = sorted(p.split("/out/", 1)[1] for p in s3fs_client.find("ledger/out"))
     fold = f"fold={summary['fold_id']}"
-    assert left == [f"_history/{fold}/part-00000.parquet", f"_results/{fold}/part-00000.parquet",
-                    f"_results/~folds/{summary['fold_id']}.json"]  # the 12 per-batch files are gone
+    assert left == [f"_history/{fold}/part-00000.parquet", f"_results/_folds/{summary['fold_id']}.json",
+                    f"_results/{fold}/part-00000.parquet"]  # the 12 per-batch files are gone
 
 
 def test_a_reader_racing_a_fold_lists_again_instead_of_failing_or_losing_rows(tmp_path, monkeypatch):
@@ -270,19 +270,19 @@ def test_a_listing_torn_by_a_concurrent_fold_is_taken_again(tmp_path, monkeypatc
     real = compaction.storage.list_files
     calls = []
 
-    def torn_once(uri, cfg):
+    def torn(uri, cfg):  # listings of the result files and of the records, in turn
         got = real(uri, cfg)
         calls.append(uri)
-        if len(calls) == 1:  # the record's page was served before the commit: only the fold's parts
-            return [u for u in got if "/~folds/" not in u]
-        if len(calls) == 2:  # the parts' page before they were written, the record's after the commit
+        if len(calls) == 2:  # the records, listed before the commit: none, so the fold's parts look orphaned
+            return []
+        if len(calls) == 3:  # the result files before the parts were written (and the old ones deleted)...
             return [u for u in got if "/fold=" not in u]
-        return got
+        return got  # ...and the records after the commit: a record whose files the listing lacks
 
-    monkeypatch.setattr(ledger.storage, "list_files", torn_once)
+    monkeypatch.setattr(ledger.storage, "list_files", torn)
     assert ledger.load_results(out, CFG).num_rows == compaction.kept_rows(  # every live row, none lost
         resume.names_only(rows, out)).sum()
-    assert len(calls) >= 3
+    assert len(calls) >= 6
 
 
 def test_cleanup_stops_when_the_lease_is_lost(tmp_path, monkeypatch):

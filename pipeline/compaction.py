@@ -277,11 +277,7 @@ def run_compact(output_root: str, cfg: RunConfig, delete_history: bool = False) 
     record = {"run_id": compact_id, "kind": "compact", "state": "running", "started_at": runs.now_iso(),
               "output": out, "lease_generation": lease.generation, "delete_history": delete_history}
     try:
-        if lease.taken_over:
-            record["took_over_from"] = lease.retire_prior()
-        runs.write_record(out, record, cfg.storage)
-        lease.start()
-        lease.settle(cfg.cluster.takeover_grace_s)
+        lease.begin(record, cfg.cluster.takeover_grace_s)
         record.update(state="finished", finished_at=runs.now_iso(),
                       summary=compact(out, cfg.storage, compact_id, delete_history,
                                       still_ours=lambda: not lease.lost.is_set()))
@@ -289,10 +285,6 @@ def run_compact(output_root: str, cfg: RunConfig, delete_history: bool = False) 
         record.update(state="failed", error=f"{type(e).__name__}: {e}", finished_at=runs.now_iso())
         raise
     finally:
-        lease.stop()
-        try:
-            runs.write_record(out, record, cfg.storage)
-        finally:
-            lease.release()
+        lease.end(record)
     return record
 

@@ -315,11 +315,7 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
               "decided": len(decided), "lease_generation": lease.generation, "in_flight": []}
     composers, wrote = None, False
     try:
-        if lease.taken_over:
-            record["took_over_from"] = lease.retire_prior()
-        runs.write_record(out, record, cfg.storage)
-        lease.start()
-        lease.settle(cfg.cluster.takeover_grace_s)
+        lease.begin(record, cfg.cluster.takeover_grace_s)
         all_records = runs.read_records(out, cfg.storage)
         earlier, check = _unfinished_reviews(all_records, review_id)
         wanted = pa.array(sorted(set(by_image) | check), pa.string())
@@ -365,11 +361,7 @@ def apply(output_root: str, decisions_uri: str, cfg: RunConfig) -> dict:
                       error=f"{type(e).__name__}: {e}", finished_at=runs.now_iso())
         raise
     finally:
-        lease.stop()
-        try:
-            runs.write_record(out, record, cfg.storage)
-        finally:
-            lease.release()
+        lease.end(record)
     return record
 
 

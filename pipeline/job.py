@@ -470,11 +470,7 @@ def _run(cfg: RunConfig) -> dict:
     }
     progress = Progress()
     try:
-        if lease.taken_over:
-            record["took_over_from"] = lease.retire_prior()
-        runs.write_record(out, record, cfg.storage)
-        lease.start()
-        lease.settle(cfg.cluster.takeover_grace_s)
+        lease.begin(record, cfg.cluster.takeover_grace_s)
         pre = preflight(cfg, run_id, manifest)
         if pre.untrained:
             log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives "
@@ -512,10 +508,6 @@ def _run(cfg: RunConfig) -> dict:
         raise
     finally:
         _hold_sigterm()  # a second SIGTERM must not cut the record or the lease's release short
-        lease.stop()  # no renewal may land after the final record
-        try:
-            runs.write_record(out, record, cfg.storage)
-        finally:
-            lease.release()
+        lease.end(record)
     log.info("run %s finished: %s", run_id, record["summary"])
     return record

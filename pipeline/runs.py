@@ -319,6 +319,24 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
 
+    def begin(self, record: dict, grace_s: float) -> None:
+        """What every lease holder (run, review, compaction) does once it has the output: retire a lapsed
+        holder (noted in ``record``), write ``record``, start the heartbeat, wait out the lapsed holder's
+        writes (``settle``)."""
+        if self.taken_over:
+            record["took_over_from"] = self.retire_prior()
+        write_record(self.output_root, record, self.cfg)
+        self.start()
+        self.settle(grace_s)
+
+    def end(self, record: dict) -> None:
+        """Stop the heartbeat, write the final ``record``, give the output back (even if the write fails)."""
+        self.stop()  # no renewal may land after the final record
+        try:
+            write_record(self.output_root, record, self.cfg)
+        finally:
+            self.release()
+
     def release(self) -> None:
         """Give the output back, unless it was lost (then it is another run's)."""
         self.stop()

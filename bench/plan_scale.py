@@ -27,10 +27,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
+COLLIDE_EVERY = 10_000  # one image in 10,000 is a case variant of its neighbour's name (IMG.TIF next to img.tif)
+
+
 def make(folder: Path, n: int) -> None:
+    from pipeline.keys import with_tag
+
     ids = pc.binary_join_element_wise("img", pa.array(np.arange(n)).cast(pa.string()), "")
     boxes = pa.array((np.arange(n) // 1000)).cast(pa.string())
-    uris = pc.binary_join_element_wise("s3://museum/scans/box", boxes, "/", ids, ".tif", "")
+    # Realistic clashes: keys.assign must suffix these, so planning also runs its exact path.
+    variant = pa.array(np.arange(n) % COLLIDE_EVERY == 1)
+    stems = pc.if_else(variant, pc.binary_join_element_wise(
+        "IMG", pa.array(np.arange(n) - 1).cast(pa.string()), ""), ids)
+    exts = pc.if_else(variant, pa.scalar(".TIF"), pa.scalar(".tif"))
+    uris = pc.binary_join_element_wise("s3://museum/scans/box", boxes, "/", stems, exts, "")
     pq.write_table(pa.table({"uri": uris, "image_id": ids}), folder / "manifest.parquet")
     done = int(n * 0.9)
     res = folder / "out" / "_results"
@@ -40,7 +50,10 @@ def make(folder: Path, n: int) -> None:
         k = stop - start
         d = res / f"run=r{part}"
         d.mkdir(parents=True)
-        keys = pc.binary_join_element_wise("box", boxes[start:stop], "/", ids[start:stop], ".tif", "")
+        keys = pc.binary_join_element_wise("box", boxes[start:stop], "/", stems[start:stop], exts[start:stop], "")
+        tagged = np.flatnonzero(variant[start:stop].to_numpy(zero_copy_only=False))  # an earlier run suffixed them
+        keys = pc.replace_with_mask(keys, variant[start:stop], pa.array(
+            [with_tag(keys[int(i)].as_py(), ids[start + int(i)].as_py()) for i in tagged], pa.string()))
         pq.write_table(pa.table({
             "image_id": ids[start:stop],
             "status": pa.array(["ok"] * k),
@@ -67,13 +80,12 @@ def plan_once(folder: str) -> None:
     results = resume.load_for_planning(cfg.output.root, cfg.storage)
     plan = resume.plan(m.table, results, "fp-current", "missing", cfg.max_attempts)
     t_plan = time.perf_counter() - t0
-    keyed = resume.assign_keys(m.table.select(["image_id", "uri"]), m.root, cfg.output,
-                               resume.claims(results))
-    todo = plan.todo.join(keyed.select(["image_id", "output_key", "key_error"]), "image_id")
+    todo = resume.keyed_todo(plan, m.table, m.root, cfg.output, resume.claims(results))
+    suffixed = pc.sum(pc.match_substring(todo["output_key"], "~")).as_py() or 0
     elapsed = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(json.dumps({"rows": m.table.num_rows, "todo": todo.num_rows, "s": elapsed, "plan_s": t_plan,
-                      "peak_gb": peak_gb}))
+                      "peak_gb": peak_gb, "suffixed": suffixed}))
 
 
 def main() -> None:
@@ -93,6 +105,10 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--_plan", d], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["rows"] == n and r["todo"] == n - int(n * 0.9), r
+        # Each case-variant pair still to do has no earlier name and no unchanged-path winner: both get suffixes.
+        done = int(n * 0.9)
+        pairs = [i for i in range(1, n, COLLIDE_EVERY) if i >= done]
+        assert r["suffixed"] == sum(2 if i - 1 >= done else 1 for i in pairs), r
         print(f"{n:>11,} rows ({int(n * 0.9):,} done): {r['s']:6.1f} s (of which keys {r['s'] - r['plan_s']:.1f} s), "
               f"peak RSS {r['peak_gb']:5.2f} GB, todo {r['todo']:,}   (data generated in {made:.0f} s)")
         last = r

@@ -489,9 +489,7 @@ def _run(cfg: RunConfig) -> dict:
         log.info("run %s: %d of %d images to process (%s)", run_id, plan.counts["todo"], plan.counts["manifest"],
                  plan.counts)
         if plan.todo.num_rows:
-            keyed = resume.assign_keys(manifest.table.select(["image_id", "uri"]), manifest.root, cfg.output,
-                                       resume.claims(results))
-            todo = resume.join_keeping_order(plan.todo, keyed.select(["image_id", "output_key", "key_error"]))
+            todo = resume.keyed_todo(plan, manifest.table, manifest.root, cfg.output, resume.claims(results))
             if not cfg.redetect or cfg.review.carry_decisions:
                 todo = resume.attach_prior(todo, results, out, cfg.storage)
             del results

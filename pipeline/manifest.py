@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -83,14 +84,18 @@ def read_manifest(cfg: RunConfig) -> Manifest:
                             "set input.uri_column")
     rows_read = table.num_rows
     uris = pc.cast(table[col], pa.string())
-    keep = pc.and_(pc.is_valid(uris), pc.not_equal(pc.utf8_trim_whitespace(uris), ""))
+    # Not blank (a character other than Unicode white space), found without a trimmed copy of 10 M URIs.
+    keep = pc.fill_null(pc.match_substring_regex(uris, r"[^\s\p{Z}\x{0B}\x{85}]"), False)
     without_uri = rows_read - pc.sum(keep).as_py() if rows_read else 0
     if without_uri:
         log.warning("manifest: %d rows without a %r value are ignored", without_uri, col)
         table, uris = table.filter(keep), uris.filter(keep)
-    norm = _normalized_uris(uris.combine_chunks(), uri)
+    if col != id_col:
+        table = table.drop_columns([col])  # the URIs live on only as one contiguous copy (norm)
+    norm = _normalized_uris(keys.as_array(uris), uri)
+    del uris
     if id_col in table.column_names:
-        given = pc.cast(table[id_col], pa.string()).combine_chunks()
+        given = keys.as_array(pc.cast(table[id_col], pa.string()))
         missing = pc.invert(pc.fill_null(pc.not_equal(given, ""), False))
         ids = given
         if pc.any(missing).as_py():
@@ -99,16 +104,16 @@ def read_manifest(cfg: RunConfig) -> Manifest:
             ids = pc.replace_with_mask(given, missing, derived)
     else:  # hashing is the one per-row Python loop left: about 1 s per million rows
         ids = pa.array([image_id_for(u) for u in norm.to_pylist()], pa.string())
-    extra = table.drop_columns([c for c in (col, id_col) if c in table.column_names])
+    extra = table.drop_columns([c for c in (id_col,) if c in table.column_names])
     extra = extra.drop_columns([c for c in extra.column_names if c in MANIFEST_COLUMNS])
     out = pa.table({"image_id": ids, "uri": norm})
     for name in extra.column_names:
         out = out.append_column(name, extra[name])
     before = out.num_rows
-    if before and pc.count_distinct(out["image_id"]).as_py() < before:
-        firsts = out.append_column("_i", pa.array(range(before), pa.int64())).group_by(
-            "image_id", use_threads=False).aggregate([("_i", "min")])["_i_min"]
-        out = out.take(pc.take(firsts, pc.sort_indices(firsts)))  # first occurrence, manifest order
+    # Each id's first position (index_in's table of the ids: a third of what a distinct count held at 10 M rows).
+    later = pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False) != np.arange(before)
+    if later.any():
+        out = out.filter(pa.array(~later))  # first occurrence, manifest order
     duplicates = before - out.num_rows
     if duplicates:
         log.warning("manifest: %d duplicate rows (same image_id) are processed once", duplicates)

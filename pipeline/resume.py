@@ -33,7 +33,16 @@ def load_for_planning(output_root: str, cfg: StorageConfig, torn: list[str] | No
     (``output_name``, ``access_name``; for rows of earlier versions taken from their URIs). The URIs
     themselves are dropped file by file as they are read, so a large ledger costs its names only."""
     return load_results(output_root, cfg, columns=PLAN_COLUMNS, torn=torn,
-                        transform=lambda t: names_only(t, output_root), source=True)
+                        transform=lambda t: _few_values(names_only(t, output_root)), source=True)
+
+
+def _few_values(t: pa.Table) -> pa.Table:
+    """``status`` and ``fingerprint`` dictionary-encoded: a handful of values over millions of rows (~150 MB
+    less for a 10 M-row ledger; Arrow's kernels take either)."""
+    for name in ("status", "fingerprint"):
+        if name in t.column_names and not pa.types.is_dictionary(t.schema.field(name).type):
+            t = t.set_column(t.column_names.index(name), name, pc.dictionary_encode(t[name]))
+    return t
 
 
 def names_only(t: pa.Table, output_root: str) -> pa.Table:
@@ -69,13 +78,11 @@ def latest_rows(results: pa.Table) -> pa.Table:
 class Plan:
     todo: pa.Table
     counts: dict[str, int]
+    rows: np.ndarray | None = None  # the todo rows' positions in the manifest; None: every row
 
-
-def join_keeping_order(left: pa.Table, right: pa.Table, join_type: str = "left outer") -> pa.Table:
-    """``left`` joined with ``right`` on ``image_id``, in ``left``'s row order: Arrow's hash join does not keep
-    order, and manifest order keeps runs reproducible and logs readable."""
-    order = left.append_column("_o", pa.array(range(left.num_rows), pa.int64()))
-    return order.join(right, "image_id", join_type=join_type).sort_by("_o").drop_columns(["_o"])
+    def of_todo(self, column):
+        """A column over the whole manifest, cut to the todo rows (in their order)."""
+        return column if self.rows is None else pc.take(column, pa.array(self.rows))
 
 
 def _is_in(values, statuses) -> pa.ChunkedArray:
@@ -108,7 +115,7 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
     failed = np.zeros(n, dtype=bool)
     gave_up = np.zeros(n, dtype=bool)
     if results.num_rows and n:
-        code = pc.index_in(results["image_id"], value_set=manifest["image_id"].combine_chunks())
+        code = pc.index_in(results["image_id"], value_set=manifest["image_id"])
         mine = pc.is_valid(code)
         code = pc.filter(code, mine).to_numpy(zero_copy_only=False).astype(np.int64)
         status = pc.filter(results["status"], mine)
@@ -145,10 +152,11 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
             "failed": completed & ~failed}[mode]
     if mode in ("missing", "outdated"):
         done = done | gave_up
-    todo = manifest.filter(pa.array(~done)) if done.any() else manifest
+    rows = np.flatnonzero(~done) if done.any() else None
+    todo = manifest.take(pa.array(rows)) if rows is not None else manifest
     counts["todo"] = todo.num_rows
     counts["skipped"] = n - todo.num_rows
-    return Plan(todo, counts)
+    return Plan(todo, counts, rows)
 
 
 PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces", "faces_skipped"]
@@ -231,17 +239,23 @@ def claims(results: pa.Table) -> pa.Table:
         if name_col not in results.column_names:
             continue
         names = pc.cast(results[name_col], pa.string())
-        t = pa.table({"image_id": pc.cast(results["image_id"], pa.string()), "name": names}).filter(pc.is_valid(names))
-        parts.append(_with_ns(t, ns))
+        t = pa.table({"image_id": pc.cast(results["image_id"], pa.string()), "name": names})
+        if names.null_count:  # else the ledger's own columns, not a copy of them
+            t = t.filter(pc.is_valid(names))
+        ns_col = pa.DictionaryArray.from_arrays(np.zeros(t.num_rows, np.int8), [ns])  # 1 byte a row
+        parts.append(pa.table({"image_id": t["image_id"], "ns": ns_col, "name": t["name"]}))
     if not parts:
         return pa.table({"image_id": pa.array([], pa.string()), "ns": pa.array([], pa.string()),
                          "name": pa.array([], pa.string())})
-    return pa.concat_tables(parts)
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
-def _with_ns(t: pa.Table, ns: str) -> pa.Table:
-    return pa.table({"image_id": t["image_id"], "ns": pa.repeat(pa.scalar(ns, pa.string()), t.num_rows),
-                     "name": t["name"]})
+def keyed_todo(plan: Plan, manifest: pa.Table, root: str, output: OutputConfig, held: pa.Table | None) -> pa.Table:
+    """The plan's todo rows with their ``output_key`` and ``key_error``: keys are assigned over the whole
+    ``manifest`` (names must be unique across it) and taken by position, not by a join on 10 M ids."""
+    keyed = assign_keys(manifest.select(["image_id", "uri"]), root, output, held)
+    return plan.todo.append_column("output_key", plan.of_todo(keyed["output_key"])).append_column(
+        "key_error", plan.of_todo(keyed["key_error"]))
 
 
 def assign_keys(manifest: pa.Table, root: str, output: OutputConfig, held: pa.Table | None) -> pa.Table:

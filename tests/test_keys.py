@@ -124,3 +124,80 @@ def test_a_name_two_earlier_results_hold_is_an_error_for_that_image_not_a_failed
     k, err = keys.assign(pa.array(["A", "B"]), pa.array(["/r/a.jpg", "/r/b.jpg"]), "/r/", "same", False, claims)
     assert k.to_pylist() == ["a.jpg", "b.jpg"]
     assert "collides" in err[0].as_py() and err[1].as_py() is None
+
+
+def _fold_one(name: str) -> str:
+    import re
+
+    return re.sub(r"[. ]+(/|$)", r"\1", name.lower())
+
+
+@pytest.mark.parametrize("weak", [False, True], ids=["hashes", "colliding-hashes"])
+@pytest.mark.parametrize("seed", range(30))
+def test_contested_images_and_unique_names_on_random_manifests(seed, weak, monkeypatch):
+    """Random manifests and earlier claims with many near-collisions (case, trailing dots, a format that maps
+    .png and .tif to one name, foreign and repeated claims). Which images are contested agrees with the rule
+    written plainly, and the assigned keys give every image without an error names no other image has or
+    claims, while uncontested images keep their plain keys. With hashes cut to 2 bits, nearly every name
+    collides with another: the exact check must still decide alone."""
+    monkeypatch.setattr(keys, "_HASH_ROWS", 5)  # many slices: their boundaries must not matter
+    monkeypatch.setattr(keys, "_CLAIM_ROWS", 3)
+    if weak:
+        real = keys._folded_hashes
+        monkeypatch.setattr(keys, "_folded_hashes", lambda names: real(names) % 4)
+    rng = random.Random(seed)
+    stems = ["a", "A", "a.", "b", "b ", "c", "d?", "d*"]
+    exts = [".jpg", ".JPG", ".png", ".tif"]
+    n = rng.randint(1, 30)
+    rels = [rng.choice(["", "x/", "X/"]) + rng.choice(stems) + rng.choice(exts) for _ in range(n)]
+    ids = [f"i{k}" for k in range(n)]
+    uris = ["/in/" + r for r in rels]
+    fmt, access = rng.choice(["same", "jpeg"]), rng.random() < 0.5
+    plain = keys.output_keys(uris, "/in/", ids)
+    own = keys._names(plain, fmt, access)
+    claim_rows = []
+    for _ in range(rng.randint(0, 12)):
+        who = rng.choice(ids + ["gone1", "gone2"])
+        ns = rng.choice(list(own))
+        name = rng.choice(own[ns].to_pylist()) if rng.random() < 0.7 else rng.choice(stems) + ".jpg"
+        claim_rows.append((who, ns, name))
+    claims = pa.table({"image_id": [c[0] for c in claim_rows], "ns": [c[1] for c in claim_rows],
+                       "name": [c[2] for c in claim_rows]}) if claim_rows else None
+    if claims is not None and seed % 2:  # as resume.claims builds them: the namespace dictionary-encoded
+        claims = claims.set_column(1, "ns", claims["ns"].dictionary_encode())
+
+    folded = {ns: [_fold_one(x) for x in col.to_pylist()] for ns, col in own.items()}
+    expect = [any(folded[ns][i] == folded[ns][j] for ns in folded for j in range(n) if j != i)
+              or any(c[1] in folded and _fold_one(c[2]) == folded[c[1]][i] and c[0] != ids[i] for c in claim_rows)
+              for i in range(n)]
+    assert keys._contested(pa.array(ids), own, claims).to_pylist() == expect
+
+    k, err = keys.assign(ids, uris, "/in/", fmt, access, claims)
+    names = keys._names(k, fmt, access)
+    ok = [e is None for e in err.to_pylist()]
+    for ns, col in names.items():
+        mine = [_fold_one(x) for x in col.to_pylist()]
+        for i in range(n):
+            if not ok[i]:
+                continue
+            assert all(mine[i] != mine[j] for j in range(n) if j != i), (ns, i, mine)
+            assert not any(c[1] == ns and _fold_one(c[2]) == mine[i] and c[0] != ids[i] for c in claim_rows)
+    for i in range(n):
+        if not expect[i]:
+            assert k[i].as_py() == plain[i].as_py() and ok[i]
+
+
+def test_folded_hashes_agree_with_folding_across_slices_and_steps(monkeypatch):
+    """Names equal after folding hash equal, whatever their case, trailing dots or spaces, script, position in
+    a sliced array or the step they fall in; names that differ after folding do not (for these)."""
+    monkeypatch.setattr(keys, "_HASH_ROWS", 3)
+    names = ["a/Foto.JPG", "x", "", "a/foto.jpg", "A./foto.jpg ", "Ärger/ß.tif", "ärger/ß.tif", "b", None,
+             "ä" * 300, "Ä" * 300, "a/foto.jpeg"]
+    arr = pa.array(["pad"] + names, pa.string()).slice(1)  # an offset into the buffers
+    h = keys._folded_hashes(arr)
+    folded = [_fold_one(x or "") for x in names]
+    for i in range(len(names)):
+        for j in range(len(names)):
+            assert (h[i] == h[j]) == (folded[i] == folded[j]), (names[i], names[j])
+    assert (keys._folded_hashes(pa.chunked_array([arr.slice(0, 5), arr.slice(5)])) == h).all()
+    assert keys._folded_hashes(pa.array(["", None, ""], pa.string())).tolist() == [0, 0, 0]  # no data buffer

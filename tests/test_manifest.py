@@ -55,3 +55,25 @@ def test_listing_is_recursive_and_case_insensitive(tmp_path):
     assert [f.split("/in/")[1] for f in found] == ["a/X.JPG", "a/b/y.Png", "z.tiff"]
     n = build_manifest(str(tmp_path / "in"), str(tmp_path / "m.parquet"), StorageConfig())
     assert n == 3 and pq.read_table(tmp_path / "m.parquet").num_rows == 3
+
+
+def test_blank_uris_and_duplicate_ids_across_files(tmp_path):
+    """Blank URIs (Unicode white space included) are counted and left out; a duplicate id keeps its first
+    row, in manifest order, even when the copies sit in different files of a Parquet folder."""
+    d = tmp_path / "parts"
+    d.mkdir()
+    pq.write_table(pa.table({"uri": ["/x/a.jpg", " \u00a0\u2003", "/x/b.jpg", None], "image_id": ["1", "2", "3", "4"],
+                             "n": [0, 1, 2, 3]}), d / "p0.parquet")
+    pq.write_table(pa.table({"uri": ["/x/c.jpg", "/x/a-again.jpg", "\t\x0b"], "image_id": ["5", "1", "6"],
+                             "n": [4, 5, 6]}), d / "p1.parquet")
+    m = read_manifest(_cfg(d))
+    assert m.table["image_id"].to_pylist() == ["1", "3", "5"]
+    assert m.table["uri"].to_pylist() == ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]
+    assert m.table["n"].to_pylist() == [0, 2, 4]
+    assert (m.rows_read, m.duplicates, m.without_uri) == (7, 1, 3)
+
+
+def test_uri_column_doubling_as_the_id_column(tmp_path):
+    pq.write_table(pa.table({"uri": ["/x/a.jpg", "/x/b.jpg", "/x/a.jpg"]}), tmp_path / "m.parquet")
+    m = read_manifest(_cfg(tmp_path / "m.parquet", id_column="uri"))
+    assert m.table["image_id"].to_pylist() == ["/x/a.jpg", "/x/b.jpg"] and m.duplicates == 1

@@ -137,6 +137,11 @@ class OutputConfig(_Section):
         "force_grey: luminance only for every master.",
     )
 
+    @property
+    def access_spec(self) -> str | None:
+        """What an access copy is made with (recorded per row, so a change of it remakes only access copies)."""
+        return f"{self.access_long_side}px q{self.access_quality}" if self.access_copy else None
+
 
 class ReviewConfig(_Section):
     """Curator review (review.py, the report page). Not in the fingerprint: these settings only add files
@@ -309,14 +314,26 @@ class RunConfig(_Section):
     def _strip(cls, v: str | None) -> str | None:
         return v.rstrip("/") if v else v
 
-    def fingerprint(self, weight_hashes: dict[str, str]) -> str:
-        """Hash of everything that changes a derivative's bytes or a result's faces."""
+    def accepted_fingerprints(self, weight_hashes: dict[str, str]) -> list[str]:
+        """The fingerprint, then the legacy one when it differs: a result with either is current."""
+        fps = [self.fingerprint(weight_hashes), self.fingerprint(weight_hashes, legacy=True)]
+        return fps[:1] if fps[1] == fps[0] else fps
+
+    def fingerprint(self, weight_hashes: dict[str, str], legacy: bool = False) -> str:
+        """Hash of everything that changes a derivative's bytes or a result's faces. Settings that only add
+        files (``_ADDS_FILES``: no-face copies, access copies) are hashed at their defaults, so that turning
+        them on adds those files (``resume.plan``'s ``derive``) instead of making GFP-GAN run again, and the
+        defaults' fingerprint stays what it was. ``legacy``: the hash as versions before that computed it
+        (with their values): rows made then with today's settings are current too."""
+        output = self.output.model_dump(exclude={"root", *_NOT_IN_FINGERPRINT, *_WHEN_NOT_DEFAULT})
+        if not legacy:
+            output.update({k: OutputConfig.model_fields[k].default for k in _ADDS_FILES})
         relevant = {
             "output_version": OUTPUT_VERSION,
             "detect": self.detect.model_dump(),
             "restore": self.restore.model_dump(include={"model", "precision"}),
             "qa": self.qa.model_dump(),
-            "output": self.output.model_dump(exclude={"root", *_NOT_IN_FINGERPRINT, *_WHEN_NOT_DEFAULT}),
+            "output": output,
             "max_pixels": self.input.max_pixels,
             "weights": dict(sorted(weight_hashes.items())),
         }
@@ -330,6 +347,8 @@ class RunConfig(_Section):
 
 # Lossless encoder settings: the derivative's pixels stay the same, so GFP-GAN need not run again for them.
 _NOT_IN_FINGERPRINT = ("png_level", "tiff_compression")
+# Settings that only add files: out of the fingerprint (hashed at their defaults), see RunConfig.fingerprint.
+_ADDS_FILES = ("copy_no_face", "access_copy", "access_long_side", "access_quality")
 # Settings added after archives were processed: in the fingerprint only when changed from their default, so
 # that fingerprints (and so the archives made with the defaults) stay valid across the upgrade.
 _WHEN_NOT_DEFAULT = ("jpeg_mode",)

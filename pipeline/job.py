@@ -26,6 +26,7 @@ from .config import ClusterConfig, RunConfig
 from .errors import ConfigError, Stalled, Stopped, StorageError
 from .manifest import Manifest, read_manifest
 from .report import count_by_status
+from .schema import Status
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class Preflight:
     untrained: bool
     signing: provenance.Material | None = None
     hashes: dict[str, str] | None = None  # weights sha256 by name: in the fingerprint, and what workers must load
+    accepted: list[str] | None = None  # fingerprints that count as current (RunConfig.accepted_fingerprints)
 
 
 def _probe_input(manifest: Manifest, cfg: RunConfig, tries: int = 3) -> None:
@@ -172,7 +174,7 @@ def preflight(cfg: RunConfig, run_id: str, manifest: Manifest) -> Preflight:
     resolved = weights.resolve_all(cfg)
     hashes = {name: r.sha256 for name, r in resolved.items()}
     return Preflight(manifest, resolved, cfg.fingerprint(hashes), any(r.untrained for r in resolved.values()),
-                     signing, hashes)
+                     signing, hashes, cfg.accepted_fingerprints(hashes))
 
 
 def _software(cfg: RunConfig, pre: Preflight) -> str:
@@ -239,6 +241,54 @@ class Progress:
                 "faces_per_s": round(self.faces / elapsed_s, 3) if elapsed_s > 0 else None}
 
 
+def _start_ray(cfg: RunConfig, lease: runs.Lease) -> str | None:
+    session = _init_ray(cfg)
+    _rearm_sigterm()
+    if session:  # a killed driver leaves some of its local Ray behind: the next run stops them (runs.py)
+        lease.update(ray_session=session)
+        lease.renew()
+    return session
+
+
+def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, run_id: str, lease: runs.Lease,
+            input_folders) -> dict:
+    """Access copies for images left alone (``resume.plan``'s ``derive``; see derive.py): their latest ``ok``
+    rows read from the ledger files planning found them in, then one CPU task per batch. Returns the counts
+    and the first reasons for the run record."""
+    import ray
+
+    from .derive import derive_and_record
+
+    out = storage.normalize(cfg.output.root)
+    wanted = derive["image_id"].combine_chunks()
+    files = sorted(set(derive["_source"].drop_null().cast(pa.string()).to_pylist())) or None
+    rows = ledger.load_results(out, cfg.storage, files=files, transform=lambda t: t.filter(pc.and_(
+        pc.is_in(t["image_id"], value_set=wanted), pc.equal(t["status"], Status.OK.value))))
+    rows = resume.latest_rows(rows)
+    log.info("run %s: making %d access copies from derivatives (no restoration)", run_id, rows.num_rows)
+    _start_ray(cfg, lease)
+    per_block = max(1, cfg.cluster.compose_batch_size)
+    ds = ray.data.from_arrow([rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)])
+    ds = ds.map_batches(derive_and_record, fn_kwargs={
+        "cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint, "untrained": pre.untrained,
+        "passthrough": pre.manifest.passthrough, "software": _software(cfg, pre), "fence": lease.fence(),
+        "input_folders": input_folders, "provenance": pre.signing}, batch_size=None, batch_format="pyarrow",
+        num_cpus=1)
+    made, errors = 0, {}
+    for batch in _consume(ds, cfg.cluster):
+        if lease.lost.is_set():
+            raise StorageError("this run lost the output's lease (another run may have taken it over); stopping")
+        made += batch["error"].null_count
+        for i, e in zip(batch["image_id"].to_pylist(), batch["error"].to_pylist()):
+            if e is not None:
+                errors[i] = e
+    missing = len(wanted) - rows.num_rows  # their ok row vanished from the ledger since planning
+    if errors or missing:
+        log.warning("run %s: %d access copies not made (they are tried again next run), e.g. %s", run_id,
+                    len(errors) + missing, next(iter(errors.items()), None))
+    return {"access_copies": made, "failed": len(errors) + missing, "errors": dict(list(errors.items())[:20])}
+
+
 def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease: runs.Lease, record: dict,
              progress: Progress, t0: float, input_folders) -> None:
     import ray
@@ -246,11 +296,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
 
     from .stages import DecodeDetect, Restore, compose_and_record
 
-    session = _init_ray(cfg)
-    _rearm_sigterm()
-    if session:  # a killed driver leaves some of its local Ray behind: the next run stops them (runs.py)
-        lease.update(ray_session=session)
-        lease.renew()
+    session = _start_ray(cfg, lease)
     resources = ray.cluster_resources()
     elastic = cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
     # The memory of each live node with CPUs: where the CPU stages can run.
@@ -475,7 +521,8 @@ def _run(cfg: RunConfig) -> dict:
         if pre.untrained:
             log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives "
                         "are NOT restorations and every result row says untrained=true", run_id)
-        record.update(fingerprint=pre.fingerprint, untrained=pre.untrained, versions=_versions(),
+        record.update(fingerprint=pre.fingerprint, fingerprints=pre.accepted, untrained=pre.untrained,
+                      versions=_versions(),
                       software=_software(cfg, pre),
                       weights={n: r.describe() for n, r in pre.resolved.items()},
                       signing=pre.signing.describe() if pre.signing else None)
@@ -483,7 +530,8 @@ def _run(cfg: RunConfig) -> dict:
         results = resume.load_for_planning(out, cfg.storage, torn=torn)
         if torn:  # we hold the lease: no live run can be writing them
             record["set_aside"] = ledger.set_aside(torn, cfg.storage)
-        plan = resume.plan(manifest.table, results, pre.fingerprint, cfg.reprocess, cfg.max_attempts)
+        plan = resume.plan(manifest.table, results, pre.accepted, cfg.reprocess, cfg.max_attempts,
+                           resume.Wants.of(cfg.output))
         record.update(plan=plan.counts, phase="processing")
         runs.write_record(out, record, cfg.storage)
         log.info("run %s: %d of %d images to process (%s)", run_id, plan.counts["todo"], plan.counts["manifest"],
@@ -494,6 +542,9 @@ def _run(cfg: RunConfig) -> dict:
                 todo = resume.attach_prior(todo, results, out, cfg.storage)
             del results
             _execute(cfg, pre, todo, run_id, lease, record, progress, t0, inputs.folders)
+        if plan.derive is not None:
+            record["derived"] = _derive(cfg, pre, plan.derive, run_id, lease, inputs.folders)
+        if plan.todo.num_rows or plan.derive is not None:
             record["ledger_fold"] = _fold(out, cfg, run_id, lease)
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),
                       summary=progress.summary(time.perf_counter() - t0), results=ledger.results_dir(out))

@@ -64,8 +64,9 @@ def status(output_root: str, cfg: StorageConfig, manifest: pa.Table | None = Non
                                  and not (r.get("state") == "running" and r["run_id"] == working)]
     if manifest is not None:
         # Without a fingerprint from the caller, "current" means: made with the latest run's settings.
-        jobs = [r for r in out["runs"] if r["kind"] == "job" and r.get("fingerprint")]
-        fp = fingerprint or (jobs[-1]["fingerprint"] if jobs else None)
+        # (and the fingerprints it counted as current: a legacy form, see RunConfig.accepted_fingerprints).
+        jobs = [r for r in records if r.get("kind", "job") == "job" and r.get("fingerprint")]
+        fp = fingerprint or ((jobs[-1].get("fingerprints") or jobs[-1]["fingerprint"]) if jobs else None)
         counts = resume.plan(manifest, results, fp or "", "missing", max_attempts).counts
         out["against_manifest"] = {k: counts[k] for k in ("manifest", "current", "outdated", "failed", "missing",
                                                            "gave_up")}

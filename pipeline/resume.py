@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Errors that another attempt may mend (storage, GPU, a detector hiccup); the others are final.
 RETRYABLE = frozenset(ERROR_STATUSES - FINAL_STATUSES)
-PLAN_COLUMNS = LEDGER_COLUMNS + ["output_uri", "access_uri", "output_name", "access_name"]
+PLAN_COLUMNS = LEDGER_COLUMNS + ["output_uri", "access_uri", "output_name", "access_name", "access_spec"]
 
 
 def load_for_planning(output_root: str, cfg: StorageConfig, torn: list[str] | None = None) -> pa.Table:
@@ -79,6 +79,9 @@ class Plan:
     todo: pa.Table
     counts: dict[str, int]
     rows: np.ndarray | None = None  # the todo rows' positions in the manifest; None: every row
+    # Images not to process whose latest completed row lacks an access copy the settings now ask for (or has
+    # one made with other access settings): image_id and the ledger file holding that row (``_source``).
+    derive: pa.Table | None = None
 
     def of_todo(self, column):
         """A column over the whole manifest, cut to the todo rows (in their order)."""
@@ -92,7 +95,19 @@ def _is_in(values, statuses) -> pa.ChunkedArray:
 MODES = ("missing", "outdated", "failed", "all")
 
 
-def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max_attempts: int | None = None) -> Plan:
+@dataclass(frozen=True)
+class Wants:
+    """The files that settings outside the fingerprint ask for (``config._ADDS_FILES``)."""
+    copy_no_face: bool = False
+    access_spec: str | None = None  # OutputConfig.access_spec: None when no access copies are wanted
+
+    @classmethod
+    def of(cls, output: OutputConfig) -> "Wants":
+        return cls(output.copy_no_face, output.access_spec)
+
+
+def plan(manifest: pa.Table, results: pa.Table, fingerprint: str | list[str], mode: str,
+         max_attempts: int | None = None, wants: Wants | None = None) -> Plan:
     """Which manifest rows to process now.
 
     missing: images never completed (no row with a final status), incl. passing failures (read/write errors)
@@ -100,7 +115,13 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
     failed: missing + images whose latest row is an error
     all: every image
     In ``missing`` and ``outdated``, images that have failed ``max_attempts`` times with retryable errors under
-    this fingerprint, and never completed since, are left out (``gave_up``).
+    this fingerprint, and never completed since, are left out (``gave_up``). ``fingerprint``: the current
+    one, or a list of those that count as current (``RunConfig.accepted_fingerprints``).
+
+    ``wants``: files the settings ask for that do not need GFP-GAN. A no-face image whose latest completed
+    row wrote no copy is processed again when ``copy_no_face`` is set (its faces, none, are reused: no
+    detection, no restoration); an image left alone whose latest completed row is ``ok`` without an access
+    copy of ``access_spec`` goes to ``Plan.derive`` (its access copy is made from its derivative).
 
     Each ledger row is mapped to its image's position in the manifest once (one hash of the manifest's ids),
     and the rest is numpy over integers: a 10-million-image plan holds a few arrays of 10 M numbers rather
@@ -114,6 +135,9 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
     current = np.zeros(n, dtype=bool)
     failed = np.zeros(n, dtype=bool)
     gave_up = np.zeros(n, dtype=bool)
+    copy = np.zeros(n, dtype=bool)    # no-face images to copy (wants.copy_no_face)
+    access = np.zeros(n, dtype=bool)  # images whose access copy is to be made from the derivative
+    access_row = np.zeros(n, dtype=np.int64)  # their latest completed row in ``results``
     if results.num_rows and n:
         code = pc.index_in(results["image_id"], value_set=manifest["image_id"])
         mine = pc.is_valid(code)
@@ -121,7 +145,8 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
         status = pc.filter(results["status"], mine)
         finished = pc.cast(pc.filter(results["finished_at"], mine), pa.timestamp("ms", tz="UTC")).cast(pa.int64())
         finished = pc.fill_null(finished, np.iinfo(np.int64).min + 1).to_numpy()  # null: the oldest (negated below)
-        same_fp = pc.fill_null(pc.equal(pc.filter(results["fingerprint"], mine), fingerprint), False)
+        accepted = pa.array([fingerprint] if isinstance(fingerprint, str) else list(fingerprint), pa.string())
+        same_fp = pc.fill_null(pc.is_in(pc.filter(results["fingerprint"], mine), value_set=accepted), False)
         same_fp = same_fp.to_numpy(zero_copy_only=False)
 
         def flag(statuses) -> np.ndarray:
@@ -143,6 +168,26 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
         if max_attempts:
             tries = np.bincount(code[same_fp & flag(RETRYABLE)], minlength=n)
             gave_up = (tries >= max_attempts) & ~current
+        if wants is not None and (wants.copy_no_face or wants.access_spec):
+            lf = latest_final
+
+            def valid(name: str) -> np.ndarray:
+                if name not in results.column_names:
+                    return np.zeros(len(lf), bool)
+                return pc.is_valid(pc.filter(results[name], mine)).to_numpy(zero_copy_only=False)[lf]
+
+            wrote = valid("output_name")
+            if wants.copy_no_face:
+                copy[code[lf[flag({Status.NO_FACE})[lf] & ~wrote]]] = True
+            if wants.access_spec:
+                spec = pc.filter(results["access_spec"], mine) if "access_spec" in results.column_names else None
+                # A row without a spec was made before it was recorded, when the access settings were in its
+                # fingerprint: an accepted one means today's settings.
+                other = np.zeros(len(lf), bool) if spec is None else pc.fill_null(
+                    pc.not_equal(spec, wants.access_spec), False).to_numpy(zero_copy_only=False)[lf]
+                need = flag({Status.OK})[lf] & wrote & (~valid("access_name") | other)
+                access[code[lf[need]]] = True
+                access_row[code[lf[need]]] = np.flatnonzero(mine.to_numpy(zero_copy_only=False))[lf[need]]
     counts = {"manifest": n, "completed": int(completed.sum()), "current": int(current.sum())}
     counts["outdated"] = counts["completed"] - counts["current"]
     counts["failed"] = int(failed.sum())
@@ -152,11 +197,22 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str, mode: str, max
             "failed": completed & ~failed}[mode]
     if mode in ("missing", "outdated"):
         done = done | gave_up
+    done = done & ~copy
     rows = np.flatnonzero(~done) if done.any() else None
     todo = manifest.take(pa.array(rows)) if rows is not None else manifest
     counts["todo"] = todo.num_rows
     counts["skipped"] = n - todo.num_rows
-    return Plan(todo, counts, rows)
+    derive = None
+    access &= done
+    if access.any():
+        at = pa.array(access_row[access])
+        derive = pa.table({"image_id": manifest["image_id"].take(pa.array(np.flatnonzero(access))),
+                           "_source": results["_source"].take(at) if "_source" in results.column_names
+                           else pa.nulls(len(at), pa.string())})
+    if wants is not None and (wants.copy_no_face or wants.access_spec):
+        counts["copy_no_face"] = int(copy.sum())
+        counts["derive"] = 0 if derive is None else derive.num_rows
+    return Plan(todo, counts, rows, derive)
 
 
 PRIOR_COLUMNS = ["image_id", "status", "finished_at", "src_sha256", "detect_fingerprint", "faces", "faces_skipped"]

@@ -50,6 +50,7 @@ RESULT_SCHEMA = pa.schema(
         ("output_name", pa.string()),        # the file written below images/ (kept on error rows: it exists)
         ("access_name", pa.string()),        # the file written below access/
         ("access_sha256", pa.string()),      # the access copy's bytes
+        ("access_spec", pa.string()),        # what it was made with (output.access_spec); null before 2026-11
         ("c2pa_signed", pa.bool_()),         # derivative (and access copy) carry signed Content Credentials
         ("src_sha256", pa.string()),
         ("out_sha256", pa.string()),

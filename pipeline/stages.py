@@ -363,7 +363,8 @@ class Compose:
             data = self._sign(row, data, "JPEG", name, parent)
         uri = storage.join(self.access_root, name)
         self._write(uri, "access", data, row)
-        row.update(access_uri=uri, access_name=name, access_sha256=hashlib.sha256(data).hexdigest())
+        row.update(access_uri=uri, access_name=name, access_sha256=hashlib.sha256(data).hexdigest(),
+                   access_spec=o.access_spec)
 
     def _sign(self, row: dict, data: bytes, fmt: str, name: str, parent: tuple[bytes, str, str, str]) -> bytes:
         """``data`` with its Content Credentials (see provenance.py); the last edit before the write."""
@@ -432,7 +433,8 @@ class Compose:
                         for f in faces]
         if not written and row["status"] != Status.NO_FACE.value:
             # An error row describes no derivative; the names of files it did write stay (claimed, see keys.py).
-            row.update(output_uri=None, out_sha256=None, access_uri=None, access_sha256=None, c2pa_signed=None)
+            row.update(output_uri=None, out_sha256=None, access_uri=None, access_sha256=None, access_spec=None,
+                       c2pa_signed=None)
         t0 = row.pop("_t0", None)
         row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
                    compose_s=time.perf_counter() - t0 if t0 else None, finished_at=datetime.now(timezone.utc))

@@ -75,10 +75,11 @@ IN_FINGERPRINT = {
     "qa.min_identity_similarity": "", "qa.on_low_identity": "",
     "output.format": "the derivative's bytes", "output.jpeg_quality": "", "output.jpeg_mode": "",
     "output.webp_quality": "", "output.colour_policy": "",
-    "output.copy_no_face": "files written (no way yet to add them without a rerun)",
-    "output.access_copy": "", "output.access_long_side": "", "output.access_quality": "",
     "provenance.c2pa": "signed files differ (which key signs does not)",
 }
+# Settings that only add files: a run adds them (resume.plan's derive) without GFP-GAN. They were in the
+# fingerprint before, so its legacy form (rows made then, with the same settings, stay current) has them.
+ADDS_FILES = ("output.copy_no_face", "output.access_copy", "output.access_long_side", "output.access_quality")
 
 
 def _fields(model, prefix=""):
@@ -135,3 +136,15 @@ def test_output_version_keys_detection_reuse_and_version_1_keeps_old_values(monk
     assert detect_fingerprint(DetectConfig(), "bb") == "277367903a5c26d1"
     monkeypatch.setattr(config, "OUTPUT_VERSION", 2)
     assert detect_fingerprint(DetectConfig(), "bb") != "277367903a5c26d1"
+
+
+def test_settings_that_only_add_files_leave_the_fingerprint_but_not_its_legacy_form():
+    base = RunConfig()
+    w = {"GFPGANv1.4": "aa", "retinaface": "bb"}
+    assert base.accepted_fingerprints(w) == [base.fingerprint(w)]  # the defaults: one fingerprint, as before
+    for dotted in ADDS_FILES:
+        annotation = type(base.output).model_fields[dotted.split(".")[1]].annotation
+        changed = _changed(base, dotted, _other(annotation, getattr(base.output, dotted.split(".")[1])))
+        assert changed.fingerprint(w) == base.fingerprint(w), dotted
+        legacy = changed.fingerprint(w, legacy=True)
+        assert legacy != base.fingerprint(w) and changed.accepted_fingerprints(w) == [base.fingerprint(w), legacy]

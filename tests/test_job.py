@@ -295,3 +295,71 @@ def test_memory_is_declared_from_measured_peaks_and_the_largest_image_accepted()
     assert plan(12)["restore"] >= 10.3e9 and plan(12, "cuda")["restore"] < 5e9
     assert plan(12, restore={"micro_batch": 4})["restore"] < plan(12)["restore"]
     assert plan(12, cluster={"decode_actor_memory_gb": 0.5})["decode"] == 0.5e9  # an explicit setting wins
+
+
+@pytest.mark.slow
+def test_access_and_no_face_copies_are_added_without_restoring_again(ray_local, weights_dir, tmp_path):
+    """Settings that only add files (issue 10): turned on after an archive was processed, a run adds the
+    access copies from the derivatives and copies the no-face images (their detection reused), restoring
+    nothing; a new access size remakes only the access copies; a run after that has nothing to do."""
+    import hashlib
+
+    from conftest import IMAGES, need
+
+    rels = ["whole/codeformer_00.jpg", "old/old_a.png", "old/old_d.png"]  # 4 faces, 1 face, no face
+    for rel in rels:
+        (tmp_path / "archive" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(need(IMAGES / rel), tmp_path / "archive" / rel)
+    manifest = tmp_path / "m.csv"
+    pacsv.write_csv(pa.table({"uri": [str(tmp_path / "archive" / r) for r in rels]}), manifest)
+    out = tmp_path / "out"
+
+    def run(**extra):
+        return job.run(load_config(None, test_overrides(weights_dir, out, manifest, **extra), environ={}))
+
+    def latest():
+        return {r["uri"].split("/archive/")[1]: r for r in resume.latest_rows(_results(out)).to_pylist()}
+
+    first = run()
+    before = latest()
+    derivatives = {rel: (out / "images" / rel).read_bytes() for rel in rels[:2]}
+    assert before["old/old_d.png"]["status"] == "no_face" and before["old/old_d.png"]["output_uri"] is None
+
+    second = run(**{"output.access_copy": True, "output.copy_no_face": True})
+    assert second["fingerprint"] == first["fingerprint"]
+    assert second["plan"]["todo"] == 1 and second["plan"]["derive"] == 2 and second["plan"]["copy_no_face"] == 1
+    assert second["derived"] == {"access_copies": 2, "failed": 0, "errors": {}}
+    assert second["summary"]["faces"] == 0 and not second["summary"]["restored_on"]  # GFP-GAN never ran
+    now = latest()
+    for rel in rels[:2]:
+        r, b = now[rel], before[rel]
+        assert (out / "images" / rel).read_bytes() == derivatives[rel]  # the derivative is untouched
+        assert (r["run_id"], r["out_sha256"], r["faces"], r["fingerprint"]) == \
+            (b["run_id"], b["out_sha256"], b["faces"], b["fingerprint"])
+        assert r["access_spec"] == "2048px q85" and "made from the derivative" in r["notes"]
+        data = (out / "access" / r["access_name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r["access_sha256"]
+        px = imageio.decode(data, 10**9).pixels
+        assert px.shape[:2] == imageio.decode(derivatives[rel], 10**9).pixels.shape[:2]  # small: not downscaled
+    copy = now["old/old_d.png"]
+    assert copy["status"] == "no_face" and copy["detect_reused"] is True
+    assert (out / "images" / "old/old_d.png").read_bytes() == (tmp_path / "archive" / "old/old_d.png").read_bytes()
+
+    third = run(**{"output.access_copy": True, "output.copy_no_face": True, "output.access_long_side": 64})
+    assert third["plan"]["todo"] == 0 and third["derived"]["access_copies"] == 2
+    for rel in rels[:2]:
+        r = latest()[rel]
+        assert r["access_spec"] == "64px q85" and r["run_id"] == before[rel]["run_id"]
+        assert max(imageio.decode((out / "access" / r["access_name"]).read_bytes(), 10**9).pixels.shape[:2]) == 64
+
+    fourth = run(**{"output.access_copy": True, "output.copy_no_face": True, "output.access_long_side": 64})
+    assert fourth["plan"]["todo"] == 0 and fourth["plan"]["derive"] == 0 and "derived" not in fourth
+    # The same settings from the start: Compose makes the access copies from its in-memory pixels. From a
+    # lossless derivative the derived copy is the same file; from a JPEG one, within its JPEG generation.
+    fresh = tmp_path / "fresh"
+    job.run(load_config(None, test_overrides(weights_dir, fresh, manifest, **{
+        "output.access_copy": True, "output.copy_no_face": True, "output.access_long_side": 64}), environ={}))
+    assert (fresh / "access" / "old/old_a.jpg").read_bytes() == (out / "access" / "old/old_a.jpg").read_bytes()
+    a, b = (imageio.decode((d / "access" / "whole/codeformer_00.jpg").read_bytes(), 10**9).pixels.astype(int)
+            for d in (fresh, out))
+    assert abs(a - b).mean() < 2.0

@@ -192,3 +192,37 @@ def test_a_row_without_a_finish_time_is_the_oldest():
     manifest = pa.table({"image_id": ["a"], "uri": ["/a"]})
     assert resume.latest_rows(res)["fingerprint"].to_pylist() == ["new"]
     assert resume.plan(manifest, res, "new", "outdated").counts["current"] == 1
+
+
+def test_files_that_only_settings_outside_the_fingerprint_ask_for():
+    """Access copies and no-face copies: turned on (or changed) after an archive was processed, they are
+    added without GFP-GAN. A no-face image without a copy is processed again (its faces, none, reused); an
+    ok image without an access copy of today's spec goes to ``derive``, with the ledger file of its row."""
+    m = pa.table({"image_id": list("abcdefgh"), "uri": [f"/x/{c}.jpg" for c in "abcdefgh"]})
+    res = _results([("a", "ok", "fp", 0), ("b", "ok", "fp", 0), ("c", "ok", "fp", 0), ("d", "no_face", "fp", 0),
+                    ("e", "no_face", "fp", 0), ("f", "ok", "legacy", 0), ("g", "read_error", "fp", 0),
+                    ("h", "ok", "old", 0)])
+    res = res.append_column("output_name", pa.array(["a.jpg", "b.jpg", "c.jpg", None, "e.jpg", "f.jpg", None,
+                                                     "h.jpg"]))
+    res = res.append_column("access_name", pa.array([None, "b.jpg", "c.jpg", None, "e.jpg", "f.jpg", None, None]))
+    res = res.append_column("access_spec", pa.array([None, "2048px q85", "1024px q85", None, "2048px q85",
+                                                     None, None, None]))  # f: made before specs were recorded
+    res = res.append_column("_source", pa.array([f"/out/_results/{c}.parquet" for c in "abcdefgh"]))
+    wants = resume.Wants(copy_no_face=True, access_spec="2048px q85")
+    p = resume.plan(m, res, ["fp", "legacy"], "missing", wants=wants)
+    assert p.todo["image_id"].to_pylist() == ["d", "g"]
+    assert p.derive["image_id"].to_pylist() == ["a", "c", "h"]  # h: outdated, but left alone in this mode
+    assert p.derive["_source"].to_pylist() == [f"/out/_results/{c}.parquet" for c in "ach"]
+    assert (p.counts["copy_no_face"], p.counts["derive"]) == (1, 3)
+    # outdated: h is processed again (its access copy comes with it); nothing is derived twice
+    p = resume.plan(m, res, ["fp", "legacy"], "outdated", wants=wants)
+    assert p.todo["image_id"].to_pylist() == ["d", "g", "h"] and p.derive["image_id"].to_pylist() == ["a", "c"]
+    # without the settings: nothing more to do than before; with "all", everything is processed
+    p = resume.plan(m, res, ["fp", "legacy"], "missing")
+    assert p.todo["image_id"].to_pylist() == ["g"] and p.derive is None and "derive" not in p.counts
+    assert resume.plan(m, res, "fp", "all", wants=wants).derive is None
+    # the legacy fingerprint counts as current only when accepted
+    assert resume.plan(m, res, "fp", "outdated", wants=wants).todo["image_id"].to_pylist() == ["d", "f", "g", "h"]
+    # only no-face copies asked for
+    p = resume.plan(m, res, "fp", "missing", wants=resume.Wants(copy_no_face=True))
+    assert p.todo["image_id"].to_pylist() == ["d", "g"] and p.derive is None

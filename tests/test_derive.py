@@ -1,0 +1,62 @@
+"""Access copies made from derivatives (derive.py), called directly: no Ray."""
+
+import hashlib
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from pipeline import imageio
+from pipeline.config import OutputConfig, RunConfig
+from pipeline.derive import AddAccessCopy
+from pipeline.schema import RESULT_SCHEMA
+from pipeline.stages import Compose
+
+
+def _setup(tmp_path, long_side=32):
+    master = tmp_path / "in" / "a.png"
+    master.parent.mkdir()
+    y, x = np.mgrid[0:60, 0:90]
+    px = np.stack([x * 2, y * 3, (x + y)], -1).astype(np.uint8)  # smooth: JPEG keeps it within a few levels
+    cv2.imwrite(str(master), px)
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    derivative = cv2.imencode(".png", px[:, ::-1].copy())[1].tobytes()  # stands for the restored image
+    (out / "images" / "a.png").write_bytes(derivative)
+    cfg = RunConfig(output=OutputConfig(root=str(out), access_copy=True, access_long_side=long_side))
+    row = {"image_id": "a", "uri": str(master), "status": "ok", "output_key": "a.png", "output_name": "a.png",
+           "output_uri": str(out / "images" / "a.png"), "src_sha256": hashlib.sha256(master.read_bytes()).hexdigest(),
+           "out_sha256": hashlib.sha256(derivative).hexdigest(), "faces": [], "run_id": "r0", "fingerprint": "f",
+           "notes": None}
+    return cfg, row, out, px
+
+
+def _stage(cfg, provenance=None):
+    return AddAccessCopy(Compose(cfg, "r1", "f", False, provenance=provenance))
+
+
+def test_an_access_copy_from_the_derivative_and_the_row_again(tmp_path):
+    cfg, row, out, px = _setup(tmp_path)
+    rows, failed = _stage(cfg)(pa.Table.from_pylist([row], schema=RESULT_SCHEMA))
+    assert failed == [] and rows.num_rows == 1
+    r = rows.to_pylist()[0]
+    assert (r["access_name"], r["access_spec"], r["run_id"], r["fingerprint"]) == ("a.jpg", "32px q85", "r0", "f")
+    got = imageio.decode((out / "access" / "a.jpg").read_bytes(), 10**9).pixels
+    assert got.shape == (21, 32, 3)
+    want = cv2.resize(px[:, ::-1], (32, 21), interpolation=cv2.INTER_AREA)  # the derivative's, not the master's
+    assert abs(got.astype(int) - want).mean() < 3
+
+
+def test_an_image_that_cannot_be_derived_keeps_its_row_and_says_why(tmp_path):
+    cfg, row, out, _ = _setup(tmp_path)
+    changed = dict(row, out_sha256="0" * 64)
+    gone = dict(row, image_id="b", output_name="b.png")
+    signed = dict(row, image_id="c", c2pa_signed=True)
+    moved = dict(row, image_id="d", src_sha256="1" * 64)
+    rows, failed = _stage(cfg)(pa.Table.from_pylist([changed, gone, signed, moved], schema=RESULT_SCHEMA))
+    assert rows.num_rows == 0 and not (out / "access").exists()
+    reasons = dict(failed)
+    assert "derivative" in reasons["a"] and "not the one its result row describes" in reasons["a"]
+    assert "missing" in reasons["b"]
+    assert "provenance.c2pa=sign" in reasons["c"]
+    assert "master" in reasons["d"] and "not the one" in reasons["d"]

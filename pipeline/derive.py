@@ -5,7 +5,9 @@ restore every face again (those settings are outside the fingerprint, see ``RunC
 such image's access copy is made from its derivative, as Compose makes it from the same pixels: resized,
 encoded, the master's metadata carried and, when the derivative is signed, signed with the derivative as
 its parent. The image's latest row is then written again with the access copy (its fingerprint, run and
-faces unchanged: the derivative is the same), so the ledger says which files exist.
+faces unchanged: the derivative is the same; ``derived_by`` names the run that added the copy, so that
+no chart counts the image as work of the run that made the derivative), so the ledger says which files
+exist.
 
 The derivative is checked against its row's sha256 and the master against the row's (the master's
 metadata goes into the copy). An image that cannot be derived keeps its row as it was: nothing about its
@@ -89,7 +91,8 @@ class AddAccessCopy:
             row.pop("_faces", None)
         note = f"access copy made from the derivative by run {self.compose.run_id}"
         row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
-        row.update(finished_at=datetime.now(timezone.utc), compose_s=time.perf_counter() - t0)
+        row.update(derived_by=self.compose.run_id, finished_at=datetime.now(timezone.utc),
+                   compose_s=time.perf_counter() - t0)
         return row
 
 

@@ -120,8 +120,9 @@ def throughput(results: pa.Table, records: list[dict]) -> dict:
     if not results.num_rows:
         return {"bins": [], "runs": [], "bin_s": 0}
     keep = pc.is_in(results["run_id"], value_set=pa.array(sorted(jobs), pa.string()))
-    if "review_id" in results.column_names:  # a review's rows are no run's throughput
-        keep = pc.and_(keep, pc.is_null(results["review_id"]))
+    for col in ("review_id", "derived_by"):  # a review's rows, and access copies added later: no run's throughput
+        if col in results.column_names:
+            keep = pc.and_(keep, pc.is_null(results[col]))
     t = results.select(["run_id", "finished_at", "n_faces"]).filter(keep)
     spans, total = [], 0.0
     for run_id in sorted(set(t["run_id"].to_pylist())):

@@ -63,6 +63,7 @@ RESULT_SCHEMA = pa.schema(
         ("fingerprint", pa.string()),
         ("run_id", pa.string()),             # the run (or review) that wrote the derivative's bytes
         ("review_id", pa.string()),          # the curator review that wrote this row (decisions.py); null: a run
+        ("derived_by", pa.string()),         # the run that added an access copy to this image (derive.py)
         ("untrained", pa.bool_()),
         ("detect_fingerprint", pa.string()),   # detector settings + weights that found these faces
         ("detect_reused", pa.bool_()),         # faces taken from an earlier result for the same bytes

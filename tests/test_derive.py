@@ -41,6 +41,7 @@ def test_an_access_copy_from_the_derivative_and_the_row_again(tmp_path):
     assert failed == [] and rows.num_rows == 1
     r = rows.to_pylist()[0]
     assert (r["access_name"], r["access_spec"], r["run_id"], r["fingerprint"]) == ("a.jpg", "32px q85", "r0", "f")
+    assert r["derived_by"] == "r1"
     got = imageio.decode((out / "access" / "a.jpg").read_bytes(), 10**9).pixels
     assert got.shape == (21, 32, 3)
     want = cv2.resize(px[:, ::-1], (32, 21), interpolation=cv2.INTER_AREA)  # the derivative's, not the master's
@@ -60,3 +61,20 @@ def test_an_image_that_cannot_be_derived_keeps_its_row_and_says_why(tmp_path):
     assert "missing" in reasons["b"]
     assert "provenance.c2pa=sign" in reasons["c"]
     assert "master" in reasons["d"] and "not the one" in reasons["d"]
+
+
+def test_rows_written_again_with_an_access_copy_are_no_runs_throughput():
+    """The row keeps the run that made the derivative; a chart that counted it there would stretch that
+    run's active time to the day the copy was added."""
+    import datetime as dt
+
+    from pipeline import report
+
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    rows = [{"image_id": i, "run_id": "r0", "n_faces": 1, "finished_at": t + dt.timedelta(seconds=s),
+             "review_id": None, "derived_by": None} for i, s in (("a", 10), ("b", 20))]
+    records = [{"run_id": "r0", "kind": "job", "started_at": t.isoformat()},
+               {"run_id": "r1", "kind": "job", "started_at": (t + dt.timedelta(days=3)).isoformat()}]
+    before = report.throughput(pa.Table.from_pylist(rows), records)
+    later = dict(rows[0], finished_at=t + dt.timedelta(days=3), derived_by="r1")
+    assert report.throughput(pa.Table.from_pylist(rows + [later]), records) == before

@@ -80,7 +80,7 @@ def plan_once(folder: str) -> None:
     results = resume.load_for_planning(cfg.output.root, cfg.storage)
     plan = resume.plan(m.table, results, "fp-current", "missing", cfg.max_attempts)
     t_plan = time.perf_counter() - t0
-    todo = resume.keyed_todo(plan, m.table, m.root, cfg.output, resume.claims(results))
+    todo = resume.keyed_todo(plan, resume.assign_keys(m.table, m.root, cfg.output, resume.claims(results)))
     suffixed = pc.sum(pc.match_substring(todo["output_key"], "~")).as_py() or 0
     elapsed = time.perf_counter() - t0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -143,6 +143,15 @@ def _moto() -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of process ``pid`` (default: this one) so far. Moto serves
+    the requests on the same two cores as the reader: the read's wall time is both, real S3 costs the
+    reader only its own share."""
+    with open(f"/proc/{pid or 'self'}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def s3_case(files: int, rows_per_file: int = 50) -> dict:
     import s3fs
 
@@ -164,9 +173,10 @@ def s3_case(files: int, rows_per_file: int = 50) -> dict:
                 "finished_at": pa.array([t] * len(ids), pa.timestamp("ms", tz="UTC")), "run_id": ["r"] * len(ids),
                 "output_uri": [f"{out}/images/{i}.jpg" for i in ids], "access_uri": pa.nulls(len(ids), pa.string()),
                 "faces_skipped": [0] * len(ids)}), ledger.part_uri(out, f"r{f % 7}", ids), cfg)
-        t0 = time.perf_counter()
+        t0, server0, client0 = time.perf_counter(), _cpu_s(proc.pid), _cpu_s()
         got = resume.load_for_planning(out, cfg)
         read_s = time.perf_counter() - t0
+        server_s, client_s = _cpu_s(proc.pid) - server0, _cpu_s() - client0
         assert got.num_rows == files * rows_per_file
         t0 = time.perf_counter()
         summary = compaction.compact(out, cfg, by="bench")
@@ -176,7 +186,9 @@ def s3_case(files: int, rows_per_file: int = 50) -> dict:
         read_after_s = time.perf_counter() - t0
         assert again.num_rows == files * rows_per_file
         return {"files": files, "rows": files * rows_per_file, "read_s": read_s, "per_file_ms": 1000 * read_s / files,
-                "read_20k_s": read_s / files * 20_000, "compact_s": compact_s, "files_after": summary["files_after"],
+                "read_20k_s": read_s / files * 20_000, "client_cpu_ms_per_file": 1000 * client_s / files,
+                "moto_cpu_ms_per_file": 1000 * server_s / files,
+                "compact_s": compact_s, "files_after": summary["files_after"],
                 "read_after_s": read_after_s,
                 "files_per_1m": summary["files_after"] * 1_000_000 / (files * rows_per_file)}
     finally:
@@ -218,7 +230,8 @@ def main() -> None:
         s = s3_case(args.s3_files)
         files_per_1m = s["files_per_1m"]
         print(f"S3 ledger (moto): {s['files']:,} files / {s['rows']:,} rows read in {s['read_s']:.1f} s "
-              f"({s['per_file_ms']:.1f} ms per file; 20,000 files: {s['read_20k_s']:.0f} s); compact "
+              f"({s['per_file_ms']:.1f} ms per file; 20,000 files: {s['read_20k_s']:.0f} s; CPU per file: reader "
+              f"{s['client_cpu_ms_per_file']:.1f} ms, moto {s['moto_cpu_ms_per_file']:.1f} ms); compact "
               f"{s['compact_s']:.1f} s -> {s['files_after']} file(s), read again {s['read_after_s']:.2f} s; "
               f"{files_per_1m:.0f} files per 1 M images")
     tag = f"{args.plan_rows // 1_000_000}m"

@@ -143,6 +143,12 @@ class OutputConfig(_Section):
         return f"{self.access_long_side}px q{self.access_quality}" if self.access_copy else None
 
 
+def parse_access_spec(spec: str) -> tuple[int, int]:
+    """``OutputConfig.access_spec`` back into (long side, quality)."""
+    side, quality = spec.split()
+    return int(side.removesuffix("px")), int(quality.removeprefix("q"))
+
+
 class ReviewConfig(_Section):
     """Curator review (review.py, the report page). Not in the fingerprint: these settings only add files
     or carry a curator's decisions, so changing them never makes GFP-GAN run again over an archive."""

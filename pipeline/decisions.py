@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import imageio, ledger, metadata, provenance, runs, storage
-from .config import RunConfig
+from .config import OutputConfig, RunConfig
 from .errors import ConfigError, Fenced
 from .faces import align_matrix, paste_mask
 from .schema import FACE_TYPE, RESULT_SCHEMA, Status
@@ -242,7 +242,14 @@ def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative
             changed.append((ys, xs, sel))
     row.update(src_format=img.format, _faces=faces, notes=None)
     name = row.get("output_name") or posixpath.relpath(row["output_uri"], compose.images_root)
-    compose.write_derivative(row, img, pixels, faces, name=name, changed=changed)
+    # The access copy as the row has it (its name and settings), whatever the run's settings said: runs with
+    # and without access copies share a fingerprint, and a rejected face must leave both files.
+    access = False
+    if row.get("access_uri"):
+        access_name = row.get("access_name") or posixpath.relpath(row["access_uri"], compose.access_root)
+        access = (access_name, row.get("access_spec") or compose.cfg.output.access_spec
+                  or OutputConfig(access_copy=True).access_spec)
+    compose.write_derivative(row, img, pixels, faces, name=name, changed=changed, access=access)
 
 
 class _Composers:

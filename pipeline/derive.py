@@ -23,11 +23,11 @@ import hashlib
 import logging
 import posixpath
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 
-from . import imageio, ledger, provenance, storage
+from . import imageio, keys, ledger, provenance, storage
 from .errors import Fenced
 from .schema import rows_to_table
 from .stages import Batch, Compose, _rows
@@ -51,6 +51,7 @@ class AddAccessCopy:
         done, failed = [], []
         for row in _rows(batch):
             try:
+                rows_to_table([row], self.compose.schema)  # a row the ledger cannot take fails before any write
                 done.append(self.process(row))
             except (Fenced, provenance.SigningExpired):
                 raise
@@ -72,10 +73,13 @@ class AddAccessCopy:
 
     def process(self, row: dict) -> dict:
         t0 = time.perf_counter()
+        if row.get("key_error"):
+            raise CannotDerive(row["key_error"])
         if row.get("c2pa_signed") and self.compose.provenance is None:
             raise CannotDerive("its derivative is signed, so its access copy must be: run with "
                                "provenance.c2pa=sign and the signing key")
-        name = row["output_name"]
+        # Rows of versions before output_name: the name from the URI (as decisions.py does).
+        name = row.get("output_name") or posixpath.relpath(row["output_uri"], self.compose.images_root)
         uri = storage.join(self.compose.images_root, name)  # where the output is today (it may have moved)
         derivative = self._read(uri, row.get("out_sha256"), "derivative")
         master = self._read(row["uri"], row.get("src_sha256"), "master")
@@ -83,16 +87,25 @@ class AddAccessCopy:
         faces = row.get("faces") or []
         row.update(src_bytes=master, _faces=faces)
         restored = any(f.get("action") == "restored" for f in faces)
+        # The access name from the key planned for today's settings (``access_key``): with access copies on,
+        # names that would be shared get the image's suffix (keys.assign), so no copy overwrites another's.
+        access_name = keys.derivative_key(row.get("access_key") or row["output_key"], "JPEG")
         try:
             self.compose._write_access_copy(row, img.pixels, restored,
-                                            (derivative, posixpath.basename(name), img.format, row.get("out_sha256")))
+                                            (derivative, posixpath.basename(name), img.format, row.get("out_sha256")),
+                                            name=access_name)
         finally:
             row.pop("src_bytes", None)
             row.pop("_faces", None)
         note = f"access copy made from the derivative by run {self.compose.run_id}"
         row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
-        row.update(derived_by=self.compose.run_id, finished_at=datetime.now(timezone.utc),
-                   compose_s=time.perf_counter() - t0)
+        # Never before the row it replaces, whatever this worker's clock says: else that row stays the latest.
+        prior = row.get("finished_at")
+        now = datetime.now(timezone.utc)
+        if prior is not None and prior.tzinfo is None:
+            prior = prior.replace(tzinfo=timezone.utc)
+        row.update(output_name=name, derived_by=self.compose.run_id, compose_s=time.perf_counter() - t0,
+                   finished_at=max(now, prior + timedelta(milliseconds=1)) if prior else now)
         return row
 
 

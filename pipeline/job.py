@@ -26,7 +26,7 @@ from .config import ClusterConfig, RunConfig
 from .errors import ConfigError, Stalled, Stopped, StorageError
 from .manifest import Manifest, read_manifest
 from .report import count_by_status
-from .schema import Status
+from .schema import RESULT_SCHEMA, Status
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +250,35 @@ def _start_ray(cfg: RunConfig, lease: runs.Lease) -> str | None:
     return session
 
 
-def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, run_id: str, lease: runs.Lease,
-            input_folders) -> dict:
+def _accepted(cfg: RunConfig, pre: Preflight, records: list[dict]) -> tuple[list[str], dict[str, str | None]]:
+    """The fingerprints that count as current, and for each legacy one the access spec its rows were made
+    with. Before the settings that only add files left the fingerprint (``config._ADDS_FILES``) it hashed
+    their values: a past run whose settings give today's fingerprint made current results under another
+    value, which its record keeps (as today's settings give ``legacy=True``)."""
+    accepted, specs = list(pre.accepted or [pre.fingerprint]), {}
+    legacy = cfg.fingerprint(pre.hashes or {}, legacy=True)
+    if legacy != pre.fingerprint:
+        specs[legacy] = cfg.output.access_spec
+    for r in records:
+        if r.get("kind", "job") != "job" or not r.get("config") or r.get("fingerprint") in (None, pre.fingerprint):
+            continue
+        try:
+            past = RunConfig.model_validate(r["config"])
+        except Exception:  # noqa: BLE001 - a record of a version whose settings no longer parse
+            continue
+        if past.fingerprint(pre.hashes or {}) == pre.fingerprint:
+            if r["fingerprint"] not in accepted:
+                accepted.append(r["fingerprint"])
+            specs[r["fingerprint"]] = past.output.access_spec
+    return accepted, specs
+
+
+def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, keyed: pa.Table, manifest: pa.Table, run_id: str,
+            lease: runs.Lease, input_folders) -> dict:
     """Access copies for images left alone (``resume.plan``'s ``derive``; see derive.py): their latest ``ok``
-    rows read from the ledger files planning found them in, then one CPU task per batch. Returns the counts
-    and the first reasons for the run record."""
+    rows read from the ledger files planning found them in, with today's manifest's URI and pass-through
+    values (as a processed image gets) and the key planned with today's settings (its access name), then one
+    CPU task per batch. Returns the counts and the first reasons for the run record."""
     import ray
 
     from .derive import derive_and_record
@@ -265,6 +289,12 @@ def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, run_id: str, lease
     rows = ledger.load_results(out, cfg.storage, files=files, transform=lambda t: t.filter(pc.and_(
         pc.is_in(t["image_id"], value_set=wanted), pc.equal(t["status"], Status.OK.value))))
     rows = resume.latest_rows(rows)
+    at = pc.take(derive["_row"], pc.index_in(rows["image_id"], value_set=wanted))  # manifest positions
+    rows = rows.drop_columns([c for c in rows.column_names if c not in RESULT_SCHEMA.names or c == "uri"])
+    for name in ["uri", *pre.manifest.passthrough.names]:
+        rows = rows.append_column(name, pc.take(manifest[name], at))
+    rows = rows.append_column("access_key", pc.take(keyed["output_key"], at)).append_column(
+        "key_error", pc.take(keyed["key_error"], at))
     log.info("run %s: making %d access copies from derivatives (no restoration)", run_id, rows.num_rows)
     _start_ray(cfg, lease)
     per_block = max(1, cfg.cluster.compose_batch_size)
@@ -521,8 +551,7 @@ def _run(cfg: RunConfig) -> dict:
         if pre.untrained:
             log.warning("UNTRAINED RUN %s: some model files were replaced by seeded random weights; derivatives "
                         "are NOT restorations and every result row says untrained=true", run_id)
-        record.update(fingerprint=pre.fingerprint, fingerprints=pre.accepted, untrained=pre.untrained,
-                      versions=_versions(),
+        record.update(fingerprint=pre.fingerprint, untrained=pre.untrained, versions=_versions(),
                       software=_software(cfg, pre),
                       weights={n: r.describe() for n, r in pre.resolved.items()},
                       signing=pre.signing.describe() if pre.signing else None)
@@ -530,20 +559,26 @@ def _run(cfg: RunConfig) -> dict:
         results = resume.load_for_planning(out, cfg.storage, torn=torn)
         if torn:  # we hold the lease: no live run can be writing them
             record["set_aside"] = ledger.set_aside(torn, cfg.storage)
-        plan = resume.plan(manifest.table, results, pre.accepted, cfg.reprocess, cfg.max_attempts,
-                           resume.Wants.of(cfg.output))
+        accepted, legacy_specs = _accepted(cfg, pre, runs.read_records(out, cfg.storage))
+        record["fingerprints"] = accepted
+        plan = resume.plan(manifest.table, results, accepted, cfg.reprocess, cfg.max_attempts,
+                           resume.Wants.of(cfg.output, legacy_specs))
         record.update(plan=plan.counts, phase="processing")
         runs.write_record(out, record, cfg.storage)
         log.info("run %s: %d of %d images to process (%s)", run_id, plan.counts["todo"], plan.counts["manifest"],
                  plan.counts)
+        keyed = None
+        if plan.todo.num_rows or plan.derive is not None:
+            keyed = resume.assign_keys(manifest.table, manifest.root, cfg.output, resume.claims(results))
         if plan.todo.num_rows:
-            todo = resume.keyed_todo(plan, manifest.table, manifest.root, cfg.output, resume.claims(results))
+            todo = resume.keyed_todo(plan, keyed)
             if not cfg.redetect or cfg.review.carry_decisions:
                 todo = resume.attach_prior(todo, results, out, cfg.storage)
             del results
             _execute(cfg, pre, todo, run_id, lease, record, progress, t0, inputs.folders)
         if plan.derive is not None:
-            record["derived"] = _derive(cfg, pre, plan.derive, run_id, lease, inputs.folders)
+            record["derived"] = _derive(cfg, pre, plan.derive, keyed, manifest.table, run_id, lease,
+                                        inputs.folders)
         if plan.todo.num_rows or plan.derive is not None:
             record["ledger_fold"] = _fold(out, cfg, run_id, lease)
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),

@@ -85,7 +85,7 @@ def read_manifest(cfg: RunConfig) -> Manifest:
     rows_read = table.num_rows
     uris = pc.cast(table[col], pa.string())
     # Not blank (a character other than Unicode white space), found without a trimmed copy of 10 M URIs.
-    keep = pc.fill_null(pc.match_substring_regex(uris, r"[^\s\p{Z}\x{0B}\x{85}]"), False)
+    keep = pc.fill_null(pc.match_substring_regex(uris, r"[^\s\p{Z}\x{0B}\x{1C}-\x{1F}\x{85}]"), False)
     without_uri = rows_read - pc.sum(keep).as_py() if rows_read else 0
     if without_uri:
         log.warning("manifest: %d rows without a %r value are ignored", without_uri, col)

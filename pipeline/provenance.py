@@ -366,7 +366,7 @@ def verify_output(output_root: str, cfg: StorageConfig, anchors: bytes | None) -
     from .runs import read_records
 
     cols = ["image_id", "run_id", "status", "finished_at", "output_uri", "access_uri", "src_sha256", "out_sha256",
-            "access_sha256", "c2pa_signed"]
+            "access_sha256", "c2pa_signed", "derived_by"]
     rows = latest_rows(load_results(output_root, cfg, columns=cols))
     if rows.num_rows and "c2pa_signed" in rows.column_names:
         rows = rows.filter(pc.fill_null(rows["c2pa_signed"], False))
@@ -377,9 +377,10 @@ def verify_output(output_root: str, cfg: StorageConfig, anchors: bytes | None) -
     for r in rows.to_pylist():
         common = {"run_id": r["run_id"], "image_id": r["image_id"], "serial": serials.get(r["run_id"])}
         jobs.append((r["output_uri"], {**common, "sha256": r["out_sha256"], "parent_sha256": r["src_sha256"]}))
-        if r.get("access_uri"):
-            jobs.append((r["access_uri"], {**common, "sha256": r.get("access_sha256"),
-                                           "parent_sha256": r["out_sha256"]}))
+        if r.get("access_uri"):  # made by the run that made the derivative, or added later (derive.py)
+            maker = r.get("derived_by") or r["run_id"]
+            jobs.append((r["access_uri"], {**common, "run_id": maker, "serial": serials.get(maker),
+                                           "sha256": r.get("access_sha256"), "parent_sha256": r["out_sha256"]}))
     with ThreadPoolExecutor(8) as pool:
         verdicts = list(pool.map(lambda j: verify_file(j[0], cfg, anchors, j[1]), jobs))
     invalid = [v for v in verdicts if not v["ok"]]

@@ -10,7 +10,7 @@ be retried forever.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -80,7 +80,8 @@ class Plan:
     counts: dict[str, int]
     rows: np.ndarray | None = None  # the todo rows' positions in the manifest; None: every row
     # Images not to process whose latest completed row lacks an access copy the settings now ask for (or has
-    # one made with other access settings): image_id and the ledger file holding that row (``_source``).
+    # one made with other access settings): image_id, the ledger file holding that row (``_source``) and the
+    # image's position in the manifest (``_row``).
     derive: pa.Table | None = None
 
     def of_todo(self, column):
@@ -100,10 +101,13 @@ class Wants:
     """The files that settings outside the fingerprint ask for (``config._ADDS_FILES``)."""
     copy_no_face: bool = False
     access_spec: str | None = None  # OutputConfig.access_spec: None when no access copies are wanted
+    # Rows made before access_spec was recorded carry a fingerprint that hashed the access settings: by
+    # fingerprint, the spec their access copies were made with (see job._accepted). Unknown: made again.
+    legacy_specs: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, output: OutputConfig) -> "Wants":
-        return cls(output.copy_no_face, output.access_spec)
+    def of(cls, output: OutputConfig, legacy_specs: dict[str, str | None] | None = None) -> "Wants":
+        return cls(output.copy_no_face, output.access_spec, dict(legacy_specs or {}))
 
 
 def plan(manifest: pa.Table, results: pa.Table, fingerprint: str | list[str], mode: str,
@@ -165,26 +169,34 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str | list[str], mo
         latest_final = newest(order[is_final[order]])
         completed[code[latest_final]] = True
         current[code[latest_final]] = same_fp[latest_final]
+        tried_out = np.zeros(n, dtype=bool)  # max_attempts retryable errors under this fingerprint
         if max_attempts:
-            tries = np.bincount(code[same_fp & flag(RETRYABLE)], minlength=n)
-            gave_up = (tries >= max_attempts) & ~current
+            tried_out = np.bincount(code[same_fp & flag(RETRYABLE)], minlength=n) >= max_attempts
+            gave_up = tried_out & ~current
         if wants is not None and (wants.copy_no_face or wants.access_spec):
             lf = latest_final
 
+            def column(name: str) -> pa.ChunkedArray | None:
+                return pc.filter(results[name], mine) if name in results.column_names else None
+
             def valid(name: str) -> np.ndarray:
-                if name not in results.column_names:
-                    return np.zeros(len(lf), bool)
-                return pc.is_valid(pc.filter(results[name], mine)).to_numpy(zero_copy_only=False)[lf]
+                col = column(name)
+                return np.zeros(len(lf), bool) if col is None else \
+                    pc.is_valid(col).to_numpy(zero_copy_only=False)[lf]
 
             wrote = valid("output_name")
-            if wants.copy_no_face:
-                copy[code[lf[flag({Status.NO_FACE})[lf] & ~wrote]]] = True
+            if wants.copy_no_face:  # current ones only: an outdated one waits for --reprocess outdated
+                copy[code[lf[flag({Status.NO_FACE})[lf] & ~wrote & same_fp[lf]]]] = True
+                copy &= ~tried_out  # a copy that keeps failing (its master gone) is not tried forever
             if wants.access_spec:
-                spec = pc.filter(results["access_spec"], mine) if "access_spec" in results.column_names else None
-                # A row without a spec was made before it was recorded, when the access settings were in its
-                # fingerprint: an accepted one means today's settings.
-                other = np.zeros(len(lf), bool) if spec is None else pc.fill_null(
-                    pc.not_equal(spec, wants.access_spec), False).to_numpy(zero_copy_only=False)[lf]
+                spec = column("access_spec")
+                spec = pa.nulls(int(pc.sum(mine).as_py()), pa.string()) if spec is None else pc.cast(spec, pa.string())
+                if wants.legacy_specs:  # rows from before specs were recorded: their fingerprint's spec
+                    known = pa.array(list(wants.legacy_specs), pa.string())
+                    by_fp = pc.take(pa.array(list(wants.legacy_specs.values()), pa.string()),
+                                    pc.index_in(pc.cast(column("fingerprint"), pa.string()), value_set=known))
+                    spec = pc.coalesce(spec, by_fp)
+                other = pc.fill_null(pc.not_equal(spec, wants.access_spec), True).to_numpy(zero_copy_only=False)[lf]
                 need = flag({Status.OK})[lf] & wrote & (~valid("access_name") | other)
                 access[code[lf[need]]] = True
                 access_row[code[lf[need]]] = np.flatnonzero(mine.to_numpy(zero_copy_only=False))[lf[need]]
@@ -203,12 +215,12 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str | list[str], mo
     counts["todo"] = todo.num_rows
     counts["skipped"] = n - todo.num_rows
     derive = None
-    access &= done
+    access &= done & ~failed  # a later error stays the image's latest row (--reprocess failed sees it)
     if access.any():
-        at = pa.array(access_row[access])
-        derive = pa.table({"image_id": manifest["image_id"].take(pa.array(np.flatnonzero(access))),
+        at, positions = pa.array(access_row[access]), np.flatnonzero(access)
+        derive = pa.table({"image_id": manifest["image_id"].take(pa.array(positions)),
                            "_source": results["_source"].take(at) if "_source" in results.column_names
-                           else pa.nulls(len(at), pa.string())})
+                           else pa.nulls(len(at), pa.string()), "_row": pa.array(positions, pa.int64())})
     if wants is not None and (wants.copy_no_face or wants.access_spec):
         counts["copy_no_face"] = int(copy.sum())
         counts["derive"] = 0 if derive is None else derive.num_rows
@@ -306,10 +318,9 @@ def claims(results: pa.Table) -> pa.Table:
     return pa.concat_tables(parts, promote_options="permissive")
 
 
-def keyed_todo(plan: Plan, manifest: pa.Table, root: str, output: OutputConfig, held: pa.Table | None) -> pa.Table:
-    """The plan's todo rows with their ``output_key`` and ``key_error``: keys are assigned over the whole
-    ``manifest`` (names must be unique across it) and taken by position, not by a join on 10 M ids."""
-    keyed = assign_keys(manifest.select(["image_id", "uri"]), root, output, held)
+def keyed_todo(plan: Plan, keyed: pa.Table) -> pa.Table:
+    """The plan's todo rows with their ``output_key`` and ``key_error`` from ``keyed`` (``assign_keys`` over
+    the whole manifest: names must be unique across it), taken by position, not by a join on 10 M ids."""
     return plan.todo.append_column("output_key", plan.of_todo(keyed["output_key"])).append_column(
         "key_error", plan.of_todo(keyed["key_error"]))
 

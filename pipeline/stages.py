@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__, imageio, jpegblocks, keys, ledger, metadata, provenance, review, storage, weights
-from .config import RunConfig, detect_fingerprint
+from .config import OutputConfig, RunConfig, detect_fingerprint, parse_access_spec
 from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
 from .errors import Fenced
@@ -348,23 +348,27 @@ class Compose:
         the image's suffix keeps the name apart from every other image's, see keys.written_name)."""
         return keys.written_name(row["output_key"], row["image_id"], fmt, self.cfg.output.format)
 
-    def _write_access_copy(self, row: dict, master, restored: bool, parent: tuple[bytes, str, str, str]) -> None:
-        """A small 8-bit JPEG for browsing and the web; the derivative stays the archival master copy."""
-        o = self.cfg.output
+    def _write_access_copy(self, row: dict, master, restored: bool, parent: tuple[bytes, str, str, str],
+                           name: str | None = None, spec: str | None = None) -> None:
+        """A small 8-bit JPEG for browsing and the web; the derivative stays the archival master copy.
+        ``name`` (below access/) defaults to the planned key's; ``spec`` (``OutputConfig.access_spec``) to
+        the settings'."""
+        spec = spec or self.cfg.output.access_spec or OutputConfig(access_copy=True).access_spec
+        long_side, quality = parse_access_spec(spec)
         px = imageio.to8(master)
         h, w = px.shape[:2]
-        if max(h, w) > o.access_long_side:
-            f = o.access_long_side / max(h, w)
+        if max(h, w) > long_side:
+            f = long_side / max(h, w)
             px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-        data = imageio.encode(px, ".jpg", o.access_quality)
+        data = imageio.encode(px, ".jpg", quality)
         data, _ = metadata.carry(row["src_bytes"], data, "JPEG", restored=restored, software=self.software)
-        name = keys.derivative_key(row["output_key"], "JPEG")
+        name = name or keys.derivative_key(row["output_key"], "JPEG")
         if row.get("c2pa_signed"):  # signed exactly when its derivative is; its parent: the derivative
             data = self._sign(row, data, "JPEG", name, parent)
         uri = storage.join(self.access_root, name)
         self._write(uri, "access", data, row)
         row.update(access_uri=uri, access_name=name, access_sha256=hashlib.sha256(data).hexdigest(),
-                   access_spec=o.access_spec)
+                   access_spec=spec)
 
     def _sign(self, row: dict, data: bytes, fmt: str, name: str, parent: tuple[bytes, str, str, str]) -> bytes:
         """``data`` with its Content Credentials (see provenance.py); the last edit before the write."""
@@ -453,11 +457,14 @@ class Compose:
         self.write_derivative(row, img, pixels, faces, changed=changed)
 
     def write_derivative(self, row: dict, img: imageio.Decoded, pixels: np.ndarray, faces: list[dict],
-                         name: str | None = None, changed: list | None = None) -> None:
+                         name: str | None = None, changed: list | None = None,
+                         access: tuple[str, str] | bool | None = None) -> None:
         """Encode ``pixels`` (the master ``img`` with ``faces`` pasted as their ``action`` says), carry the
         master's metadata, sign, write the derivative, its access copy and review crops. ``name``: the
         derivative's name below images/ (default: from the planned key). ``changed``: the regions where
-        ``pixels`` differ from the master's, as ``paste_face`` returns them (None: anywhere)."""
+        ``pixels`` differ from the master's, as ``paste_face`` returns them (None: anywhere). ``access``:
+        the access copy's (name, spec), or False for none (a review keeps what the row had); None: as the
+        settings say."""
         fmt = imageio.output_format(row["src_format"], self.cfg.output.format)
         data, encode_note = self._encode(row, img, pixels, fmt, changed)
         restored_any = any(f.get("action") == "restored" for f in faces)
@@ -478,8 +485,10 @@ class Compose:
         uri = storage.join(self.images_root, name)
         self._write(uri, "images", data, row)
         row.update(output_uri=uri, output_name=name, out_sha256=hashlib.sha256(data).hexdigest())
-        if self.cfg.output.access_copy:
-            self._write_access_copy(row, pixels, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]))
+        access = self.cfg.output.access_copy if access is None else access
+        if access:
+            self._write_access_copy(row, pixels, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]),
+                                    *(access if isinstance(access, tuple) else ()))
         if self.cfg.review.crops:
             self._write_review_crops(row, img.pixels, pixels, faces)
 

@@ -358,3 +358,54 @@ def test_reverting_a_blocks_mode_jpeg_gives_back_the_masters_blocks(weights_dir,
     assert rec["summary"]["failed"] == [] and rec["summary"]["faces_reverted"] == 2
     assert "re-encoded" not in (_latest(out, cfg)["blake"]["notes"] or "")
     assert all(np.array_equal(a, b) for a, b in zip(master, coefficients(uri)))
+
+
+def test_a_rejected_face_leaves_the_access_copy_too_whatever_a_later_run_said(weights_dir, people, tmp_path):
+    """Runs with and without access copies share a fingerprint: the review recomposes with the latest such
+    run's settings, which here had access copies off. The row's access copy is made again all the same
+    (its name and settings from the row), so the restored face leaves both files and the row holds."""
+    import cv2
+
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"brad": people["brad"]}, **{"output.access_copy": True,
+                                                                    "output.access_long_side": 96})
+    before = rows["brad"]
+    later = cfg.model_copy(update={"output": cfg.output.model_copy(update={"access_copy": False})})
+    runs.write_record(str(out), {"run_id": "20240201T000000Z-bbbbbb", "kind": "job", "state": "finished",
+                                 "fingerprint": "fp-test", "config": later.model_dump(mode="json"),
+                                 "software": "archive-restore test", "started_at": "2024-02-01T00:00:00+00:00",
+                                 "lease_generation": 1}, cfg.storage)
+    assert _apply(out, ["brad,0,reject"], cfg, tmp_path)["state"] == "finished"
+    after = _latest(out, cfg)["brad"]
+    access = (out / "access" / after["access_name"]).read_bytes()
+    assert after["access_name"] == before["access_name"] and after["access_spec"] == "96px q85"
+    assert hashlib.sha256(access).hexdigest() == after["access_sha256"] != before["access_sha256"]
+    a = imageio.decode(access, 10**9).pixels.astype(int)
+    derivative = imageio.decode((out / "images" / after["output_name"]).read_bytes(), 10**9).pixels
+    small = cv2.resize(derivative, (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA).astype(int)
+    assert abs(a - small).mean() < 3  # the reverted derivative, small
+
+
+def test_an_access_copy_added_to_a_signed_derivative_verifies(weights_dir, people, tmp_path):
+    """derive.py signs the copy with the derivative as its parent and names the run that made it; the row
+    keeps the derivative's run and says which run added the copy (``derived_by``), and verify checks the
+    copy against that run and its certificate."""
+    from pipeline.derive import AddAccessCopy
+    from pipeline.stages import Compose
+
+    pki = make_pki(tmp_path / "pki")
+    out = tmp_path / "out"
+    cfg, rows = build(weights_dir, out, {"brad": people["brad"]}, pki=pki)  # signed, without access copies
+    on = cfg.model_copy(update={"output": cfg.output.model_copy(update={"access_copy": True})})
+    material = provenance.load(on.provenance, on.storage)
+    added_by = "20240301T000000Z-cccccc"
+    runs.write_record(str(out), {"run_id": added_by, "kind": "job", "state": "finished", "fingerprint": "fp-test",
+                                 "config": on.model_dump(mode="json"), "signing": material.describe(),
+                                 "started_at": "2024-03-01T00:00:00+00:00", "lease_generation": 1}, on.storage)
+    stage = AddAccessCopy(Compose(on, added_by, "fp-test", False, software="archive-restore test",
+                                  provenance=material))
+    done, failed = stage(pa.Table.from_pylist(list(_latest(out, cfg).values())))
+    assert failed == [] and done.num_rows == 1
+    ledger.write_part(done, ledger.part_uri(str(out), added_by, ["brad"]), on.storage)
+    v = provenance.verify_output(str(out), cfg.storage, pki["ca"].read_bytes())
+    assert (v["files"], v["valid"], v["invalid"]) == (2, 2, 0), v["invalid_files"]

@@ -78,3 +78,29 @@ def test_rows_written_again_with_an_access_copy_are_no_runs_throughput():
     before = report.throughput(pa.Table.from_pylist(rows), records)
     later = dict(rows[0], finished_at=t + dt.timedelta(days=3), derived_by="r1")
     assert report.throughput(pa.Table.from_pylist(rows + [later]), records) == before
+
+
+def test_the_planned_access_name_rows_of_older_versions_and_a_row_the_ledger_cannot_take(tmp_path):
+    """The access name comes from the key planned with today's settings (``access_key``: suffixed where two
+    images' copies would share a name); a row without ``output_name`` (older versions) finds its derivative
+    by URI; a row whose values the ledger cannot take, or whose key has an error, fails before any write;
+    the new row is never older than the one it replaces."""
+    import datetime as dt
+
+    cfg, row, out, _ = _setup(tmp_path)
+    ahead = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)  # a clock that ran fast
+    old = dict(row, output_name=None, access_key="a~1234.png", finished_at=ahead, year=1950)
+    bad = dict(row, image_id="b", year="c. 1950")
+    clash = dict(row, image_id="c", key_error="its output name collides with another image's")
+    stage = AddAccessCopy(Compose(cfg, "r1", "f", False, passthrough=pa.schema([("year", pa.int64())])))
+    batch = {}
+    for k in old | bad | clash:  # a numpy batch: per-row values of any type, as a hand-made batch may hold
+        batch[k] = np.empty(3, object)
+        batch[k][:] = [d.get(k) for d in (old, bad, clash)]
+    rows, failed = stage(batch)
+    assert [r["image_id"] for r in rows.to_pylist()] == ["a"]
+    r = rows.to_pylist()[0]
+    assert r["access_name"] == "a~1234.jpg" and r["output_name"] == "a.png" and r["finished_at"] > ahead
+    assert sorted(p.name for p in (out / "access").iterdir()) == ["a~1234.jpg"]
+    reasons = dict(failed)
+    assert "c. 1950" in reasons["b"] and "collides" in reasons["c"]

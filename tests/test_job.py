@@ -306,12 +306,16 @@ def test_access_and_no_face_copies_are_added_without_restoring_again(ray_local, 
 
     from conftest import IMAGES, need
 
+    import cv2
+
     rels = ["whole/codeformer_00.jpg", "old/old_a.png", "old/old_d.png"]  # 4 faces, 1 face, no face
     for rel in rels:
         (tmp_path / "archive" / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(need(IMAGES / rel), tmp_path / "archive" / rel)
+    # old_a.png and old_a.tif: two derivatives, but their access copies would both be old_a.jpg
+    cv2.imwrite(str(tmp_path / "archive" / "old/old_a.tif"), cv2.imread(str(need(IMAGES / "old/old_a.png"))))
     manifest = tmp_path / "m.csv"
-    pacsv.write_csv(pa.table({"uri": [str(tmp_path / "archive" / r) for r in rels]}), manifest)
+    pacsv.write_csv(pa.table({"uri": [str(tmp_path / "archive" / r) for r in rels + ["old/old_a.tif"]]}), manifest)
     out = tmp_path / "out"
 
     def run(**extra):
@@ -327,8 +331,8 @@ def test_access_and_no_face_copies_are_added_without_restoring_again(ray_local, 
 
     second = run(**{"output.access_copy": True, "output.copy_no_face": True})
     assert second["fingerprint"] == first["fingerprint"]
-    assert second["plan"]["todo"] == 1 and second["plan"]["derive"] == 2 and second["plan"]["copy_no_face"] == 1
-    assert second["derived"] == {"access_copies": 2, "failed": 0, "errors": {}}
+    assert second["plan"]["todo"] == 1 and second["plan"]["derive"] == 3 and second["plan"]["copy_no_face"] == 1
+    assert second["derived"] == {"access_copies": 3, "failed": 0, "errors": {}}
     assert second["summary"]["faces"] == 0 and not second["summary"]["restored_on"]  # GFP-GAN never ran
     now = latest()
     for rel in rels[:2]:
@@ -341,12 +345,17 @@ def test_access_and_no_face_copies_are_added_without_restoring_again(ray_local, 
         assert hashlib.sha256(data).hexdigest() == r["access_sha256"]
         px = imageio.decode(data, 10**9).pixels
         assert px.shape[:2] == imageio.decode(derivatives[rel], 10**9).pixels.shape[:2]  # small: not downscaled
+    tif, png = now["old/old_a.tif"], now["old/old_a.png"]  # each its own access copy: neither overwritten
+    assert tif["output_name"] == "old/old_a.tif" and png["output_name"] == "old/old_a.png"
+    assert len({tif["access_name"], png["access_name"]}) == 2 and "~" in tif["access_name"] + png["access_name"]
+    for r in (tif, png):
+        assert hashlib.sha256((out / "access" / r["access_name"]).read_bytes()).hexdigest() == r["access_sha256"]
     copy = now["old/old_d.png"]
     assert copy["status"] == "no_face" and copy["detect_reused"] is True
     assert (out / "images" / "old/old_d.png").read_bytes() == (tmp_path / "archive" / "old/old_d.png").read_bytes()
 
     third = run(**{"output.access_copy": True, "output.copy_no_face": True, "output.access_long_side": 64})
-    assert third["plan"]["todo"] == 0 and third["derived"]["access_copies"] == 2
+    assert third["plan"]["todo"] == 0 and third["derived"]["access_copies"] == 3
     for rel in rels[:2]:
         r = latest()[rel]
         assert r["access_spec"] == "64px q85" and r["run_id"] == before[rel]["run_id"]
@@ -359,7 +368,37 @@ def test_access_and_no_face_copies_are_added_without_restoring_again(ray_local, 
     fresh = tmp_path / "fresh"
     job.run(load_config(None, test_overrides(weights_dir, fresh, manifest, **{
         "output.access_copy": True, "output.copy_no_face": True, "output.access_long_side": 64}), environ={}))
-    assert (fresh / "access" / "old/old_a.jpg").read_bytes() == (out / "access" / "old/old_a.jpg").read_bytes()
+    name = latest()["old/old_a.png"]["access_name"]  # suffixed alike in both outputs
+    assert (fresh / "access" / name).read_bytes() == (out / "access" / name).read_bytes()
     a, b = (imageio.decode((d / "access" / "whole/codeformer_00.jpg").read_bytes(), 10**9).pixels.astype(int)
             for d in (fresh, out))
     assert abs(a - b).mean() < 2.0
+
+
+def test_results_of_settings_that_only_add_files_stay_current_across_the_upgrade():
+    """Before these settings left the fingerprint, an archive made with access copies at 1,024 px got a
+    fingerprint of its own (its run record keeps it). Today, with copies at 2,048 px or none at all, those
+    results are current (no GFP-GAN), and with 2,048 px their copies are made again."""
+    from pipeline.resume import Wants, plan
+
+    h = {"GFPGANv1.4": "aa", "retinaface": "bb"}
+
+    def cfg(**output):
+        return RunConfig().model_copy(update={"output": RunConfig().output.model_copy(update=output)})
+
+    then = cfg(access_copy=True, access_long_side=1024)
+    old_fp = then.fingerprint(h, legacy=True)
+    records = [{"run_id": "r0", "kind": "job", "fingerprint": old_fp, "config": then.model_dump(mode="json")},
+               {"run_id": "r1", "kind": "job", "fingerprint": "other", "config": {"not": "a config"}}]
+    m = pa.table({"image_id": ["a"], "uri": ["/x/a.jpg"]})
+    res = pa.table({"image_id": ["a"], "status": ["ok"], "fingerprint": [old_fp],
+                    "finished_at": pa.array([0], pa.timestamp("ms", tz="UTC")), "output_name": ["a.jpg"],
+                    "access_name": ["a.jpg"]})
+    for today, derive in ((cfg(access_copy=True), ["a"]), (cfg(), None), (then, None)):
+        fp = today.fingerprint(h)
+        pre = job.Preflight(None, {}, fp, False, hashes=h, accepted=today.accepted_fingerprints(h))
+        accepted, specs = job._accepted(today, pre, records)
+        assert old_fp in accepted and specs[old_fp] == "1024px q85"
+        p = plan(m, res, accepted, "outdated", wants=Wants.of(today.output, specs))
+        assert p.todo.num_rows == 0
+        assert (p.derive["image_id"].to_pylist() if p.derive is not None else None) == derive

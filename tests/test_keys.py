@@ -201,3 +201,12 @@ def test_folded_hashes_agree_with_folding_across_slices_and_steps(monkeypatch):
             assert (h[i] == h[j]) == (folded[i] == folded[j]), (names[i], names[j])
     assert (keys._folded_hashes(pa.chunked_array([arr.slice(0, 5), arr.slice(5)])) == h).all()
     assert keys._folded_hashes(pa.array(["", None, ""], pa.string())).tolist() == [0, 0, 0]  # no data buffer
+
+
+def test_an_image_keeps_its_key_when_it_holds_its_only_contested_name():
+    """x/a?.png (its path needed a change) and x/a_.tif: their derivatives differ, their access copies would
+    both be x/a_.jpg. The first holds that access name from an earlier result: it keeps its key (its
+    derivative's name is nobody else's), and the other gets the suffix."""
+    claims = pa.table({"image_id": ["X"], "ns": ["access"], "name": ["x/a_.jpg"]})
+    k, err = keys.assign(["X", "Y"], ["/in/x/a?.png", "/in/x/a_.tif"], "/in/", "same", True, claims)
+    assert k.to_pylist() == ["x/a_.png", keys.with_tag("x/a_.tif", "Y")] and err.null_count == 2

@@ -64,7 +64,7 @@ def test_blank_uris_and_duplicate_ids_across_files(tmp_path):
     d.mkdir()
     pq.write_table(pa.table({"uri": ["/x/a.jpg", " \u00a0\u2003", "/x/b.jpg", None], "image_id": ["1", "2", "3", "4"],
                              "n": [0, 1, 2, 3]}), d / "p0.parquet")
-    pq.write_table(pa.table({"uri": ["/x/c.jpg", "/x/a-again.jpg", "\t\x0b"], "image_id": ["5", "1", "6"],
+    pq.write_table(pa.table({"uri": ["/x/c.jpg", "/x/a-again.jpg", "\t\x0b\x1c\x1f"], "image_id": ["5", "1", "6"],
                              "n": [4, 5, 6]}), d / "p1.parquet")
     m = read_manifest(_cfg(d))
     assert m.table["image_id"].to_pylist() == ["1", "3", "5"]

@@ -208,7 +208,7 @@ def test_files_that_only_settings_outside_the_fingerprint_ask_for():
     res = res.append_column("access_spec", pa.array([None, "2048px q85", "1024px q85", None, "2048px q85",
                                                      None, None, None]))  # f: made before specs were recorded
     res = res.append_column("_source", pa.array([f"/out/_results/{c}.parquet" for c in "abcdefgh"]))
-    wants = resume.Wants(copy_no_face=True, access_spec="2048px q85")
+    wants = resume.Wants(copy_no_face=True, access_spec="2048px q85", legacy_specs={"legacy": "2048px q85"})
     p = resume.plan(m, res, ["fp", "legacy"], "missing", wants=wants)
     assert p.todo["image_id"].to_pylist() == ["d", "g"]
     assert p.derive["image_id"].to_pylist() == ["a", "c", "h"]  # h: outdated, but left alone in this mode
@@ -226,3 +226,24 @@ def test_files_that_only_settings_outside_the_fingerprint_ask_for():
     # only no-face copies asked for
     p = resume.plan(m, res, "fp", "missing", wants=resume.Wants(copy_no_face=True))
     assert p.todo["image_id"].to_pylist() == ["d", "g"] and p.derive is None
+    # a legacy row's copy made with other settings than today's, or with settings nobody knows: made again
+    p = resume.plan(m, res, ["fp", "legacy"], "missing", wants=resume.Wants(
+        access_spec="2048px q85", legacy_specs={"legacy": "1024px q85"}))
+    assert p.derive["image_id"].to_pylist() == ["a", "c", "f", "h"]
+    assert resume.plan(m, res, ["fp", "legacy"], "missing", wants=resume.Wants(
+        access_spec="2048px q85")).derive["image_id"].to_pylist() == ["a", "c", "f", "h"]
+
+
+def test_added_files_never_hide_an_error_or_retry_forever_or_redo_outdated_images():
+    m = pa.table({"image_id": list("abc"), "uri": [f"/x/{c}.jpg" for c in "abc"]})
+    res = _results([("a", "ok", "fp", 0), ("a", "read_error", "fp", 1),      # a later passing failure
+                    ("b", "no_face", "old", 0),                              # outdated: missing mode leaves it
+                    ("c", "no_face", "fp", 0)] + [("c", "read_error", "fp", d) for d in (1, 2, 3)])
+    res = res.append_column("output_name", pa.array(["a.jpg", None, None, None, None, None, None]))
+    res = res.append_column("access_name", pa.nulls(7, pa.string()))
+    wants = resume.Wants(copy_no_face=True, access_spec="2048px q85")
+    p = resume.plan(m, res, "fp", "missing", 3, wants=wants)
+    assert p.derive is None and p.todo.num_rows == 0 and p.counts["failed"] == 2
+    assert resume.plan(m, res, "fp", "failed", 3, wants=wants).todo["image_id"].to_pylist() == ["a", "c"]
+    assert resume.plan(m, res, "fp", "outdated", 3, wants=wants).todo["image_id"].to_pylist() == ["b"]
+    assert resume.plan(m, res.slice(0, 5), "fp", "missing", 3, wants=wants).todo["image_id"].to_pylist() == ["c"]

@@ -50,7 +50,7 @@ def sequential(cfg, paths: list[Path], out: Path) -> tuple[float, int]:
     FaceRestoreHelper = frh.FaceRestoreHelper
 
     model, _ = build_gfpgan(cfg)
-    model.set_modconv_impl("grouped")
+    model.set_modconv_impl("grouped").set_upstream_ops(True)  # upstream's formulation and passes
     det_dir = str(weights.resolve(cfg.detect.model, cfg).path.parent)
     helper = FaceRestoreHelper(1, face_size=512, crop_ratio=(1, 1), det_model=cfg.detect.model, save_ext="png",
                                use_parse=False, device=torch.device("cpu"), model_rootpath=det_dir)

@@ -26,10 +26,11 @@ def tiny():
     return model, io
 
 
+@pytest.mark.parametrize("upstream", [False, True], ids=["ours", "upstream-ops"])
 @pytest.mark.parametrize("impl", ["auto", "batched", "grouped"])
-def test_reproduces_the_official_golden_output(tiny, impl):
+def test_reproduces_the_official_golden_output(tiny, impl, upstream):
     model, io = tiny
-    model.set_modconv_impl(impl)
+    model.set_modconv_impl(impl).set_upstream_ops(upstream)
     with torch.inference_mode():
         out = model(io["input"])
         single = model(io["input"][1:])
@@ -72,6 +73,11 @@ def test_batched_modulated_conv_equals_grouped(kind, batch):
     got = layer(x, style)
     assert got.shape == ref.shape == (batch, cout, 16 if up else 8, 16 if up else 8)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    # a gain and a bias folded into either formulation equal them applied afterwards
+    bias = torch.randn(1, cout, 1, 1)
+    for impl in ("grouped", "batched"):
+        layer.impl = impl
+        assert torch.allclose(layer(x, style, gain=2**0.5, bias=bias), ref * 2**0.5 + bias, atol=1e-5, rtol=1e-4)
 
 
 def test_strict_load_names_the_offending_keys():

@@ -218,6 +218,14 @@ def _error(row: dict, status: Status, message: str) -> None:
     row.update(status=status.value, error=message)
 
 
+def _name_below(uri: str, root: str) -> str:
+    """The name of a file below ``root`` from a row of a version that recorded only its URI; a URI elsewhere
+    (the output copied since) names no file of this output."""
+    if not uri.startswith(root.rstrip("/") + "/"):
+        raise ValueError(f"{uri} is not below {root}; its row predates output_name: process the image again")
+    return uri[len(root.rstrip("/")) + 1:]
+
+
 def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative: bytes) -> None:
     """The derivative made again for ``faces`` into ``compose.deferred`` (see the module docstring); ``row``
     becomes the new result. ``derivative``: the current derivative's bytes."""
@@ -241,12 +249,12 @@ def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative
             pixels[ys, xs][sel] = derived[ys, xs][sel]
             changed.append((ys, xs, sel))
     row.update(src_format=img.format, _faces=faces, notes=None)
-    name = row.get("output_name") or posixpath.relpath(row["output_uri"], compose.images_root)
+    name = row.get("output_name") or _name_below(row["output_uri"], compose.images_root)
     # The access copy as the row has it (its name and settings), whatever the run's settings said: runs with
     # and without access copies share a fingerprint, and a rejected face must leave both files.
     access = False
     if row.get("access_uri"):
-        access_name = row.get("access_name") or posixpath.relpath(row["access_uri"], compose.access_root)
+        access_name = row.get("access_name") or _name_below(row["access_uri"], compose.access_root)
         access = (access_name, row.get("access_spec") or compose.cfg.output.access_spec
                   or OutputConfig(access_copy=True).access_spec)
     compose.write_derivative(row, img, pixels, faces, name=name, changed=changed, access=access)
@@ -437,6 +445,7 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, unfinished, compose
                     left.append(image_id)  # still as an earlier review left it: stays in flight
                 continue
             row["run_id"] = review_id  # its bytes (and their credentials) are the review's now
+            row["derived_by"] = None  # and so is its access copy, whoever added the earlier one
         row["faces"] = [{k: f.get(k) for k in FACE_TYPE.names} for f in faces]
         for k in ("_faces", "src_bytes", "src_format"):
             row.pop(k, None)

@@ -266,14 +266,17 @@ def _accepted(cfg: RunConfig, pre: Preflight, records: list[dict]) -> tuple[list
             past = RunConfig.model_validate(r["config"])
         except Exception:  # noqa: BLE001 - a record of a version whose settings no longer parse
             continue
-        if past.fingerprint(pre.hashes or {}) == pre.fingerprint:
+        # Today's fingerprint from its settings, and its own from them with today's weights and code: a run
+        # with other weights (or before an OUTPUT_VERSION change) gives another value and stays outdated.
+        if past.fingerprint(pre.hashes or {}) == pre.fingerprint and \
+                past.fingerprint(pre.hashes or {}, legacy=True) == r["fingerprint"]:
             if r["fingerprint"] not in accepted:
                 accepted.append(r["fingerprint"])
             specs[r["fingerprint"]] = past.output.access_spec
     return accepted, specs
 
 
-def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, keyed: pa.Table, manifest: pa.Table, run_id: str,
+def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, manifest: pa.Table, run_id: str,
             lease: runs.Lease, input_folders) -> dict:
     """Access copies for images left alone (``resume.plan``'s ``derive``; see derive.py): their latest ``ok``
     rows read from the ledger files planning found them in, with today's manifest's URI and pass-through
@@ -289,12 +292,13 @@ def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, keyed: pa.Table, m
     rows = ledger.load_results(out, cfg.storage, files=files, transform=lambda t: t.filter(pc.and_(
         pc.is_in(t["image_id"], value_set=wanted), pc.equal(t["status"], Status.OK.value))))
     rows = resume.latest_rows(rows)
-    at = pc.take(derive["_row"], pc.index_in(rows["image_id"], value_set=wanted))  # manifest positions
+    mine = pc.index_in(rows["image_id"], value_set=wanted)
+    at = pc.take(derive["_row"], mine)  # manifest positions
     rows = rows.drop_columns([c for c in rows.column_names if c not in RESULT_SCHEMA.names or c == "uri"])
     for name in ["uri", *pre.manifest.passthrough.names]:
         rows = rows.append_column(name, pc.take(manifest[name], at))
-    rows = rows.append_column("access_key", pc.take(keyed["output_key"], at)).append_column(
-        "key_error", pc.take(keyed["key_error"], at))
+    for name in ("access_key", "key_error"):
+        rows = rows.append_column(name, pc.take(derive[name], mine))
     log.info("run %s: making %d access copies from derivatives (no restoration)", run_id, rows.num_rows)
     _start_ray(cfg, lease)
     per_block = max(1, cfg.cluster.compose_batch_size)
@@ -567,18 +571,21 @@ def _run(cfg: RunConfig) -> dict:
         runs.write_record(out, record, cfg.storage)
         log.info("run %s: %d of %d images to process (%s)", run_id, plan.counts["todo"], plan.counts["manifest"],
                  plan.counts)
-        keyed = None
+        derive = todo = None
         if plan.todo.num_rows or plan.derive is not None:
             keyed = resume.assign_keys(manifest.table, manifest.root, cfg.output, resume.claims(results))
-        if plan.todo.num_rows:
-            todo = resume.keyed_todo(plan, keyed)
+            todo = resume.keyed_todo(plan, keyed) if plan.todo.num_rows else None
+            if plan.derive is not None:  # the access name's key, planned with today's settings
+                derive = plan.derive.append_column("access_key", pc.take(keyed["output_key"], plan.derive["_row"]))
+                derive = derive.append_column("key_error", pc.take(keyed["key_error"], plan.derive["_row"]))
+            del keyed  # 10 M keys must not stay in the driver for the whole run
+        if todo is not None:
             if not cfg.redetect or cfg.review.carry_decisions:
                 todo = resume.attach_prior(todo, results, out, cfg.storage)
             del results
             _execute(cfg, pre, todo, run_id, lease, record, progress, t0, inputs.folders)
-        if plan.derive is not None:
-            record["derived"] = _derive(cfg, pre, plan.derive, keyed, manifest.table, run_id, lease,
-                                        inputs.folders)
+        if derive is not None:
+            record["derived"] = _derive(cfg, pre, derive, manifest.table, run_id, lease, inputs.folders)
         if plan.todo.num_rows or plan.derive is not None:
             record["ledger_fold"] = _fold(out, cfg, run_id, lease)
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),

@@ -169,10 +169,9 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str | list[str], mo
         latest_final = newest(order[is_final[order]])
         completed[code[latest_final]] = True
         current[code[latest_final]] = same_fp[latest_final]
-        tried_out = np.zeros(n, dtype=bool)  # max_attempts retryable errors under this fingerprint
         if max_attempts:
-            tried_out = np.bincount(code[same_fp & flag(RETRYABLE)], minlength=n) >= max_attempts
-            gave_up = tried_out & ~current
+            tries = np.bincount(code[same_fp & flag(RETRYABLE)], minlength=n)
+            gave_up = (tries >= max_attempts) & ~current
         if wants is not None and (wants.copy_no_face or wants.access_spec):
             lf = latest_final
 
@@ -187,7 +186,11 @@ def plan(manifest: pa.Table, results: pa.Table, fingerprint: str | list[str], mo
             wrote = valid("output_name")
             if wants.copy_no_face:  # current ones only: an outdated one waits for --reprocess outdated
                 copy[code[lf[flag({Status.NO_FACE})[lf] & ~wrote & same_fp[lf]]]] = True
-                copy &= ~tried_out  # a copy that keeps failing (its master gone) is not tried forever
+                if max_attempts:  # a copy that keeps failing (its master gone) is not tried forever
+                    since = np.full(n, np.iinfo(np.int64).min)
+                    since[code[lf]] = finished[lf]  # errors before the no-face result do not count
+                    failing = same_fp & flag(RETRYABLE) & (finished > since[code])
+                    copy &= np.bincount(code[failing], minlength=n) < max_attempts
             if wants.access_spec:
                 spec = column("access_spec")
                 spec = pa.nulls(int(pc.sum(mine).as_py()), pa.string()) if spec is None else pc.cast(spec, pa.string())

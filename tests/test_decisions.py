@@ -395,7 +395,7 @@ def test_an_access_copy_added_to_a_signed_derivative_verifies(weights_dir, peopl
 
     pki = make_pki(tmp_path / "pki")
     out = tmp_path / "out"
-    cfg, rows = build(weights_dir, out, {"brad": people["brad"]}, pki=pki)  # signed, without access copies
+    cfg, rows = build(weights_dir, out, {"blake": people["blake"]}, pki=pki)  # signed, without access copies
     on = cfg.model_copy(update={"output": cfg.output.model_copy(update={"access_copy": True})})
     material = provenance.load(on.provenance, on.storage)
     added_by = "20240301T000000Z-cccccc"
@@ -406,6 +406,13 @@ def test_an_access_copy_added_to_a_signed_derivative_verifies(weights_dir, peopl
                                   provenance=material))
     done, failed = stage(pa.Table.from_pylist(list(_latest(out, cfg).values())))
     assert failed == [] and done.num_rows == 1
-    ledger.write_part(done, ledger.part_uri(str(out), added_by, ["brad"]), on.storage)
+    ledger.write_part(done, ledger.part_uri(str(out), added_by, ["blake"]), on.storage)
+    v = provenance.verify_output(str(out), cfg.storage, pki["ca"].read_bytes())
+    assert (v["files"], v["valid"], v["invalid"]) == (2, 2, 0), v["invalid_files"]
+    # A review then makes both files again (one face stays restored, so both stay signed): both are the
+    # review's, and verify says so.
+    assert _apply(out, ["blake,0,reject"], on, tmp_path)["state"] == "finished"
+    after = _latest(out, cfg)["blake"]
+    assert after["derived_by"] is None and after["access_uri"]
     v = provenance.verify_output(str(out), cfg.storage, pki["ca"].read_bytes())
     assert (v["files"], v["valid"], v["invalid"]) == (2, 2, 0), v["invalid_files"]

@@ -104,7 +104,7 @@ def test_checkpoint_filter_prefers_params_ema_and_strips_module():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_matches_fp32_on_cuda(tiny):
     model, io = tiny
-    model = model.cuda().set_modconv_impl("batched")
+    model = model.cuda().set_modconv_impl("batched").set_upstream_ops(False)  # the fixture is shared
     x = io["input"].cuda()
     with torch.inference_mode():
         ref = model(x)

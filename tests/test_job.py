@@ -402,3 +402,12 @@ def test_results_of_settings_that_only_add_files_stay_current_across_the_upgrade
         p = plan(m, res, accepted, "outdated", wants=Wants.of(today.output, specs))
         assert p.todo.num_rows == 0
         assert (p.derive["image_id"].to_pylist() if p.derive is not None else None) == derive
+    # The same settings with other weights: those results are outdated, whatever the record says.
+    older = then.fingerprint({**h, "GFPGANv1.4": "older weights"}, legacy=True)
+    stale = [{"run_id": "r0", "kind": "job", "fingerprint": older, "config": then.model_dump(mode="json")}]
+    today = cfg(access_copy=True)
+    pre = job.Preflight(None, {}, today.fingerprint(h), False, hashes=h, accepted=today.accepted_fingerprints(h))
+    accepted, _ = job._accepted(today, pre, stale)
+    assert older not in accepted
+    res = res.set_column(2, "fingerprint", pa.array([older]))
+    assert plan(m, res, accepted, "outdated", wants=Wants.of(today.output)).todo.num_rows == 1

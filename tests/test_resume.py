@@ -247,3 +247,7 @@ def test_added_files_never_hide_an_error_or_retry_forever_or_redo_outdated_image
     assert resume.plan(m, res, "fp", "failed", 3, wants=wants).todo["image_id"].to_pylist() == ["a", "c"]
     assert resume.plan(m, res, "fp", "outdated", 3, wants=wants).todo["image_id"].to_pylist() == ["b"]
     assert resume.plan(m, res.slice(0, 5), "fp", "missing", 3, wants=wants).todo["image_id"].to_pylist() == ["c"]
+    # errors before the no-face result do not count against its copy
+    later = _results([(c, "read_error", "fp", d) for d, c in enumerate("ccc")] + [("c", "no_face", "fp", 5)])
+    later = later.append_column("output_name", pa.nulls(4, pa.string()))
+    assert resume.plan(m.slice(2), later, "fp", "missing", 3, wants=wants).todo["image_id"].to_pylist() == ["c"]

@@ -300,16 +300,19 @@ def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, manifest: pa.Table
     for name in ("access_key", "key_error"):
         rows = rows.append_column(name, pc.take(derive[name], mine))
     log.info("run %s: making %d access copies from derivatives (no restoration)", run_id, rows.num_rows)
-    _start_ray(cfg, lease)
-    per_block = max(1, cfg.cluster.compose_batch_size)
-    ds = ray.data.from_arrow([rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)])
-    ds = ds.map_batches(derive_and_record, fn_kwargs={
-        "cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint, "untrained": pre.untrained,
-        "passthrough": pre.manifest.passthrough, "software": _software(cfg, pre), "fence": lease.fence(),
-        "input_folders": input_folders, "provenance": pre.signing}, batch_size=None, batch_format="pyarrow",
-        num_cpus=1)
     made, errors = 0, {}
-    for batch in _consume(ds, cfg.cluster):
+    batches = []
+    if rows.num_rows:
+        _start_ray(cfg, lease)
+        per_block = max(1, cfg.cluster.compose_batch_size)
+        ds = ray.data.from_arrow([rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)])
+        ds = ds.map_batches(derive_and_record, fn_kwargs={
+            "cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint, "untrained": pre.untrained,
+            "passthrough": pre.manifest.passthrough, "software": _software(cfg, pre), "fence": lease.fence(),
+            "input_folders": input_folders, "provenance": pre.signing}, batch_size=None, batch_format="pyarrow",
+            num_cpus=1)
+        batches = _consume(ds, cfg.cluster)
+    for batch in batches:
         if lease.lost.is_set():
             raise StorageError("this run lost the output's lease (another run may have taken it over); stopping")
         made += batch["error"].null_count

@@ -411,3 +411,25 @@ def test_results_of_settings_that_only_add_files_stay_current_across_the_upgrade
     assert older not in accepted
     res = res.set_column(2, "fingerprint", pa.array([older]))
     assert plan(m, res, accepted, "outdated", wants=Wants.of(today.output)).todo.num_rows == 1
+
+
+def test_an_image_whose_row_vanished_before_its_copy_is_counted_and_ray_is_not_started(tmp_path, monkeypatch):
+    """Planning chose the image, and its ok row is no longer in the file (a concurrent compact moved it):
+    nothing to derive, no Ray, and the run record counts it as not made (tried again next run)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import Manifest
+
+    out = tmp_path / "out"
+    part = out / "_results" / "run=r0" / "part.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["b"], "status": ["ok"], "fingerprint": ["f"],
+                             "finished_at": pa.array([0], pa.timestamp("ms", tz="UTC"))}), part)
+    table = pa.table({"image_id": ["a"], "uri": ["/in/a.jpg"]})
+    pre = job.Preflight(Manifest(table, "/in/", pa.schema([]), 1, 0, 0), {}, "f", False)
+    derive = pa.table({"image_id": ["a"], "_source": [str(part)], "_row": pa.array([0], pa.int64()),
+                       "access_key": ["a.jpg"], "key_error": pa.nulls(1, pa.string())})
+    cfg = RunConfig().model_copy(update={"output": RunConfig().output.model_copy(update={"root": str(out)})})
+    monkeypatch.setattr(job, "_start_ray", lambda *a: pytest.fail("Ray started with nothing to derive"))
+    got = job._derive(cfg, pre, derive, table, "r1", lease=None, input_folders=None)
+    assert got == {"access_copies": 0, "failed": 1, "errors": {}}

@@ -39,10 +39,8 @@ import hashlib
 import io
 import json
 import logging
-import posixpath
 import time
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
 
 import cv2
 import numpy as np
@@ -221,9 +219,10 @@ def _error(row: dict, status: Status, message: str) -> None:
 def _name_below(uri: str, root: str) -> str:
     """The name of a file below ``root`` from a row of a version that recorded only its URI; a URI elsewhere
     (the output copied since) names no file of this output."""
-    if not uri.startswith(root.rstrip("/") + "/"):
+    name = storage.name_below(uri, root)
+    if name is None:
         raise ValueError(f"{uri} is not below {root}; its row predates output_name: process the image again")
-    return uri[len(root.rstrip("/")) + 1:]
+    return name
 
 
 def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative: bytes) -> None:
@@ -452,10 +451,8 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, unfinished, compose
         decided = ", ".join(f"{i} {d}" for i, d in sorted(by_image.get(image_id, {}).items()))
         note = f"curator review {review_id}: " + (f"face {decided}" if decided else "finished an interrupted review")
         row["notes"] = "; ".join(x for x in (old.get("notes"), note) if x)
-        # Latest by finish time: never earlier than the row it replaces, whatever this machine's clock says.
-        now, prior = datetime.now(timezone.utc), old["finished_at"]
         row.update(review_id=review_id, compose_s=time.perf_counter() - t0,
-                   finished_at=max(now, prior + timedelta(milliseconds=1)) if prior else now)
+                   finished_at=ledger.finished_after(old["finished_at"]))
         pending.append(row)
         counts[image_id] = (faces != old["faces"], _reverts(old, faces),
                             *(sum(a.get("review") != verb and b.get("review") == verb

@@ -23,7 +23,6 @@ import hashlib
 import logging
 import posixpath
 import time
-from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 
@@ -79,7 +78,10 @@ class AddAccessCopy:
             raise CannotDerive("its derivative is signed, so its access copy must be: run with "
                                "provenance.c2pa=sign and the signing key")
         # Rows of versions before output_name: the name from the URI (as decisions.py does).
-        name = row.get("output_name") or posixpath.relpath(row["output_uri"], self.compose.images_root)
+        name = row.get("output_name") or storage.name_below(row["output_uri"], self.compose.images_root)
+        if name is None:
+            raise CannotDerive(f"its row predates output_name and its derivative {row['output_uri']} is not "
+                               f"below {self.compose.images_root}: process the image again")
         uri = storage.join(self.compose.images_root, name)  # where the output is today (it may have moved)
         derivative = self._read(uri, row.get("out_sha256"), "derivative")
         master = self._read(row["uri"], row.get("src_sha256"), "master")
@@ -99,13 +101,8 @@ class AddAccessCopy:
             row.pop("_faces", None)
         note = f"access copy made from the derivative by run {self.compose.run_id}"
         row["notes"] = "; ".join(x for x in (row.get("notes"), note) if x)
-        # Never before the row it replaces, whatever this worker's clock says: else that row stays the latest.
-        prior = row.get("finished_at")
-        now = datetime.now(timezone.utc)
-        if prior is not None and prior.tzinfo is None:
-            prior = prior.replace(tzinfo=timezone.utc)
         row.update(output_name=name, derived_by=self.compose.run_id, compose_s=time.perf_counter() - t0,
-                   finished_at=max(now, prior + timedelta(milliseconds=1)) if prior else now)
+                   finished_at=ledger.finished_after(row.get("finished_at")))
         return row
 
 

@@ -33,6 +33,7 @@ import json
 import logging
 import posixpath
 import time
+from datetime import datetime, timedelta, timezone
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -59,6 +60,16 @@ def part_uri(output_root: str, run_id: str, image_ids: list[str]) -> str:
     """Where a batch's rows go: the same batch of the same run always gets the same name."""
     digest = hashlib.sha256("\n".join([run_id, *sorted(image_ids)]).encode()).hexdigest()[:24]
     return storage.join(results_dir(output_root), f"run={run_id}", f"part-{digest}.parquet")
+
+
+def finished_after(prior: datetime | None) -> datetime:
+    """A rewritten row's finish time: now, but never before the row it replaces (``prior``), whatever this
+    machine's clock says; the latest row by finish time is the image's current one."""
+    now = datetime.now(timezone.utc)
+    if prior is None:
+        return now
+    prior = prior if prior.tzinfo else prior.replace(tzinfo=timezone.utc)
+    return max(now, prior + timedelta(milliseconds=1))
 
 
 def write_part(table: pa.Table, uri: str, cfg: StorageConfig) -> None:

@@ -249,6 +249,12 @@ def resolve(uri: str) -> str:
     return f"{scheme}://" + posixpath.normpath("/" + rest).lstrip("/")
 
 
+def name_below(uri: str, root: str) -> str | None:
+    """The path of ``uri`` below ``root`` (as stored, compared by segments), or None when it lies elsewhere."""
+    root = root.rstrip("/") + "/"
+    return uri[len(root):] if uri.startswith(root) else None
+
+
 def is_inside(child: str, parent: str) -> bool:
     """Whether ``child`` equals or lies below ``parent`` (both normalised, compared by path segments)."""
     c, p = normalize(child).rstrip("/"), normalize(parent).rstrip("/")

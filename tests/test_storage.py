@@ -45,3 +45,10 @@ def test_atomic_local_write_leaves_no_temp_files(tmp_path):
     assert os.listdir(tmp_path / "d") == ["f.bin"]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(str(tmp_path / "missing"), cfg)
+
+
+def test_name_below_compares_whole_segments():
+    assert storage.name_below("s3://b/out/images/x/a.jpg", "s3://b/out/images") == "x/a.jpg"
+    assert storage.name_below("s3://b/out/images/x/a.jpg", "s3://b/out/images/") == "x/a.jpg"
+    assert storage.name_below("s3://b/out/images2/a.jpg", "s3://b/out/images") is None
+    assert storage.name_below("/old/out/images/a.jpg", "/new/out/images") is None

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import imageio, ledger, metadata, provenance, runs, storage
-from .config import OutputConfig, RunConfig
+from .config import RunConfig
 from .errors import ConfigError, Fenced
 from .faces import align_matrix, paste_mask
 from .schema import FACE_TYPE, RESULT_SCHEMA, Status
@@ -254,8 +254,7 @@ def _recompose(row: dict, faces: list[dict], compose, cfg: RunConfig, derivative
     access = False
     if row.get("access_uri"):
         access_name = row.get("access_name") or _name_below(row["access_uri"], compose.access_root)
-        access = (access_name, row.get("access_spec") or compose.cfg.output.access_spec
-                  or OutputConfig(access_copy=True).access_spec)
+        access = (access_name, row.get("access_spec"))  # no spec (older rows): the run's settings, as Compose
     compose.write_derivative(row, img, pixels, faces, name=name, changed=changed, access=access)
 
 

@@ -458,7 +458,7 @@ class Compose:
 
     def write_derivative(self, row: dict, img: imageio.Decoded, pixels: np.ndarray, faces: list[dict],
                          name: str | None = None, changed: list | None = None,
-                         access: tuple[str, str] | bool | None = None) -> None:
+                         access: tuple[str, str | None] | bool | None = None) -> None:
         """Encode ``pixels`` (the master ``img`` with ``faces`` pasted as their ``action`` says), carry the
         master's metadata, sign, write the derivative, its access copy and review crops. ``name``: the
         derivative's name below images/ (default: from the planned key). ``changed``: the regions where

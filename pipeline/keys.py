@@ -188,10 +188,13 @@ def assign(image_ids, uris, root: str, output_format: str, access_copy: bool,
         rel = pc.if_else(outside, uris, rel)
     unchanged = pc.fill_null(pc.equal(rel, keys), False)
     del rel
-    names = _names(keys, output_format, access_copy)
-    index = _Index.of(names, claims)
-    contested = _decide(ids, names, claims, index, _screen(ids, index, claims))
-    del names  # the index has what the re-check needs; a second set of 10 M names must not pile up
+    # Every name hashed once; as strings, only the candidates' names are made again (names_at).
+    index = _Index.of(_names(keys, output_format, access_copy), claims)
+
+    def names_at(at: pa.Array) -> dict[str, pa.Array]:  # reads ``keys`` when called: the suffixed ones later
+        return _names(keys.take(at), output_format, access_copy)
+
+    contested = _decide(ids, names_at, claims, index, _screen(ids, index, claims))
     if not contested.any():
         return keys, pa.nulls(len(keys), pa.string())
     mask = pa.array(contested)
@@ -209,7 +212,7 @@ def assign(image_ids, uris, root: str, output_format: str, access_copy: bool,
         recheck = contested.copy()
         for ns, col in _names(pa.array(tagged, pa.string()), output_format, access_copy).items():
             recheck[index.rows_named(ns, _folded_hashes(col))] = True
-    still = _decide(ids, _names(keys, output_format, access_copy), claims, index, recheck)
+    still = _decide(ids, names_at, claims, index, recheck)  # with the suffixed keys
     error = pc.if_else(pa.array(still), pa.scalar("its output name collides with another image's; rename one of "
                                                   "the files"), pa.scalar(None, pa.string()))
     return keys, error
@@ -317,15 +320,15 @@ def _screen(ids: pa.Array, index: _Index, claims: pa.Table | None) -> np.ndarray
     return candidate
 
 
-def _decide(ids: pa.Array, names: dict[str, pa.Array], claims: pa.Table | None, index: _Index,
-            rows: np.ndarray) -> np.ndarray:
+def _decide(ids: pa.Array, names_at, claims: pa.Table | None, index: _Index, rows: np.ndarray) -> np.ndarray:
     """Which of ``rows`` (a mask over the manifest, closed under sharing a name) are contested, exactly:
     per manifest image, whether one of its names is also another manifest image's name, or is claimed by
-    another image's earlier result."""
+    another image's earlier result. ``names_at(positions)``: those images' names by namespace (only the
+    rows' names are ever made: not a second set for the whole manifest)."""
     contested = np.zeros(len(ids), bool)
     if rows.any():
         at = pa.array(np.flatnonzero(rows))
-        sub_names = {ns: as_array(col).take(at) for ns, col in names.items()}
+        sub_names = names_at(at)
         contested[rows] = _contested_exactly(ids.take(at), sub_names, _claims_near(claims, sub_names, index))
     return contested
 
@@ -335,7 +338,8 @@ def _contested(ids, names: dict[str, pa.Array], claims: pa.Table | None) -> pa.A
     another image's earlier result (screened by hashes, then decided exactly)."""
     ids = as_array(ids)
     index = _Index.of(names, claims)
-    return pa.array(_decide(ids, names, claims, index, _screen(ids, index, claims)))
+    return pa.array(_decide(ids, lambda at: {ns: as_array(col).take(at) for ns, col in names.items()}, claims,
+                            index, _screen(ids, index, claims)))
 
 
 def _claims_near(claims: pa.Table | None, names: dict[str, pa.Array], index: _Index) -> pa.Table | None:

@@ -52,7 +52,7 @@ class FaceDetector:
             sd = load_torch_file(weights.path)
             sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
             self.net.load_state_dict(sd, strict=True)
-        self.net.eval()
+        self.net = fold_batch_norms(self.net.eval()).to(memory_format=torch.channels_last)
 
     def detect(self, img_bgr: np.ndarray) -> tuple[list[Face], int]:
         """Faces above threshold, best first, capped at ``max_faces``; also how many were skipped (too small,
@@ -76,9 +76,10 @@ class FaceDetector:
         return faces[: self.cfg.max_faces], too_small + max(0, len(faces) - self.cfg.max_faces)
 
     def _detect_faces(self, img_bgr: np.ndarray) -> np.ndarray:
-        """facexlib's ``RetinaFace.detect_faces`` at the image's own size (its outputs, to the bit: tested),
-        with the prior boxes cached per input size instead of rebuilt by a Python loop on every call (about
-        30% of a mobile0.25 detection measured on a 1,600 px copy); rows: x1, y1, x2, y2, score, 5 landmarks."""
+        """facexlib's ``RetinaFace.detect_faces`` at the image's own size (on the same network, its outputs
+        to the bit: tested), with the prior boxes cached per input size instead of rebuilt by a Python loop
+        on every call (about 30% of a mobile0.25 detection measured on a 1,600 px copy); the input goes in
+        channels_last as it lies in memory (HWC), without a copy. Rows: x1, y1, x2, y2, score, 5 landmarks."""
         import torch  # imported here: Compose uses this module for paste-back and must not load torch
         from facexlib.detection.retinaface_utils import decode, decode_landm, py_cpu_nms
 
@@ -100,6 +101,33 @@ class FaceDetector:
             dets = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
             nms = py_cpu_nms(dets, self.cfg.nms_threshold)
             return np.concatenate((dets[nms, :], landms[order][nms]), axis=1)
+
+
+def fold_batch_norms(net: "torch.nn.Module") -> "torch.nn.Module":
+    """Each Conv2d that feeds a BatchNorm2d directly becomes one conv with the BN's scale and shift in its
+    weights, in place: consecutive children of an ``nn.Sequential`` or of torchvision's
+    ``IntermediateLayerGetter`` (both run their children in order), and ``convK``/``bnK`` of torchvision's
+    ResNet blocks. With channels_last this makes mobile0.25 at 1,600 px 1.6x faster on one core (211 ->
+    134 ms); outputs move by float rounding only (~1e-4: tested)."""
+    import torch.nn as nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    assert not net.training, "batch norms fold only in eval mode"
+    for mod in list(net.modules()):
+        kids = list(mod._modules.items())
+        if isinstance(mod, (nn.Sequential, IntermediateLayerGetter)):
+            pairs = [(n1, n2) for (n1, a), (n2, b) in zip(kids, kids[1:])
+                     if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)]
+        elif isinstance(mod, (BasicBlock, Bottleneck)):  # forward: out = bnK(convK(x)) for each K
+            pairs = [(f"conv{k}", f"bn{k}") for k in (1, 2, 3) if f"conv{k}" in mod._modules]
+        else:
+            continue
+        for n1, n2 in pairs:
+            mod._modules[n1] = fuse_conv_bn_eval(mod._modules[n1], mod._modules[n2])
+            mod._modules[n2] = nn.Identity()
+    return net
 
 
 @functools.lru_cache(maxsize=32)

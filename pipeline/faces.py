@@ -235,7 +235,7 @@ def _feather(mask: np.ndarray, w_edge: int) -> np.ndarray:
 def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
                luminance_only: bool = False) -> tuple[slice, slice, np.ndarray]:
     """Blend ``face_bgr`` (512x512 restored crop) into ``master`` in place, through the inverse of ``affine``,
-    with ``paste_mask``'s mask. Pixels where the mask is 0 are not touched; alpha is never touched.
+    with ``paste_mask``'s mask. Pixels where the mask is 0 keep their values; alpha is never touched.
     ``luminance_only``: paste only the face's luminance (monochrome and tinted masters).
     Returns the region of interest and the boolean mask of the pixels changed within it.
     """
@@ -245,18 +245,22 @@ def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
     face = cv2.warpAffine(_face_to_master(face_bgr, master), roi_inv, mask.shape[::-1])
     region = master[ys, xs]
     colour = region if region.ndim == 2 else region[:, :, :3]
-    m = mask if colour.ndim == 2 else mask[:, :, None]
+    touched = mask > 0
     hi = 65535 if master.dtype == np.uint16 else 255
     if luminance_only and colour.ndim == 3:
         face = _luminance_only(face, colour, float(hi))
     # m * face + (1 - m) * colour, rounded and clipped: the same float32 operations as the plain expression
-    # (so the same bits), in place: on a face 1,400 px wide it took 0.75 s in temporaries, now 0.09 s.
-    face *= m
+    # (so the same bits), in place and with OpenCV's vector loops (numpy broadcasts the mask slowly): on a
+    # face 1,400 px wide it took 0.75 s in temporaries, now ~0.05 s.
+    if colour.ndim == 3:
+        mask = cv2.merge([mask] * colour.shape[2])
+    cv2.multiply(face, mask, dst=face)
     rest = colour.astype(np.float32)
-    rest *= 1.0 - m
-    face += rest
+    cv2.multiply(rest, np.subtract(1.0, mask, dtype=np.float32), dst=rest)
+    cv2.add(face, rest, dst=face)
     np.rint(face, out=face)
     np.clip(face, 0, hi, out=face)
-    touched = mask > 0
-    np.copyto(colour, face.astype(master.dtype), where=touched if colour.ndim == 2 else touched[:, :, None])
+    # Written whole: where the mask is 0 the blend gives the pixel back exactly (0 * face + 1 * colour,
+    # already whole), and a masked copy cost as much as the blend.
+    colour[...] = face.astype(master.dtype)
     return ys, xs, touched

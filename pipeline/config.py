@@ -321,23 +321,44 @@ class RunConfig(_Section):
         return v.rstrip("/") if v else v
 
     def accepted_fingerprints(self, weight_hashes: dict[str, str]) -> list[str]:
-        """The fingerprint, then the legacy one when it differs: a result with either is current."""
-        fps = [self.fingerprint(weight_hashes), self.fingerprint(weight_hashes, legacy=True)]
-        return fps[:1] if fps[1] == fps[0] else fps
+        """The fingerprints a result may carry and be current: today's for each device ``restore.device``
+        allows (with ``auto``, results restored on CUDA and on CPU both count), then the forms earlier
+        versions computed for the same settings (``unresolved``, then ``legacy``) when they differ."""
+        devices = ["cuda", "cpu"] if self.restore.device == "auto" else [self.restore.device]
+        fps = [self.fingerprint(weight_hashes, device=d) for d in devices]
+        fps += [self.unresolved().fingerprint(weight_hashes), self.fingerprint(weight_hashes, legacy=True)]
+        return list(dict.fromkeys(fps))
 
-    def fingerprint(self, weight_hashes: dict[str, str], legacy: bool = False) -> str:
+    def resolved_precision(self, device: str | None = None) -> str:
+        """``restore.precision`` as it runs on ``device`` (cuda or cpu; None: ``restore.device``): auto is
+        fp16 on CUDA and fp32 on CPU, and stays ``auto`` while the device is not known."""
+        if self.restore.precision != "auto":
+            return self.restore.precision
+        return {"cuda": "fp16", "cpu": "fp32"}.get(device or self.restore.device, "auto")
+
+    def unresolved(self) -> "RunConfig":
+        """These settings with ``restore.device=auto``: their fingerprint without a device is the form versions
+        before the precision was resolved computed (``auto`` hashed as the word)."""
+        return self.model_copy(update={"restore": self.restore.model_copy(update={"device": "auto"})})
+
+    def fingerprint(self, weight_hashes: dict[str, str], legacy: bool = False, device: str | None = None) -> str:
         """Hash of everything that changes a derivative's bytes or a result's faces. Settings that only add
         files (``_ADDS_FILES``: no-face copies, access copies) are hashed at their defaults, so that turning
         them on adds those files (``resume.plan``'s ``derive``) instead of making GFP-GAN run again, and the
-        defaults' fingerprint stays what it was. ``legacy``: the hash as versions before that computed it
-        (with their values): rows made then with today's settings are current too."""
+        defaults' fingerprint stays what it was. The precision is hashed as it runs (``resolved_precision``
+        on ``device``, else on ``restore.device``): fp16 on CUDA and fp32 on CPU give other bytes. The job
+        knows the device once Ray is up (``job.resolve_device``); before, with ``restore.device=auto``, the
+        value is the unresolved form. ``legacy``: the hash as versions before the settings that only add
+        files left it computed it (with their values, and the precision as written)."""
         output = self.output.model_dump(exclude={"root", *_NOT_IN_FINGERPRINT, *_WHEN_NOT_DEFAULT})
+        restore = self.restore.model_dump(include={"model", "precision"})
         if not legacy:
             output.update({k: OutputConfig.model_fields[k].default for k in _ADDS_FILES})
+            restore["precision"] = self.resolved_precision(device)
         relevant = {
             "output_version": OUTPUT_VERSION,
             "detect": self.detect.model_dump(),
-            "restore": self.restore.model_dump(include={"model", "precision"}),
+            "restore": restore,
             "qa": self.qa.model_dump(),
             "output": output,
             "max_pixels": self.input.max_pixels,

@@ -259,16 +259,18 @@ def _accepted(cfg: RunConfig, pre: Preflight, records: list[dict]) -> tuple[list
     legacy = cfg.fingerprint(pre.hashes or {}, legacy=True)
     if legacy != pre.fingerprint:
         specs[legacy] = cfg.output.access_spec
+    today = cfg.unresolved().fingerprint(pre.hashes or {})
     for r in records:
-        if r.get("kind", "job") != "job" or not r.get("config") or r.get("fingerprint") in (None, pre.fingerprint):
+        if r.get("kind", "job") != "job" or not r.get("config") or r.get("fingerprint") in (None, *accepted):
             continue
         try:
             past = RunConfig.model_validate(r["config"])
         except Exception:  # noqa: BLE001 - a record of a version whose settings no longer parse
             continue
-        # Today's fingerprint from its settings, and its own from them with today's weights and code: a run
-        # with other weights (or before an OUTPUT_VERSION change) gives another value and stays outdated.
-        if past.fingerprint(pre.hashes or {}) == pre.fingerprint and \
+        # Today's fingerprint from its settings (both in the form that hashes the precision as written, as
+        # that run did), and its own from them with today's weights and code: a run with other weights (or
+        # before an OUTPUT_VERSION change) gives another value and stays outdated.
+        if past.unresolved().fingerprint(pre.hashes or {}) == today and \
                 past.fingerprint(pre.hashes or {}, legacy=True) == r["fingerprint"]:
             if r["fingerprint"] not in accepted:
                 accepted.append(r["fingerprint"])
@@ -343,6 +345,11 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         log.warning("cluster.elastic=false on a Ray of several nodes: pools are sized as if it were one machine, "
                     "and a stage may find no node with room for its share")
     rp = plan_resources(resources, cfg, elastic=elastic)
+    # The device is known now: results carry the fingerprint of the precision they are restored in (one of
+    # those planning accepted), and so does the record that decisions and reports find their settings in.
+    pre.fingerprint = cfg.fingerprint(pre.hashes or {}, device=rp.device)
+    record["fingerprint"] = pre.fingerprint
+    runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
     # Memory is declared on a cluster, where it decides how many actors a node takes; a local Ray the job
     # started is one fixed machine whose pools already follow its CPUs.
     cc = cfg.cluster

@@ -71,6 +71,7 @@ IN_FINGERPRINT = {
     "detect.long_side": "", "detect.min_eye_dist": "", "detect.max_faces": "",
     "restore.model": "the restoration (its weights' sha256 is hashed too)",
     "restore.precision": "the restoration's numerics",
+    "restore.device": "with precision auto, which one runs (fp16 on CUDA, fp32 on CPU)",
     "qa.identity_backend": "identity scores, and so QA verdicts and kept faces", "qa.onnx_model": "",
     "qa.min_identity_similarity": "", "qa.on_low_identity": "",
     "output.format": "the derivative's bytes", "output.jpeg_quality": "", "output.jpeg_mode": "",
@@ -141,10 +142,37 @@ def test_output_version_keys_detection_reuse_and_version_1_keeps_old_values(monk
 def test_settings_that_only_add_files_leave_the_fingerprint_but_not_its_legacy_form():
     base = RunConfig()
     w = {"GFPGANv1.4": "aa", "retinaface": "bb"}
-    assert base.accepted_fingerprints(w) == [base.fingerprint(w)]  # the defaults: one fingerprint, as before
+    resolved = [base.fingerprint(w, device="cuda"), base.fingerprint(w, device="cpu")]
+    # the defaults: their results on either device, and those made before the precision was resolved
+    assert base.accepted_fingerprints(w) == [*resolved, base.fingerprint(w)]
     for dotted in ADDS_FILES:
         annotation = type(base.output).model_fields[dotted.split(".")[1]].annotation
         changed = _changed(base, dotted, _other(annotation, getattr(base.output, dotted.split(".")[1])))
         assert changed.fingerprint(w) == base.fingerprint(w), dotted
         legacy = changed.fingerprint(w, legacy=True)
-        assert legacy != base.fingerprint(w) and changed.accepted_fingerprints(w) == [base.fingerprint(w), legacy]
+        assert legacy != base.fingerprint(w)
+        assert changed.accepted_fingerprints(w) == [*resolved, base.fingerprint(w), legacy]
+
+
+def test_the_fingerprint_hashes_the_precision_that_runs():
+    """auto means fp16 on CUDA and fp32 on CPU: other bytes, other fingerprints; the form without a device
+    (what versions before computed, auto hashed as the word) stays the pinned defaults' value."""
+    w = {"GFPGANv1.4": "aa", "retinaface": "bb"}
+
+    def cfg(precision="auto", device="auto"):
+        base = RunConfig()
+        return base.model_copy(update={"restore": base.restore.model_copy(update={"precision": precision,
+                                                                                    "device": device})})
+
+    auto = cfg()
+    assert auto.fingerprint(w) == "db5487900fdb137d"  # unresolved: archives made before stay current
+    assert auto.fingerprint(w, device="cuda") == cfg("fp16").fingerprint(w) == cfg(device="cuda").fingerprint(w)
+    assert auto.fingerprint(w, device="cpu") == cfg("fp32").fingerprint(w) == cfg(device="cpu").fingerprint(w)
+    assert auto.fingerprint(w, device="cuda") != auto.fingerprint(w, device="cpu") != auto.fingerprint(w)
+    assert cfg("bf16").fingerprint(w, device="cuda") == cfg("bf16").fingerprint(w, device="cpu")
+    # restore.device names what counts: CUDA results are not current for a run asked to restore on CPU
+    assert cfg(device="cpu").accepted_fingerprints(w) == [auto.fingerprint(w, device="cpu"), auto.fingerprint(w)]
+    assert cfg(device="cuda").accepted_fingerprints(w) == [auto.fingerprint(w, device="cuda"), auto.fingerprint(w)]
+    # an explicit precision was hashed as written before too: one fingerprint
+    assert cfg("fp32").accepted_fingerprints(w) == [cfg("fp32").fingerprint(w)]
+    assert cfg("fp32", "cpu").fingerprint(w) == cfg("fp32").unresolved().fingerprint(w)

@@ -100,6 +100,12 @@ def test_end_to_end_job_on_local_ray(ray_local, weights_dir, archive, tmp_path):
 
     res = _results(out).to_pylist()
     assert len(res) == len(uris) and len({r["image_id"] for r in res}) == len(uris)
+    # The fingerprint of the precision on the device the job planned (the logical GPU: cuda), one of those
+    # planning accepted; the record holds it, as decisions and reports look settings up by it.
+    hashes = {n: w["sha256"] for n, w in record["weights"].items()}
+    assert record["restore_plan"]["device"] == "cuda"
+    assert record["fingerprint"] == cfg.fingerprint(hashes, device="cuda") != cfg.fingerprint(hashes, device="cpu")
+    assert record["fingerprint"] in record["fingerprints"]
     by_uri = {r["uri"]: r for r in res}
     for rel in E2E_IMAGES:
         r = by_uri[str(archive / rel)]
@@ -394,7 +400,9 @@ def test_results_of_settings_that_only_add_files_stay_current_across_the_upgrade
     res = pa.table({"image_id": ["a"], "status": ["ok"], "fingerprint": [old_fp],
                     "finished_at": pa.array([0], pa.timestamp("ms", tz="UTC")), "output_name": ["a.jpg"],
                     "access_name": ["a.jpg"]})
-    for today, derive in ((cfg(access_copy=True), ["a"]), (cfg(), None), (then, None)):
+    on_cuda = cfg(access_copy=True)
+    on_cuda = on_cuda.model_copy(update={"restore": on_cuda.restore.model_copy(update={"device": "cuda"})})
+    for today, derive in ((cfg(access_copy=True), ["a"]), (cfg(), None), (then, None), (on_cuda, ["a"])):
         fp = today.fingerprint(h)
         pre = job.Preflight(None, {}, fp, False, hashes=h, accepted=today.accepted_fingerprints(h))
         accepted, specs = job._accepted(today, pre, records)

@@ -207,13 +207,13 @@ class _Vanished(Exception):
 
 
 def _read_one(uri: str, cfg: StorageConfig, columns: list[str] | None) -> pa.Table | None:
-    """One result file; None when it is torn. On an object store a per-batch file (small) is fetched with
-    one GET and parsed in memory: Arrow's ranged reads cost a HEAD, the footer and a GET per column chunk,
-    which made each file ~3x as slow to read. Folded files (large, few) keep the ranged reads, so that
-    column projection saves transfer."""
+    """One result file; None when it is torn. On an object store a per-batch file (small) is fetched whole
+    (``storage.read_small``) and parsed in memory: Arrow's ranged reads cost a HEAD, the footer and a GET
+    per column chunk, which made each file ~3x as slow to read. Folded files (large, few) keep the ranged
+    reads, so that column projection saves transfer."""
     if storage.is_remote(uri) and "/fold=" not in uri:
         def read() -> pa.Table:
-            return _read_columns(pa.py_buffer(storage.read_bytes(uri, cfg)), None, columns)
+            return _read_columns(pa.py_buffer(storage.read_small(uri, cfg)), None, columns)
     else:
         fs, path = storage.get_arrow_fs(uri, cfg)
 

@@ -9,7 +9,9 @@ import posixpath
 import random
 import re
 import tempfile
+import threading
 import time
+import urllib.parse
 from typing import Callable, TypeVar
 
 import fsspec
@@ -89,6 +91,53 @@ def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
     block-sized ranged GETs); large ones are fetched in concurrent ranges."""
     fs, path = get_fs(uri, cfg)
     return retrying(lambda: fs.cat_file(path), f"read of {uri}", cfg)
+
+
+_ARROW_S3: dict[tuple, pafs.S3FileSystem] = {}
+_ARROW_S3_LOCK = threading.Lock()
+_ARROW_S3_OFF: list[str] = []  # why the native client was given up in this process (then s3fs reads)
+
+
+def _arrow_s3(bucket: str, cfg: StorageConfig) -> pafs.S3FileSystem:
+    """Arrow's own (C++) S3 client for ``bucket``, one per endpoint and region for the process. Credentials
+    come from the AWS SDK's default chain (environment, profile, web identity, instance role), as botocore's
+    do for s3fs; the region from the environment, else asked of the bucket (AWS only)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    key = (cfg.s3_endpoint_url, cfg.s3_max_attempts, region, None if region or cfg.s3_endpoint_url else bucket)
+    with _ARROW_S3_LOCK:
+        fs = _ARROW_S3.get(key)
+        if fs is None:
+            kw: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.s3_max_attempts)}
+            if cfg.s3_endpoint_url:
+                u = urllib.parse.urlsplit(cfg.s3_endpoint_url)
+                kw.update(endpoint_override=u.netloc + u.path.rstrip("/"), scheme=u.scheme or "https")
+            kw["region"] = region or ("us-east-1" if cfg.s3_endpoint_url else pafs.resolve_s3_region(bucket))
+            fs = _ARROW_S3[key] = pafs.S3FileSystem(**kw)
+    return fs
+
+
+def read_small(uri: str, cfg: StorageConfig) -> bytes:
+    """``read_bytes`` for one process reading many small objects (the ledger's per-batch files): on S3
+    through Arrow's C++ client, which costs the reader ~1 ms of CPU a GET where s3fs costs ~4 (measured on
+    moto: a 20,000-file ledger is CPU-bound in the driver). A missing object raises ``FileNotFoundError``;
+    any other failure (credentials or a region the AWS SDK resolves differently, throttling) reads the
+    object through s3fs instead, with its retries, and the process keeps to s3fs from then on."""
+    if not uri.startswith(("s3://", "s3a://")) or _ARROW_S3_OFF:
+        return read_bytes(uri, cfg)
+    path = normalize(uri).split("://", 1)[1]
+    try:
+        with _arrow_s3(path.split("/", 1)[0], cfg).open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        with _ARROW_S3_LOCK:  # the reading threads fail together: one of them says so
+            first = not _ARROW_S3_OFF
+            _ARROW_S3_OFF.append(f"{type(e).__name__}: {e}")
+        if first:
+            log.warning("reading %s with Arrow's S3 client failed (%s: %s); reading through s3fs from now on",
+                        uri, type(e).__name__, e)
+        return read_bytes(uri, cfg)
 
 
 def read_head(uri: str, cfg: StorageConfig, n: int = 1024) -> bytes:

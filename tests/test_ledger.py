@@ -76,3 +76,55 @@ def test_older_files_without_a_column_read_as_nulls(tmp_path):
     ledger.write_part(_rows(["b"]), ledger.part_uri(out, "r1", ["b"]), CFG)
     t = ledger.load_results(out, CFG, columns=["image_id", "run_id"]).sort_by("image_id")
     assert t["run_id"].to_pylist() == [None, "r1"]
+
+
+def _s3_ledger(s3fs_client, endpoint, bucket, n=12):
+    s3fs_client.mkdir(bucket)
+    cfg = StorageConfig(s3_endpoint_url=endpoint, retries=1)
+    out = f"s3://{bucket}/out"
+    for i in range(n):
+        ledger.write_part(_rows([f"img{i:03d}a", f"img{i:03d}b"], run=f"r{i % 3}"),
+                          ledger.part_uri(out, f"r{i % 3}", [f"img{i:03d}a"]), cfg)
+    return out, cfg
+
+
+def test_s3_ledger_files_are_read_with_arrows_s3_client(s3_endpoint, s3fs_client, monkeypatch):
+    """Per-batch files on S3 are fetched by Arrow's client (s3fs is never asked for them), same rows."""
+    from pipeline import storage
+
+    out, cfg = _s3_ledger(s3fs_client, s3_endpoint, "native-ledger")
+    monkeypatch.setattr(storage, "_ARROW_S3_OFF", [])
+
+    def no_s3fs(uri, cfg):
+        raise AssertionError(f"s3fs read {uri}")
+
+    monkeypatch.setattr(storage, "read_bytes", no_s3fs)
+    got = ledger.load_results(out, cfg).sort_by("image_id")
+    assert got["image_id"].to_pylist() == sorted(f"img{i:03d}{x}" for i in range(12) for x in "ab")
+    assert set(got["run_id"].to_pylist()) == {"r0", "r1", "r2"} and not storage._ARROW_S3_OFF
+    with pytest.raises(FileNotFoundError):  # a vanished file is not an error to fall back from
+        storage.read_small(f"{out}/_results/run=r0/gone.parquet", cfg)
+    assert not storage._ARROW_S3_OFF
+
+
+def test_when_arrows_s3_client_fails_the_ledger_is_read_through_s3fs(s3_endpoint, s3fs_client, monkeypatch, caplog):
+    """A client Arrow cannot use here (credentials, region, an endpoint it reaches otherwise: a closed port
+    stands in) costs one warning: every file is read through s3fs, and the process keeps to s3fs."""
+    import pyarrow.fs as pafs
+
+    from pipeline import storage
+    from conftest import free_port
+
+    out, cfg = _s3_ledger(s3fs_client, s3_endpoint, "fallback-ledger")
+    monkeypatch.setattr(storage, "_ARROW_S3_OFF", [])
+    broken = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{free_port()}", scheme="http", region="us-east-1",
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), connect_timeout=1)
+    asked = []
+    monkeypatch.setattr(storage, "_arrow_s3", lambda bucket, cfg: asked.append(bucket) or broken)
+    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+        got = ledger.load_results(out, cfg)
+    assert got.num_rows == 24 and len(set(got["image_id"].to_pylist())) == 24
+    assert storage._ARROW_S3_OFF and 1 <= len(asked) <= 16  # the threads already reading when it failed
+    assert sum("reading through s3fs from now on" in r.message for r in caplog.records) == 1
+    asked.clear()
+    assert ledger.load_results(out, cfg).num_rows == 24 and not asked

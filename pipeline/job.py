@@ -596,8 +596,9 @@ def _run(cfg: RunConfig) -> dict:
             _execute(cfg, pre, todo, run_id, lease, record, progress, t0, inputs.folders)
         if derive is not None:
             record["derived"] = _derive(cfg, pre, derive, manifest.table, run_id, lease, inputs.folders)
-        if plan.todo.num_rows or plan.derive is not None:
-            record["ledger_fold"] = _fold(out, cfg, run_id, lease)
+        # Also with nothing to do: a run killed before its fold left one file per batch, which every read
+        # of the ledger pays for until some run folds them (one listing when there are none).
+        record["ledger_fold"] = _fold(out, cfg, run_id, lease)
         record.update(state="finished", phase="done", finished_at=runs.now_iso(),
                       summary=progress.summary(time.perf_counter() - t0), results=ledger.results_dir(out))
         record.pop("progress", None)

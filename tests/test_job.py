@@ -1,5 +1,6 @@
 """The whole job on a real local Ray with a logical GPU: every row and derivative, resume, kill-and-resume."""
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pipeline import compaction, imageio, job, ledger, resume, runs
 from pipeline.config import ClusterConfig, RestoreConfig, RunConfig, StorageConfig, load_config
 from pipeline.errors import ConfigError
 
-from conftest import E2E_IMAGES, REPO, TINY_GFPGAN, test_overrides
+from conftest import E2E_IMAGES, IMAGES, REPO, TINY_GFPGAN, need, test_overrides
 from test_faces import EXPECTED
 
 
@@ -441,3 +442,37 @@ def test_an_image_whose_row_vanished_before_its_copy_is_counted_and_ray_is_not_s
     monkeypatch.setattr(job, "_start_ray", lambda *a: pytest.fail("Ray started with nothing to derive"))
     got = job._derive(cfg, pre, derive, table, "r1", lease=None, input_folders=None)
     assert got == {"access_copies": 0, "failed": 1, "errors": {}}
+
+
+def test_a_run_with_nothing_to_do_folds_what_a_killed_run_left_loose(weights_dir, tmp_path):
+    """A run killed before its fold leaves one file per batch; the next run folds them even when it has
+    nothing to process (before, only a run with work folded, so an archive that was complete stayed at
+    one file per batch until someone ran `compact`). No Ray is started for it."""
+    from pipeline import weights
+    from pipeline.manifest import read_manifest
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        shutil.copy(need(IMAGES / "whole/codeformer_03.jpg"), src / name)
+    manifest = tmp_path / "manifest.csv"
+    pacsv.write_csv(pa.table({"uri": [str(p) for p in sorted(src.iterdir())]}), manifest)
+    out = tmp_path / "out"
+    cfg = load_config(None, test_overrides(weights_dir, out, manifest), environ={})
+    hashes = {n: r.sha256 for n, r in weights.resolve_all(cfg).items()}
+    fp = cfg.fingerprint(hashes, device="cpu")
+    ids = read_manifest(cfg).table["image_id"].to_pylist()
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for i in ids:  # the killed run's batches: every image finished (no face: no file to check)
+        ledger.write_part(pa.table({"image_id": [i], "status": ["no_face"], "fingerprint": [fp], "run_id": ["killed"],
+                                    "finished_at": pa.array([t], pa.timestamp("ms", tz="UTC")),
+                                    "faces_skipped": [0]}), ledger.part_uri(str(out), "killed", [i]), StorageConfig())
+    assert len(ledger.list_ledger(str(out), StorageConfig()).loose) == 3
+
+    record = job.run(cfg)
+
+    assert record["plan"]["todo"] == 0 and record["state"] == "finished"
+    assert record["ledger_fold"]["files_before"] == 3
+    listing = ledger.list_ledger(str(out), StorageConfig())
+    assert not listing.loose and len(listing.files) == 1
+    assert sorted(_results(out)["image_id"].to_pylist()) == sorted(ids)

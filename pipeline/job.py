@@ -305,14 +305,19 @@ def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, manifest: pa.Table
     made, errors = 0, {}
     batches = []
     if rows.num_rows:
-        _start_ray(cfg, lease)
+        session = _start_ray(cfg, lease)
+        elastic = cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
+        # A derive task holds what a Compose task does (a derivative's pixels, a copy, their encodings)
+        memory = declared_memory(cfg, "cpu", elastic)["compose"]
+        cpus = cfg.cluster.compose_task_cpus  # on one fixed machine: never more than it has, or nothing runs
+        cpus = cpus if elastic else min(cpus, float(ray.cluster_resources().get("CPU", 1)))
         per_block = max(1, cfg.cluster.compose_batch_size)
         ds = ray.data.from_arrow([rows.slice(i, per_block) for i in range(0, rows.num_rows, per_block)])
         ds = ds.map_batches(derive_and_record, fn_kwargs={
             "cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint, "untrained": pre.untrained,
             "passthrough": pre.manifest.passthrough, "software": _software(cfg, pre), "fence": lease.fence(),
             "input_folders": input_folders, "provenance": pre.signing}, batch_size=None, batch_format="pyarrow",
-            num_cpus=1)
+            num_cpus=cpus, memory=memory)
         batches = _consume(ds, cfg.cluster)
     for batch in batches:
         if lease.lost.is_set():
@@ -350,13 +355,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     pre.fingerprint = cfg.fingerprint(pre.hashes or {}, device=rp.device)
     record["fingerprint"] = pre.fingerprint
     runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
-    # Memory is declared on a cluster, where it decides how many actors a node takes; a local Ray the job
-    # started is one fixed machine whose pools already follow its CPUs.
-    cc = cfg.cluster
-    explicit = any(v is not None for v in (cc.decode_actor_memory_gb, cc.restore_actor_memory_gb,
-                                            cc.compose_task_memory_gb))
-    memory = memory_plan(cfg, rp.device) if elastic or explicit else \
-        {"decode": None, "restore": None, "compose": None}
+    memory = declared_memory(cfg, rp.device, elastic)
     _check_memory(memory, rp, elastic, cpu_nodes)
     log.info("resources: %s; memory per actor/task: %s", rp, memory)
     _log_waiting(resources, rp)
@@ -403,6 +402,16 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
             log.info("run %s: %d of %d images done (%s)", run_id, progress.images, todo.num_rows,
                      record["progress"]["by_status"])
             runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
+
+
+def declared_memory(cfg: RunConfig, device: str, elastic: bool) -> dict[str, int | None]:
+    """``memory_plan`` where it is declared: on a cluster, where it decides how many actors and tasks a node
+    takes, or when set explicitly; a local Ray the job started is one fixed machine whose pools already
+    follow its CPUs (None: nothing declared)."""
+    cc = cfg.cluster
+    explicit = any(v is not None for v in (cc.decode_actor_memory_gb, cc.restore_actor_memory_gb,
+                                            cc.compose_task_memory_gb))
+    return memory_plan(cfg, device) if elastic or explicit else {"decode": None, "restore": None, "compose": None}
 
 
 def _check_memory(memory: dict, rp: ResourcePlan, elastic: bool, nodes: list[float]) -> None:

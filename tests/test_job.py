@@ -304,6 +304,20 @@ def test_memory_is_declared_from_measured_peaks_and_the_largest_image_accepted()
     assert plan(12, cluster={"decode_actor_memory_gb": 0.5})["decode"] == 0.5e9  # an explicit setting wins
 
 
+def test_memory_is_declared_on_a_cluster_or_when_set_and_derive_tasks_declare_composes():
+    """On a cluster (elastic) every stage, and the access-copy tasks of `_derive` (a Compose task's work),
+    declare memory; on the local Ray the job started, nothing unless set explicitly."""
+    import inspect
+
+    cfg = RunConfig()
+    assert job.declared_memory(cfg, "cpu", elastic=True) == job.memory_plan(cfg, "cpu")
+    assert job.declared_memory(cfg, "cpu", elastic=False) == {"decode": None, "restore": None, "compose": None}
+    set_ = RunConfig.model_validate({"cluster": {"compose_task_memory_gb": 1.5}})
+    assert job.declared_memory(set_, "cuda", elastic=False)["compose"] == 1.5e9
+    src = inspect.getsource(job._derive)  # the derive tasks ask for it (they ran with num_cpus=1 only)
+    assert 'declared_memory(cfg, "cpu", elastic)["compose"]' in src and "memory=memory" in src
+
+
 @pytest.mark.slow
 def test_access_and_no_face_copies_are_added_without_restoring_again(ray_local, weights_dir, tmp_path):
     """Settings that only add files (issue 10): turned on after an archive was processed, a run adds the

@@ -118,8 +118,10 @@ def fold_batch_norms(net: "torch.nn.Module") -> "torch.nn.Module":
     for mod in list(net.modules()):
         kids = list(mod._modules.items())
         if isinstance(mod, (nn.Sequential, IntermediateLayerGetter)):
+            # (a getter hands on the outputs of its return layers: a conv returned there is not folded)
+            returned = mod.return_layers if isinstance(mod, IntermediateLayerGetter) else {}
             pairs = [(n1, n2) for (n1, a), (n2, b) in zip(kids, kids[1:])
-                     if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)]
+                     if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and n1 not in returned]
         elif isinstance(mod, (BasicBlock, Bottleneck)):  # forward: out = bnK(convK(x)) for each K
             pairs = [(f"conv{k}", f"bn{k}") for k in (1, 2, 3) if f"conv{k}" in mod._modules]
         else:
@@ -232,7 +234,7 @@ def _feather(mask: np.ndarray, w_edge: int) -> np.ndarray:
     return cv2.resize(small, (pw, ph), interpolation=cv2.INTER_LINEAR)[p:p + h, p:p + w]
 
 
-_BAND_ROWS = 64  # rows blended at a time: ~2 MB of float32 temporaries for a 2,400 px wide face
+_BAND_ROWS = 64  # rows blended at a time: each temporary ~2 MB (float32, 3 channels, 2,400 px wide)
 
 
 def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,

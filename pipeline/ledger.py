@@ -213,7 +213,13 @@ def _read_one(uri: str, cfg: StorageConfig, columns: list[str] | None) -> pa.Tab
     reads, so that column projection saves transfer."""
     if storage.is_remote(uri) and "/fold=" not in uri:
         def read() -> pa.Table:
-            return _read_columns(pa.py_buffer(storage.read_small(uri, cfg)), None, columns)
+            try:
+                return _read_columns(pa.py_buffer(storage.read_small(uri, cfg)), None, columns)
+            except pa.ArrowInvalid:
+                # Arrow's client asks the size, then reads that many bytes: a file rewritten in between
+                # (a retried batch, while a reader without the lease looks) comes back cut. Read once
+                # more in one GET; a file that is really torn or damaged fails again, as below.
+                return _read_columns(pa.py_buffer(storage.read_bytes(uri, cfg)), None, columns)
     else:
         fs, path = storage.get_arrow_fs(uri, cfg)
 

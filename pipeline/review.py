@@ -43,8 +43,8 @@ def crop_preview(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) 
     # of each step x step cell (>= 4 samples per preview pixel each way remain, averaged by INTER_AREA);
     # that cuts the resize's cost by step^2.
     step = max(1, max(h, w) // (4 * size))
-    o = step // 2
-    px = imageio.to_bgr8(pixels[y0 + o:y1:step, x0 + o:x1:step])
+    oy, ox = min(step // 2, h - 1), min(step // 2, w - 1)  # a crop thinner than a cell keeps its pixels
+    px = imageio.to_bgr8(pixels[y0 + oy:y1:step, x0 + ox:x1:step])
     if max(h, w) > size:  # only ever downscaled: the page scales small faces up itself
         f = size / max(h, w)
         px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)

@@ -102,9 +102,31 @@ def test_s3_ledger_files_are_read_with_arrows_s3_client(s3_endpoint, s3fs_client
     got = ledger.load_results(out, cfg).sort_by("image_id")
     assert got["image_id"].to_pylist() == sorted(f"img{i:03d}{x}" for i in range(12) for x in "ab")
     assert set(got["run_id"].to_pylist()) == {"r0", "r1", "r2"} and not storage._ARROW_S3_OFF
-    with pytest.raises(FileNotFoundError):  # a vanished file is not an error to fall back from
+    monkeypatch.undo()  # s3fs back: a file missing for both is missing, and Arrow's client stays in use
+    monkeypatch.setattr(storage, "_ARROW_S3_OFF", [])
+    with pytest.raises(FileNotFoundError):
         storage.read_small(f"{out}/_results/run=r0/gone.parquet", cfg)
     assert not storage._ARROW_S3_OFF
+
+
+def test_a_file_arrows_client_cannot_find_but_s3fs_can_is_read_and_s3fs_kept(s3_endpoint, s3fs_client, monkeypatch,
+                                                                             caplog):
+    """Arrow's client does not share s3fs's settings (an endpoint or region from a profile): its "not
+    found" is checked with s3fs before a reader takes the file for vanished."""
+    import types
+
+    from pipeline import storage
+
+    out, cfg = _s3_ledger(s3fs_client, s3_endpoint, "elsewhere-ledger", n=3)
+    monkeypatch.setattr(storage, "_ARROW_S3_OFF", [])
+
+    def not_here(path):
+        raise FileNotFoundError(f"Path does not exist '{path}'")
+
+    monkeypatch.setattr(storage, "_arrow_s3", lambda bucket, cfg: types.SimpleNamespace(open_input_stream=not_here))
+    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+        assert ledger.load_results(out, cfg).num_rows == 6
+    assert storage._ARROW_S3_OFF and sum("disagree" in r.message for r in caplog.records) == 1
 
 
 def test_when_arrows_s3_client_fails_the_ledger_is_read_through_s3fs(s3_endpoint, s3fs_client, monkeypatch, caplog):
@@ -128,3 +150,20 @@ def test_when_arrows_s3_client_fails_the_ledger_is_read_through_s3fs(s3_endpoint
     assert sum("reading through s3fs from now on" in r.message for r in caplog.records) == 1
     asked.clear()
     assert ledger.load_results(out, cfg).num_rows == 24 and not asked
+
+
+def test_a_file_cut_by_a_rewrite_between_arrows_size_and_read_is_read_again(s3_endpoint, s3fs_client, monkeypatch):
+    """Arrow's client reads a file's size, then that many bytes: a retried batch rewriting the file in between
+    hands the reader a cut file. It is read again in one GET instead of being called damaged."""
+    from pipeline import storage
+
+    out, cfg = _s3_ledger(s3fs_client, s3_endpoint, "rewritten-ledger", n=2)
+    cut = []
+
+    def half(uri, cfg):
+        data = storage.read_bytes(uri, cfg)
+        cut.append(uri)
+        return data[: len(data) // 2]
+
+    monkeypatch.setattr(storage, "read_small", half)
+    assert ledger.load_results(out, cfg).num_rows == 4 and len(cut) == 2

@@ -158,5 +158,9 @@ def test_a_large_crop_previews_as_its_full_area_average_would():
             full = cv2.resize(full, (max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f))), interpolation=cv2.INTER_AREA)
         assert got.shape == full.shape, box
         assert np.abs(got.astype(int) - full.astype(int)).mean() < 1.0, box
+    for box in [(0, 0, 1, 2000), (0, 0, 3, 3000), (0, 0, 2799, 2), (7, 9, 8, 10)]:  # thinner than a cell
+        x0, y0, x1, y1 = box
+        f = min(1.0, 64 / max(x1 - x0, y1 - y0))
+        assert review.crop_preview(px, box, 64).shape == (max(1, round((y1 - y0) * f)), max(1, round((x1 - x0) * f)), 3)
     grey16 = cv2.cvtColor(px, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
     assert review.crop_preview(grey16, (0, 0, w, h), 256).shape == (170, 256, 3)

@@ -227,6 +227,11 @@ class ClusterConfig(_Section):
     rows_per_block: int = Field(8, ge=1, description="Manifest rows per Ray block; small blocks spread work.")
     decode_batch_size: int = Field(4, ge=1, description="Images per DecodeDetect call.")
     restore_batch_size: int = Field(16, ge=1, description="Images per Restore call; all their faces batch together.")
+    restore_calls_in_flight: int = Field(
+        2, ge=1, description="Restore calls an actor runs at once: their faces are restored together by one device "
+        "thread, so micro-batches stay full across batches and the device does not wait between them. 1: one "
+        "batch at a time.",
+    )
     compose_batch_size: int = Field(4, ge=1, description="Images per Compose task.")
     decode_actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each DecodeDetect actor.")
     decode_actors_max: int | None = Field(

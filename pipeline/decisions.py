@@ -180,7 +180,9 @@ def _job_records(records: list[dict]) -> dict[str, dict]:
     by_fp = {}
     for r in records:
         if r.get("kind", "job") == "job" and r.get("fingerprint") and r.get("config"):
-            by_fp[r["fingerprint"]] = r
+            # and those its rows carry when restored on another device than planned (job._execute)
+            for fp in (*(r.get("device_fingerprints") or {}).values(), r["fingerprint"]):
+                by_fp[fp] = r
     return by_fp
 
 

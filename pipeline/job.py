@@ -197,12 +197,19 @@ def _versions() -> dict[str, str]:
             "jpeglib": version("jpeglib")}
 
 
+_started_session: str | None = None  # the session folder of the local Ray this process started
+
+
 def _init_ray(cfg: RunConfig) -> str | None:
-    """Connect to (or start) Ray; the session folder of a local Ray started here, else None."""
+    """Connect to (or start) Ray; the session folder of a local Ray started here (also when asked again:
+    a run that processes and then derives must see the same Ray as the same machine), else None."""
+    global _started_session
     import ray
 
     if ray.is_initialized():
-        return None
+        node = ray._private.worker._global_node
+        session = node.get_session_dir_path() if node is not None else None
+        return session if session is not None and session == _started_session else None
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -211,7 +218,8 @@ def _init_ray(cfg: RunConfig) -> str | None:
     # which a head that died without `ray stop` leaves behind, and fail to connect to it.
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus,
              include_dashboard=False)
-    return ray._private.worker._global_node.get_session_dir_path()
+    _started_session = ray._private.worker._global_node.get_session_dir_path()
+    return _started_session
 
 
 class Progress:
@@ -351,9 +359,12 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
                     "and a stage may find no node with room for its share")
     rp = plan_resources(resources, cfg, elastic=elastic)
     # The device is known now: results carry the fingerprint of the precision they are restored in (one of
-    # those planning accepted), and so does the record that decisions and reports find their settings in.
+    # those planning accepted): the plan's, or that of the device a row's faces were restored on when it is
+    # another (a Restore actor given a GPU that finds no CUDA restores on CPU, in fp32). The record holds
+    # them all, as decisions and reports look settings up by fingerprint.
     pre.fingerprint = cfg.fingerprint(pre.hashes or {}, device=rp.device)
-    record["fingerprint"] = pre.fingerprint
+    device_fps = {d: cfg.fingerprint(pre.hashes or {}, device=d) for d in ("cuda", "cpu")}
+    record.update(fingerprint=pre.fingerprint, device_fingerprints=device_fps)
     runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
     memory = declared_memory(cfg, rp.device, elastic)
     _check_memory(memory, rp, elastic, cpu_nodes)
@@ -383,12 +394,16 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
                                         "device": None if rp.device == "cuda" else "cpu", "planned": rp.device},
         batch_size=cfg.cluster.restore_batch_size, batch_format="pyarrow", num_gpus=rp.restore_gpus,
         num_cpus=rp.restore_cpus, memory=memory["restore"],
-        compute=ActorPoolStrategy(min_size=rp.restore_min, max_size=rp.restore_max), **actor_args)
+        compute=ActorPoolStrategy(min_size=rp.restore_min, max_size=rp.restore_max,
+                                  max_concurrent_calls_per_actor=cfg.cluster.restore_calls_in_flight,
+                                  enable_true_multi_threading=cfg.cluster.restore_calls_in_flight > 1),
+        **actor_args)
     ds = ds.map_batches(
         compose_and_record, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
                                        "untrained": pre.untrained, "passthrough": passthrough,
                                        "software": _software(cfg, pre), "fence": lease.fence(),
-                                       "input_folders": input_folders, "provenance": pre.signing},
+                                       "input_folders": input_folders, "provenance": pre.signing,
+                                       "device_fingerprints": device_fps},
         batch_size=cfg.cluster.compose_batch_size, batch_format="pyarrow", num_cpus=rp.compose_cpus,
         memory=memory["compose"])
     last = time.monotonic()

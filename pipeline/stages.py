@@ -25,6 +25,7 @@ from . import __version__, imageio, jpegblocks, keys, ledger, metadata, provenan
 from .config import OutputConfig, RunConfig, detect_fingerprint, parse_access_spec
 from .layout import WriteGuard
 from .faces import FACE_SIZE, Face, FaceDetector, align_matrix, paste_face, warp_face
+from .facequeue import FaceQueue
 from .errors import Fenced
 from .schema import FACE_TYPE, RESULT_SCHEMA, WORK_SCHEMA, Status, rows_to_table, with_passthrough
 
@@ -206,8 +207,15 @@ def _binary_column(flat: np.ndarray, rows: list[int], sizes: list[int], num_rows
                                             null_count=num_rows - len(rows))
 
 
+# Faces the device thread restores in one run of micro-batches, at most (unless one call brings more):
+# a few micro-batches, so that faces of the calls queued behind fill them, and results go back soon.
+CHUNK_MICRO_BATCHES = 4
+
+
 class Restore:
-    """GFP-GAN on every face of the batch's images at once, plus identity QA. One actor per GPU.
+    """GFP-GAN on every face of the batch's images at once, plus identity QA. One actor per GPU; with
+    ``cluster.restore_calls_in_flight`` calls at once, whose faces one device thread restores together
+    (``facequeue.FaceQueue``: micro-batches stay full across Ray batches).
 
     Column-wise on the Arrow batch: crops are read where Arrow holds them and the restored crops
     become a column over the restorer's output buffer; the compressed masters and every other column
@@ -227,11 +235,21 @@ class Restore:
 
         self.restorer = FaceRestorer(cfg, device, expected_weights)
         self.device_name = self.restorer.device_name
+        # Calls in flight on this actor hand their faces to one device thread (facequeue.py)
+        # (through a lambda: what replaces restorer.restore later, a bench's stub, is what runs)
+        self.queue = FaceQueue(lambda crops, mats: self.restorer.restore(crops, mats), cfg.restore.micro_batch,
+                               cfg.restore.micro_batch * CHUNK_MICRO_BATCHES)
         if planned == "cuda" and not self.restorer.cuda:
             log.warning("this Restore actor was given a GPU, but torch sees no CUDA device: restoring on CPU "
                         "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
 
     def __call__(self, batch: Batch) -> pa.Table:
+        # Announced while this call reads its batch: the device thread may wait a moment for its faces
+        # rather than run another call's part-filled micro-batch.
+        with self.queue.coming() as token:
+            return self._call(batch, token)
+
+    def _call(self, batch: Batch, token: dict) -> pa.Table:
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
         cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
@@ -244,7 +262,7 @@ class Restore:
                 self._fail(cols, i, f"crops hold {b - a} bytes for {cols['n_faces'][i]} faces")
                 todo.remove(i)
         if todo:
-            restored = self._restore(table.num_rows, todo, [spans[i] for i in todo], cols)
+            restored = self._restore(table.num_rows, todo, [spans[i] for i in todo], cols, token=token)
             if restored is None:  # the batch failed: image by image, so only the culprit fails
                 log.warning("restoring a batch of %d images failed; retrying them one by one", len(todo))
                 parts = {i: self._restore(table.num_rows, [i], [spans[i]], cols, last_try=True) for i in todo}
@@ -263,9 +281,9 @@ class Restore:
         _error(row, Status.RESTORE_ERROR, message)
         cols["status"][i], cols["error"][i] = row["status"], row["error"]
 
-    def _restore(self, num_rows: int, todo: list[int], spans, cols: dict, last_try: bool = False) -> pa.Array | None:
+    def _restore(self, num_rows: int, todo: list[int], spans, cols: dict, last_try: bool = False,
+                 token: dict | None = None) -> pa.Array | None:
         """Restore the faces of rows ``todo``; None if that failed (and, on the ``last_try``, the rows say why)."""
-        t0 = time.perf_counter()
         try:
             counts = [cols["n_faces"][i] for i in todo]
             crops = _gather_faces(spans)
@@ -273,14 +291,14 @@ class Restore:
             mats = np.array([f["arcface"] for fs in faces for f in fs["faces"]], np.float32).reshape(-1, 2, 3)
             if not np.isfinite(mats).all():
                 raise ValueError("an alignment matrix is not finite")
-            out = self.restorer.restore(crops, mats)
+            out, seconds = self.queue.restore(crops, mats, alone=last_try, token=token)
         except Exception as e:
             if last_try:
                 log.exception("restoration failed for %s", cols["image_id"][todo[0]])
                 for i in todo:
                     self._fail(cols, i, f"restoration failed: {type(e).__name__}: {e}")
             return None
-        per_face = (time.perf_counter() - t0) / max(1, len(crops))
+        per_face = seconds / max(1, len(crops))  # the device's time on them, not waits behind other calls
         qa = self.cfg.qa
         start = 0
         for i, fs, n in zip(todo, faces, counts):
@@ -314,8 +332,13 @@ class Compose:
 
     def __init__(self, cfg: RunConfig, run_id: str, fingerprint: str, untrained: bool,
                  passthrough: pa.Schema | None = None, software: str | None = None, fence=None,
-                 input_folders: np.ndarray | None = None, provenance=None):
+                 input_folders: np.ndarray | None = None, provenance=None,
+                 device_fingerprints: dict[str, str] | None = None):
+        """``fingerprint``: the rows'; ``device_fingerprints``: by device kind ("cuda", "cpu"), the one of a
+        row whose faces were restored there (``restore_device``): a Restore actor given a GPU that finds
+        no CUDA restores in fp32 on CPU, and its rows must not claim the fp16 of the plan."""
         self.cfg, self.run_id, self.fingerprint, self.untrained = cfg, run_id, fingerprint, untrained
+        self.device_fingerprints = device_fingerprints or {}
         # Written into every derivative that had a face restored, next to the AI-edit label.
         self.software = software or f"archive-restore {__version__}; {cfg.restore.model}"
         self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
@@ -370,11 +393,19 @@ class Compose:
         row.update(access_uri=uri, access_name=name, access_sha256=hashlib.sha256(data).hexdigest(),
                    access_spec=spec)
 
+    def fingerprint_of(self, row: dict) -> str:
+        """The fingerprint ``row`` carries: its own when it has one (a row written again: an access copy
+        added, a review applied), else that of the device its faces were restored on, else the run's."""
+        if row.get("fingerprint"):
+            return row["fingerprint"]
+        device = (row.get("restore_device") or "").split(" ")[0]
+        return self.device_fingerprints.get(device, self.fingerprint)
+
     def _sign(self, row: dict, data: bytes, fmt: str, name: str, parent: tuple[bytes, str, str, str]) -> bytes:
         """``data`` with its Content Credentials (see provenance.py); the last edit before the write."""
         faces = [{"box": dict(zip(("x1", "y1", "x2", "y2"), f["bbox"])),  # master pixels
                   **{k: f.get(k) for k in ("identity_similarity", "qa", "action")}} for f in row["_faces"]]
-        facts = {"image_id": row["image_id"], "run_id": self.run_id, "fingerprint": self.fingerprint,
+        facts = {"image_id": row["image_id"], "run_id": self.run_id, "fingerprint": self.fingerprint_of(row),
                  "master_sha256": row["src_sha256"], "software": self.software, "faces": faces}
         parent_bytes, parent_name, parent_fmt, parent_sha256 = parent
         try:
@@ -440,7 +471,7 @@ class Compose:
             row.update(output_uri=None, out_sha256=None, access_uri=None, access_sha256=None, access_spec=None,
                        c2pa_signed=None)
         t0 = row.pop("_t0", None)
-        row.update(fingerprint=self.fingerprint, run_id=self.run_id, untrained=self.untrained,
+        row.update(fingerprint=self.fingerprint_of(row), run_id=self.run_id, untrained=self.untrained,
                    compose_s=time.perf_counter() - t0 if t0 else None, finished_at=datetime.now(timezone.utc))
 
     def _write_restored(self, row: dict, faces: list[dict]) -> None:

@@ -416,3 +416,16 @@ def test_an_access_copy_added_to_a_signed_derivative_verifies(weights_dir, peopl
     assert after["derived_by"] is None and after["access_uri"]
     v = provenance.verify_output(str(out), cfg.storage, pki["ca"].read_bytes())
     assert (v["files"], v["valid"], v["invalid"]) == (2, 2, 0), v["invalid_files"]
+
+
+def test_rows_restored_on_another_device_than_planned_find_their_runs_settings():
+    """A run's rows carry its planned fingerprint or, when an actor restored on another device, that
+    device's (job._execute records both): decisions find the run's settings by either."""
+    from pipeline.decisions import _job_records
+
+    old = {"run_id": "r0", "kind": "job", "fingerprint": "a", "config": {"x": 0}}
+    new = {"run_id": "r1", "kind": "job", "fingerprint": "b-cuda", "config": {"x": 1},
+           "device_fingerprints": {"cuda": "b-cuda", "cpu": "b-cpu"}}
+    review = {"run_id": "v", "kind": "review", "fingerprint": "b-cpu", "config": {"x": 2}}
+    by_fp = _job_records([old, new, review])
+    assert by_fp["a"] is old and by_fp["b-cuda"] is new and by_fp["b-cpu"] is new

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -101,19 +102,22 @@ def test_end_to_end_job_on_local_ray(ray_local, weights_dir, archive, tmp_path):
 
     res = _results(out).to_pylist()
     assert len(res) == len(uris) and len({r["image_id"] for r in res}) == len(uris)
-    # The fingerprint of the precision on the device the job planned (the logical GPU: cuda), one of those
-    # planning accepted; the record holds it, as decisions and reports look settings up by it.
+    # The fingerprint of the precision on the device the job planned (the logical GPU: cuda); faces restored
+    # elsewhere carry that device's (the logical GPU's actor found no CUDA: fp32 on CPU). Both are among
+    # those planning accepted, and the record holds both, as decisions and reports look settings up by them.
     hashes = {n: w["sha256"] for n, w in record["weights"].items()}
-    assert record["restore_plan"]["device"] == "cuda"
-    assert record["fingerprint"] == cfg.fingerprint(hashes, device="cuda") != cfg.fingerprint(hashes, device="cpu")
-    assert record["fingerprint"] in record["fingerprints"]
+    fp_cuda, fp_cpu = cfg.fingerprint(hashes, device="cuda"), cfg.fingerprint(hashes, device="cpu")
+    assert record["restore_plan"]["device"] == "cuda" and fp_cuda != fp_cpu
+    assert record["fingerprint"] == fp_cuda and record["device_fingerprints"] == {"cuda": fp_cuda, "cpu": fp_cpu}
+    assert {fp_cuda, fp_cpu} <= set(record["fingerprints"])
     by_uri = {r["uri"]: r for r in res}
     for rel in E2E_IMAGES:
         r = by_uri[str(archive / rel)]
         n = EXPECTED[rel]
         assert r["n_faces"] == n and len(r["faces"]) == n, rel
         assert r["status"] == ("ok" if n else "no_face"), rel
-        assert r["fingerprint"] == record["fingerprint"] and r["run_id"] == record["run_id"]
+        assert r["fingerprint"] == (fp_cpu if n else fp_cuda) and r["run_id"] == record["run_id"], rel
+        assert (r["restore_device"] == "cpu") == bool(n)
         assert r["untrained"] is True and r["box"].startswith("box-")
         assert len(r["src_sha256"]) == 64 and r["decode_s"] > 0
         if n:
@@ -304,18 +308,74 @@ def test_memory_is_declared_from_measured_peaks_and_the_largest_image_accepted()
     assert plan(12, cluster={"decode_actor_memory_gb": 0.5})["decode"] == 0.5e9  # an explicit setting wins
 
 
-def test_memory_is_declared_on_a_cluster_or_when_set_and_derive_tasks_declare_composes():
-    """On a cluster (elastic) every stage, and the access-copy tasks of `_derive` (a Compose task's work),
-    declare memory; on the local Ray the job started, nothing unless set explicitly."""
-    import inspect
-
+def test_memory_is_declared_on_a_cluster_or_when_set():
     cfg = RunConfig()
     assert job.declared_memory(cfg, "cpu", elastic=True) == job.memory_plan(cfg, "cpu")
     assert job.declared_memory(cfg, "cpu", elastic=False) == {"decode": None, "restore": None, "compose": None}
     set_ = RunConfig.model_validate({"cluster": {"compose_task_memory_gb": 1.5}})
     assert job.declared_memory(set_, "cuda", elastic=False)["compose"] == 1.5e9
-    src = inspect.getsource(job._derive)  # the derive tasks ask for it (they ran with num_cpus=1 only)
-    assert 'declared_memory(cfg, "cpu", elastic)["compose"]' in src and "memory=memory" in src
+
+
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_access_copy_tasks_ask_for_what_a_compose_task_does(tmp_path, monkeypatch, where):
+    """On a cluster a derive task declares a Compose task's memory and CPUs; on the local Ray the job
+    started, no memory and never more CPUs than that machine has (or the task would never run)."""
+    import sys
+    import types
+
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import Manifest
+
+    out = tmp_path / "out"
+    part = out / "_results" / "run=r0" / "part.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["a"], "status": ["ok"], "fingerprint": ["f"],
+                             "finished_at": pa.array([0], pa.timestamp("ms", tz="UTC"))}), part)
+    table = pa.table({"image_id": ["a"], "uri": ["/in/a.jpg"]})
+    pre = job.Preflight(Manifest(table, "/in/", pa.schema([]), 1, 0, 0), {}, "f", False)
+    derive = pa.table({"image_id": ["a"], "_source": [str(part)], "_row": pa.array([0], pa.int64()),
+                       "access_key": ["a.jpg"], "key_error": pa.nulls(1, pa.string())})
+    cfg = RunConfig.model_validate({"output": {"root": str(out)}, "cluster": {"compose_task_cpus": 4}})
+    asked = {}
+
+    class Dataset:
+        def map_batches(self, fn, **kw):
+            asked.update(kw)
+            return self
+
+    fake = types.SimpleNamespace(data=types.SimpleNamespace(from_arrow=lambda blocks: Dataset()),
+                                 cluster_resources=lambda: {"CPU": 2.0, "memory": 8e9})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(job, "_start_ray", lambda *a: "/tmp/ray/session_x" if where == "local" else None)
+    monkeypatch.setattr(job, "_consume", lambda ds, cc: [])
+    monkeypatch.setattr(job, "_software", lambda cfg, pre: "sw")
+    lease = types.SimpleNamespace(fence=lambda: None, lost=threading.Event())
+    job._derive(cfg, pre, derive, table, "r1", lease, input_folders=None)
+    if where == "local":
+        assert asked["memory"] is None and asked["num_cpus"] == 2.0
+    else:
+        assert asked["memory"] == job.memory_plan(cfg, "cpu")["compose"] and asked["num_cpus"] == 4
+
+
+def test_the_local_ray_a_run_started_stays_its_own_when_asked_again(monkeypatch):
+    """A run that processes and then adds access copies asks for Ray twice; the second time it is still
+    the local Ray the run started (so not sized as a cluster), while a Ray started by someone else in the
+    process is one the job joined."""
+    import sys
+    import types
+
+    state = {"up": False}
+    node = types.SimpleNamespace(get_session_dir_path=lambda: "/tmp/ray/session_x")
+    fake = types.SimpleNamespace(is_initialized=lambda: state["up"], init=lambda **kw: state.update(up=True),
+                                 _private=types.SimpleNamespace(worker=types.SimpleNamespace(_global_node=node)))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(job, "_started_session", None)
+    assert job._init_ray(RunConfig()) == "/tmp/ray/session_x"
+    assert job._init_ray(RunConfig()) == "/tmp/ray/session_x"
+    monkeypatch.setattr(job, "_started_session", None)  # up, but not started by this run
+    assert job._init_ray(RunConfig()) is None
 
 
 @pytest.mark.slow
@@ -458,7 +518,7 @@ def test_an_image_whose_row_vanished_before_its_copy_is_counted_and_ray_is_not_s
     assert got == {"access_copies": 0, "failed": 1, "errors": {}}
 
 
-def test_a_run_with_nothing_to_do_folds_what_a_killed_run_left_loose(weights_dir, tmp_path):
+def test_a_run_with_nothing_to_do_folds_what_a_killed_run_left_loose(weights_dir, tmp_path, monkeypatch):
     """A run killed before its fold leaves one file per batch; the next run folds them even when it has
     nothing to process (before, only a run with work folded, so an archive that was complete stayed at
     one file per batch until someone ran `compact`). No Ray is started for it."""
@@ -482,6 +542,7 @@ def test_a_run_with_nothing_to_do_folds_what_a_killed_run_left_loose(weights_dir
                                     "finished_at": pa.array([t], pa.timestamp("ms", tz="UTC")),
                                     "faces_skipped": [0]}), ledger.part_uri(str(out), "killed", [i]), StorageConfig())
     assert len(ledger.list_ledger(str(out), StorageConfig()).loose) == 3
+    monkeypatch.setattr(job, "_start_ray", lambda *a: pytest.fail("Ray started for a run with nothing to do"))
 
     record = job.run(cfg)
 

@@ -68,6 +68,51 @@ def test_restore_is_independent_of_micro_batching(cfg, detected):
             assert ra["restore_s"] > 0
 
 
+def test_restore_calls_in_flight_together_give_what_each_gives_alone(cfg, detected):
+    """Three batches through one stage at once (as the actor runs them, cluster.restore_calls_in_flight):
+    while the first is on the device, the faces of the other two are queued and restored as one chunk,
+    and each call gets back its own rows, as when called alone (within a level: the same faces in other
+    micro-batches)."""
+    import threading
+    import time
+
+    t, pt = detected
+    batches = [t.slice(0, 2), t.slice(1, 4), t.slice(0, 1)]  # 2 + 4 faces; 4 + 0 + 0; 2
+    alone = [Restore(cfg, pt)(x).to_pylist() for x in batches]
+    stage = Restore(cfg, pt)
+    gate, entered, real = threading.Event(), threading.Event(), stage.queue._restore_fn
+
+    def held(crops, mats):  # the first chunk waits until the other calls have queued their faces
+        entered.set()
+        gate.wait(60)
+        return real(crops, mats)
+
+    stage.queue._restore_fn = held
+    got = {}
+    threads = [threading.Thread(target=lambda k=k: got.setdefault(k, stage(batches[k]).to_pylist())) for k in range(3)]
+    threads[0].start()
+    assert entered.wait(60)
+    for k in (1, 2):
+        threads[k].start()
+        deadline = time.monotonic() + 60
+        while len(stage.queue._queue) < k and time.monotonic() < deadline:
+            time.sleep(0.01)
+    stage.queue._restore_fn = real
+    gate.set()
+    for th in threads:
+        th.join(120)
+    assert list(stage.queue.chunks) == [6, 4 + 2]  # the held call, then the two queued ones together
+    for k in range(3):
+        for ra, rb in zip(got[k], alone[k], strict=True):
+            assert (ra["status"], ra["image_id"], ra["n_faces"]) == (rb["status"], rb["image_id"], rb["n_faces"])
+            if ra["n_faces"]:
+                fa, fb = np.frombuffer(ra["restored"], np.uint8), np.frombuffer(rb["restored"], np.uint8)
+                assert len(fa) == ra["n_faces"] * 512 * 512 * 3 and np.abs(fa.astype(int) - fb.astype(int)).max() <= 1
+                assert json.loads(ra["faces_json"])["faces"][0]["identity_similarity"] == \
+                    pytest.approx(json.loads(rb["faces_json"])["faces"][0]["identity_similarity"], abs=1e-3)
+                assert ra["restore_s"] > 0
+
+
 def _restored(table):
     return [None if r["restored"] is None else np.frombuffer(r["restored"], np.uint8).astype(int)
             for r in table.to_pylist()]
@@ -127,6 +172,20 @@ def test_compose_writes_derivatives_and_result_rows(cfg, detected):
     assert not changed.any(), "pixels far from every face changed"
     assert np.array_equal(out[..., 3], master[..., 3])  # alpha untouched
     assert all(r["output_uri"] is None for r in res[2:])
+
+
+def test_a_row_carries_the_fingerprint_of_the_device_its_faces_were_restored_on(cfg, detected):
+    """The job plans CUDA (fp16 under precision=auto), but an actor that finds no CUDA restores in fp32 on
+    CPU: those rows carry the CPU fingerprint, rows without restored faces the plan's."""
+    t, pt = detected
+    restored = Restore(cfg, pt)(t)
+    assert restored["restore_device"].to_pylist()[:2] == ["cpu", "cpu"]
+    res = Compose(cfg, "run-x", "fp-plan", True, pt, device_fingerprints={"cuda": "fp-gpu", "cpu": "fp-cpu"})(restored)
+    assert res["fingerprint"].to_pylist() == ["fp-cpu", "fp-cpu", "fp-plan", "fp-plan", "fp-plan"]
+    gpu = restored.set_column(restored.schema.get_field_index("restore_device"), "restore_device",
+                              pa.array(["cuda (NVIDIA H100 80GB HBM3)"] * 2 + [None] * 3, pa.string()))
+    res = Compose(cfg, "run-x", "fp-plan", True, pt, device_fingerprints={"cuda": "fp-gpu", "cpu": "fp-cpu"})(gpu)
+    assert res["fingerprint"].to_pylist()[:3] == ["fp-gpu", "fp-gpu", "fp-plan"]
 
 
 def test_keep_original_policy_pastes_nothing(cfg, detected):

@@ -1,7 +1,7 @@
-"""Batching by faces across Ray batches: one Restore actor with 1 call at a time vs 2 in flight.
+"""Batching by faces across Ray batches: one Restore actor with 1 call at a time vs 2 and 3 in flight.
 
     python bench/restore_batching.py                  # 60 batches of 16 images, 0-6 faces an image
-    python bench/restore_batching.py --calls 1 2 3
+    python bench/restore_batching.py --calls 1 3
 
 The Restore stage's host work is real (Arrow batch in, crops gathered, rows and restored crops out, the
 face queue's thread hand-offs); the device is a model: a forward of m faces sleeps 2 ms + 1.25 ms x m
@@ -11,7 +11,7 @@ CUDA kernel does, so what is measured is how well the stage keeps such a device 
 part-filled micro-batch. ``calls`` threads pull batches from one list and call the stage, as Ray Data
 does with ``cluster.restore_calls_in_flight`` (1: one batch at a time, the behaviour before the face
 queue). Printed per setting: faces per forward, forwards, the device's busy share of the wall time, and
-faces/s. The last line is ``faces_per_forward_1=<x> faces_per_forward_2=<y> busy_1=<a> busy_2=<b>``.
+faces/s. The last line is ``faces_per_forward_<calls>=<x> ... busy_<calls>=<share> ...``.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--images", type=int, default=16, help="images per Ray batch (cluster.restore_batch_size)")
-    ap.add_argument("--calls", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--calls", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--repeats", type=int, default=3, help="interleaved; the median is printed")
     args = ap.parse_args()
     work = batches(args.batches, args.images, np.random.default_rng(0))

@@ -9,8 +9,8 @@ face queue's thread hand-offs); the device is a model: a forward of m faces slee
 CUDA kernel does, so what is measured is how well the stage keeps such a device busy. Ray batches hold
 16 images with 0-6 faces each (mean ~1.6, the mix of a family archive), so most batches end in a
 part-filled micro-batch. ``calls`` threads pull batches from one list and call the stage, as Ray Data
-does with ``cluster.restore_calls_in_flight`` (1: one batch at a time, the behaviour before the face
-queue). Printed per setting: faces per forward, forwards, the device's busy share of the wall time, and
+does with ``cluster.restore_calls_in_flight`` (1: one batch at a time, each call's faces whole, as
+before the face queue). Printed per setting: faces per forward, forwards, the device's busy share of the wall time, and
 faces/s. The last line is ``faces_per_forward_<calls>=<x> ... busy_<calls>=<share> ...``.
 """
 
@@ -100,12 +100,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, {"untrained": True, "allow_download": False, "restore.model": "GFPGANv1.4",
                                  "output.root": out, "restore.micro_batch": MICRO_BATCH}, environ={})
-        stage = Restore(cfg, device="cpu")
+        stages = {c: Restore(cfg, device="cpu", calls_in_flight=c) for c in args.calls}
     print(f"{args.batches} batches x {args.images} images, {faces} faces; modelled device: "
           f"{FIXED_S * 1e3:g} ms + {PER_FACE_S * 1e3:g} ms a face per forward")
     results = {c: [] for c in args.calls}
     for _, c in itertools.product(range(args.repeats), args.calls):
-        results[c].append(run(stage, work, c))
+        results[c].append(run(stages[c], work, c))
     med = {c: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for c, rs in results.items()}
     for c, m in med.items():
         print(f"calls in flight {c}: {m['faces_per_forward']:.2f} faces per forward ({m['forwards']:.0f} forwards), "

@@ -227,11 +227,13 @@ class ClusterConfig(_Section):
     rows_per_block: int = Field(8, ge=1, description="Manifest rows per Ray block; small blocks spread work.")
     decode_batch_size: int = Field(4, ge=1, description="Images per DecodeDetect call.")
     restore_batch_size: int = Field(16, ge=1, description="Images per Restore call; all their faces batch together.")
-    restore_calls_in_flight: int = Field(
-        3, ge=1, description="Restore calls an actor runs at once: their faces are restored together by one device "
-        "thread, so micro-batches stay full across batches and the device does not wait between them (measured "
-        "by bench/restore_batching.py: 13.4 / 14.4 / 15.9 faces per forward of 16 with 1 / 2 / 3). 1: one "
-        "batch at a time.",
+    restore_calls_in_flight: int | None = Field(
+        None, ge=1, description="Restore calls an actor runs at once: their faces are restored together by one "
+        "device thread, so micro-batches stay full across batches and the next batch's faces are queued while the "
+        "device works (bench/restore_batching.py: 13.4 / 14.4 / 15.9 faces per forward of 16 with 1 / 2 / 3). "
+        "Each holds its batch in host memory. None: 3 on a pool of fixed size, 1 on a pool that grows (Ray Data "
+        "asks for another actor only when tasks in flight reach 1.75 x the calls an actor runs: with 2 or 3, a GPU "
+        "node joining mid-run got no actor in the cluster test).",
     )
     compose_batch_size: int = Field(4, ge=1, description="Images per Compose task.")
     decode_actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each DecodeDetect actor.")

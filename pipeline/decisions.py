@@ -177,13 +177,15 @@ def _changes(latest: dict[str, dict], history: dict[str, list[dict]], by_image: 
 def _job_records(records: list[dict]) -> dict[str, dict]:
     """For each fingerprint, the record of the latest job run that made results with it: its settings
     decide how a derivative is encoded again."""
-    by_fp = {}
+    own, other_device = {}, {}
     for r in records:
         if r.get("kind", "job") == "job" and r.get("fingerprint") and r.get("config"):
-            # and those its rows carry when restored on another device than planned (job._execute)
-            for fp in (*(r.get("device_fingerprints") or {}).values(), r["fingerprint"]):
-                by_fp[fp] = r
-    return by_fp
+            own[r["fingerprint"]] = r
+            # and those its rows carry when restored on another device than planned (job._execute); a run
+            # that planned that fingerprint itself is the better source of its settings
+            for fp in (r.get("device_fingerprints") or {}).values():
+                other_device[fp] = r
+    return {**other_device, **own}
 
 
 def _software(record: dict, run_cfg: RunConfig) -> str:
@@ -278,7 +280,8 @@ class _Composers:
             run_cfg = RunConfig.model_validate({**rec["config"], "storage": self.cfg.storage.model_dump(),
                                                 "output": {**rec["config"]["output"], "root": self.out}})
             self.stages[fingerprint] = Compose(run_cfg, self.review_id, fingerprint, bool(rec.get("untrained")),
-                                               software=_software(rec, run_cfg), fence=self.fence)
+                                               software=_software(rec, run_cfg), fence=self.fence,
+                                               keep_row_fingerprint=True)
         return self.stages[fingerprint]
 
     def prepare(self, fingerprints: set[str]) -> None:

@@ -112,7 +112,7 @@ SUMMARY_SCHEMA = pa.schema([("image_id", pa.string()), ("error", pa.string()), (
 def derive_and_record(batch: Batch, **kwargs) -> pa.Table:
     """One Ray task per batch, like ``stages.compose_and_record``: the access copies, then the rows of the
     images that got one into the ledger as one file. Returns per image the failure reason (null: derived)."""
-    stage = AddAccessCopy(Compose(**kwargs))
+    stage = AddAccessCopy(Compose(**kwargs, keep_row_fingerprint=True))  # the derivative is the row's own
     rows, failed = stage(batch)
     uri = None
     if rows.num_rows:

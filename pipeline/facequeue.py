@@ -51,11 +51,13 @@ class FaceQueue:
     gets those of its own faces (a view when they came from one chunk). ``chunks``: faces per device call,
     in order (the last 1,000; for tests and benches)."""
 
-    IDLE_S = 10.0  # the device thread ends after this long without work: an unused stage's model is freed
+    IDLE_S = 10.0  # the device thread ends after this long without work (it holds the restore function)
     WAIT_S = 0.05  # longest wait for an announced call's faces before running a part-filled micro-batch
 
-    def __init__(self, restore_fn: Callable, micro_batch: int, chunk: int):
-        self._restore_fn, self._mb = restore_fn, max(1, micro_batch)
+    def __init__(self, restore_fn: Callable, micro_batch: int, chunk: int, combine: bool = True):
+        """``combine=False``: each call's faces go to the device whole and alone (one call in flight: there
+        is nothing to combine them with, and cutting them would only add a wait for the device)."""
+        self._restore_fn, self._mb, self._combine = restore_fn, max(1, micro_batch), combine
         self._chunk = max(self._mb, chunk // self._mb * self._mb)
         self._queue: collections.deque[_Request] = collections.deque()
         self._ready = threading.Condition()
@@ -75,6 +77,10 @@ class FaceQueue:
             yield token
         finally:
             self._arrived(token)
+
+    def arrived(self, token: dict | None) -> None:
+        """The announced call will queue no (more) faces: nobody need wait for it."""
+        self._arrived(token)
 
     def _arrived(self, token: dict | None) -> None:
         with self._ready:
@@ -99,12 +105,20 @@ class FaceQueue:
                 self._coming -= 1
             self._ready.notify_all()
             if not self._running:
-                self._running = True
-                self.thread = threading.Thread(target=self._loop, name="face-queue", daemon=True)
-                self.thread.start()
+                thread = threading.Thread(target=self._loop, name="face-queue", daemon=True)
+                try:
+                    thread.start()
+                except BaseException:  # no thread, so nobody would ever take it
+                    self._queue.remove(req)
+                    raise
+                self._running, self.thread = True, thread
         req.done.wait()
         if req.error is not None:
-            raise req.error
+            error, req.error = req.error, None
+            try:
+                raise error
+            finally:  # no cycle error -> traceback -> this frame -> error keeping the crops alive
+                del error, req
         if len(req.parts) == 1:
             _, out, at, n = req.parts[0]
             return _cut(out, at, at + n), req.seconds
@@ -131,7 +145,7 @@ class FaceQueue:
                     self._running = False  # under the lock: a request now starts another thread
                     return []
             head = self._queue[0]
-            if head.alone:
+            if head.alone or not self._combine:
                 self._queue.popleft()
                 head.taken = len(head.crops)
                 return [(head, 0, len(head.crops))]
@@ -171,27 +185,34 @@ class FaceQueue:
             r.seconds += seconds * (b - a) / len(crops)
             at += b - a
 
+    def _try(self, pieces: list[tuple[_Request, int, int]]) -> BaseException | None:
+        """Run a chunk; what it raised, without its traceback: the failed chunk's frames hold its crops and
+        device tensors, which must be free before the retries (an out-of-memory would fail them too)."""
+        try:
+            self._run(pieces)
+            return None
+        except BaseException as e:  # noqa: BLE001 - handed to the callers, who record it per image
+            e.__context__ = None
+            return e.with_traceback(None)
+
     def _loop(self) -> None:
         while pieces := self._take():
-            try:
-                self._run(pieces)
-            except BaseException as e:  # noqa: BLE001 - handed to the callers, who record it per image
-                if len(pieces) == 1:
-                    pieces[0][0].error = e
-                else:  # which call's faces failed it: each again on its own
-                    log.info("a chunk of %d calls' faces failed (%s: %s); restoring them call by call",
-                             len(pieces), type(e).__name__, e)
-                    for piece in pieces:
-                        try:
-                            self._run([piece])
-                        except BaseException as e1:  # noqa: BLE001
-                            piece[0].error = e1
+            error = self._try(pieces)
+            if error is not None and len(pieces) == 1:
+                pieces[0][0].error = error
+            elif error is not None:  # which call's faces failed it: each again on its own
+                log.info("a chunk of %d calls' faces failed (%s: %s); restoring them call by call",
+                         len(pieces), type(error).__name__, error)
+                del error
+                for piece in pieces:
+                    piece[0].error = self._try([piece]) or piece[0].error
             for r, a, b in pieces:
                 r.left -= b - a
                 if r.left == 0:
                     r.done.set()
                 elif r.error is not None and r.taken < len(r.crops):
                     self._give_up(r)
+            del pieces  # nothing of this chunk stays referenced while the thread waits for the next
 
     def _give_up(self, r: _Request) -> None:
         """A call whose faces failed: the rest of them are not sent to the device."""

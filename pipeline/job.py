@@ -370,8 +370,10 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     _check_memory(memory, rp, elastic, cpu_nodes)
     log.info("resources: %s; memory per actor/task: %s", rp, memory)
     _log_waiting(resources, rp)
+    calls = restore_calls(cfg, rp)
     record["restore_plan"] = {"device": rp.device, "gpus_per_actor": rp.restore_gpus,
-                              "actors": [rp.restore_min, rp.restore_max], "memory_bytes": memory}
+                              "actors": [rp.restore_min, rp.restore_max], "memory_bytes": memory,
+                              "calls_in_flight": calls}
     per_block = max(cfg.cluster.rows_per_block, math.ceil(todo.num_rows / MAX_BLOCKS))
     # Pre-split in the driver: small manifests would otherwise be one block feeding one actor.
     blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
@@ -391,12 +393,12 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         **actor_args)
     ds = ds.map_batches(
         Restore, fn_constructor_kwargs={"cfg": cfg, "passthrough": passthrough, "expected_weights": expected,
-                                        "device": None if rp.device == "cuda" else "cpu", "planned": rp.device},
+                                        "device": None if rp.device == "cuda" else "cpu", "planned": rp.device,
+                                        "calls_in_flight": calls},
         batch_size=cfg.cluster.restore_batch_size, batch_format="pyarrow", num_gpus=rp.restore_gpus,
         num_cpus=rp.restore_cpus, memory=memory["restore"],
         compute=ActorPoolStrategy(min_size=rp.restore_min, max_size=rp.restore_max,
-                                  max_concurrent_calls_per_actor=cfg.cluster.restore_calls_in_flight,
-                                  enable_true_multi_threading=cfg.cluster.restore_calls_in_flight > 1),
+                                  max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1),
         **actor_args)
     ds = ds.map_batches(
         compose_and_record, fn_kwargs={"cfg": cfg, "run_id": run_id, "fingerprint": pre.fingerprint,
@@ -417,6 +419,16 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
             log.info("run %s: %d of %d images done (%s)", run_id, progress.images, todo.num_rows,
                      record["progress"]["by_status"])
             runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
+
+
+def restore_calls(cfg: RunConfig, rp: "ResourcePlan") -> int:
+    """Restore calls each actor runs at once (``cluster.restore_calls_in_flight``; None: 3 on a pool of
+    fixed size, 1 on one that grows). Ray Data 2.60 asks for another actor when its tasks in flight reach
+    1.75 x (calls x actors): with 2 or 3 calls an actor, a GPU node that joined mid-run got none in the
+    cluster test (tests/test_cluster.py (c)), so a growing pool keeps one call an actor unless told."""
+    if cfg.cluster.restore_calls_in_flight is not None:
+        return cfg.cluster.restore_calls_in_flight
+    return 3 if rp.restore_min == rp.restore_max else 1
 
 
 def declared_memory(cfg: RunConfig, device: str, elastic: bool) -> dict[str, int | None]:

@@ -180,7 +180,8 @@ class FaceRestorer:
         """``crops``: (n,512,512,3) uint8 BGR; ``arcface_mats``: (n,2,3) from ``identity.arcface_matrix``."""
         n = len(crops)
         # On CUDA the restored faces are copied from the device straight into pinned memory that the
-        # caller keeps (the Restore stage wraps it in its Arrow output): no second host copy.
+        # caller keeps (the Restore stage wraps it in its Arrow output): no second host copy, unless the
+        # face queue cut a call's faces over two chunks (facequeue.py: then they are joined once).
         faces = torch.empty((n, 512, 512, 3), dtype=torch.uint8, pin_memory=self.cuda and n > 0)
         out = Restored(faces.numpy(), np.full(n, np.nan, np.float32), np.zeros(n, bool))
         if n == 0:

@@ -214,8 +214,8 @@ CHUNK_MICRO_BATCHES = 4
 
 class Restore:
     """GFP-GAN on every face of the batch's images at once, plus identity QA. One actor per GPU; with
-    ``cluster.restore_calls_in_flight`` calls at once, whose faces one device thread restores together
-    (``facequeue.FaceQueue``: micro-batches stay full across Ray batches).
+    ``calls_in_flight`` calls at once (``job.restore_calls``), whose faces one device thread restores
+    together (``facequeue.FaceQueue``: micro-batches stay full across Ray batches).
 
     Column-wise on the Arrow batch: crops are read where Arrow holds them and the restored crops
     become a column over the restorer's output buffer; the compressed masters and every other column
@@ -224,7 +224,8 @@ class Restore:
     """
 
     def __init__(self, cfg: RunConfig, passthrough: pa.Schema | None = None, device: str | None = None,
-                 expected_weights: dict[str, str] | None = None, planned: str | None = None):
+                 expected_weights: dict[str, str] | None = None, planned: str | None = None,
+                 calls_in_flight: int = 3):
         """``device``: torch's device (None: CUDA when torch has it, else CPU). ``planned``: where the job
         meant this actor to restore ("cuda": it was given a GPU); a CUDA plan that meets a torch without
         CUDA (a logical GPU in tests, a node whose drivers are broken) restores on CPU and says so loudly,
@@ -237,8 +238,9 @@ class Restore:
         self.device_name = self.restorer.device_name
         # Calls in flight on this actor hand their faces to one device thread (facequeue.py)
         # (through a lambda: what replaces restorer.restore later, a bench's stub, is what runs)
+        # (one call at a time: nothing to combine, so each call's faces go to the device whole, as before)
         self.queue = FaceQueue(lambda crops, mats: self.restorer.restore(crops, mats), cfg.restore.micro_batch,
-                               cfg.restore.micro_batch * CHUNK_MICRO_BATCHES)
+                               cfg.restore.micro_batch * CHUNK_MICRO_BATCHES, combine=calls_in_flight > 1)
         if planned == "cuda" and not self.restorer.cuda:
             log.warning("this Restore actor was given a GPU, but torch sees no CUDA device: restoring on CPU "
                         "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
@@ -263,6 +265,7 @@ class Restore:
                 todo.remove(i)
         if todo:
             restored = self._restore(table.num_rows, todo, [spans[i] for i in todo], cols, token=token)
+            self.queue.arrived(token)  # its retries below come alone: nobody need wait for them
             if restored is None:  # the batch failed: image by image, so only the culprit fails
                 log.warning("restoring a batch of %d images failed; retrying them one by one", len(todo))
                 parts = {i: self._restore(table.num_rows, [i], [spans[i]], cols, last_try=True) for i in todo}
@@ -333,12 +336,15 @@ class Compose:
     def __init__(self, cfg: RunConfig, run_id: str, fingerprint: str, untrained: bool,
                  passthrough: pa.Schema | None = None, software: str | None = None, fence=None,
                  input_folders: np.ndarray | None = None, provenance=None,
-                 device_fingerprints: dict[str, str] | None = None):
+                 device_fingerprints: dict[str, str] | None = None, keep_row_fingerprint: bool = False):
         """``fingerprint``: the rows'; ``device_fingerprints``: by device kind ("cuda", "cpu"), the one of a
         row whose faces were restored there (``restore_device``): a Restore actor given a GPU that finds
-        no CUDA restores in fp32 on CPU, and its rows must not claim the fp16 of the plan."""
+        no CUDA restores in fp32 on CPU, and its rows must not claim the fp16 of the plan.
+        ``keep_row_fingerprint``: rows written again (an access copy added, a review applied) keep their
+        own; a run's rows never do (a manifest column named ``fingerprint`` passes through to them)."""
         self.cfg, self.run_id, self.fingerprint, self.untrained = cfg, run_id, fingerprint, untrained
         self.device_fingerprints = device_fingerprints or {}
+        self.keep_row_fingerprint = keep_row_fingerprint
         # Written into every derivative that had a face restored, next to the AI-edit label.
         self.software = software or f"archive-restore {__version__}; {cfg.restore.model}"
         self.schema = with_passthrough(RESULT_SCHEMA, passthrough)
@@ -394,9 +400,9 @@ class Compose:
                    access_spec=spec)
 
     def fingerprint_of(self, row: dict) -> str:
-        """The fingerprint ``row`` carries: its own when it has one (a row written again: an access copy
-        added, a review applied), else that of the device its faces were restored on, else the run's."""
-        if row.get("fingerprint"):
+        """The fingerprint ``row`` carries: its own when it is written again (``keep_row_fingerprint``), else
+        that of the device its faces were restored on, else the run's."""
+        if self.keep_row_fingerprint and row.get("fingerprint"):
             return row["fingerprint"]
         device = (row.get("restore_device") or "").split(" ")[0]
         return self.device_fingerprints.get(device, self.fingerprint)

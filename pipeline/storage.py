@@ -123,7 +123,8 @@ def _arrow_off(uri: str, why: str) -> None:
         first = not _ARROW_S3_OFF
         _ARROW_S3_OFF.append(why)
     if first:
-        log.warning("Arrow's S3 client and s3fs disagree on %s (%s); reading through s3fs from now on", uri, why)
+        log.warning("Arrow's S3 client failed on %s where s3fs read it (%s); reading through s3fs from now on",
+                    uri, why)
 
 
 def read_small(uri: str, cfg: StorageConfig) -> bytes:

@@ -429,3 +429,7 @@ def test_rows_restored_on_another_device_than_planned_find_their_runs_settings()
     review = {"run_id": "v", "kind": "review", "fingerprint": "b-cpu", "config": {"x": 2}}
     by_fp = _job_records([old, new, review])
     assert by_fp["a"] is old and by_fp["b-cuda"] is new and by_fp["b-cpu"] is new
+    # a later run whose other-device fingerprint is an earlier run's own: the run that planned it wins
+    later = {"run_id": "r2", "kind": "job", "fingerprint": "c-cuda", "config": {"x": 3},
+             "device_fingerprints": {"cuda": "c-cuda", "cpu": "a"}}
+    assert _job_records([old, later])["a"] is old and _job_records([later, old])["a"] is old

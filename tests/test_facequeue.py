@@ -114,9 +114,11 @@ def test_a_failing_chunk_is_restored_again_call_by_call_so_only_the_culprit_fail
     assert np.array_equal(results[3][0].faces, _req(4, 4)[0] + 1) and np.array_equal(results[1][0].faces, _req(2, 3)[0] + 1)
 
 
-def test_a_part_filled_micro_batch_waits_for_an_announced_call():
-    """While another call is reading its batch (``coming``), the device thread waits (up to WAIT_S) for
-    its faces instead of sending a part-filled micro-batch; unannounced, it does not wait."""
+def test_a_part_filled_micro_batch_waits_for_an_announced_call(monkeypatch):
+    """While another call is reading its batch (``coming``), the device thread waits (up to WAIT_S, here
+    long enough for any machine) for its faces instead of sending a part-filled micro-batch; unannounced,
+    it does not wait."""
+    monkeypatch.setattr(FaceQueue, "WAIT_S", 30.0)
     device = Device()
     q = FaceQueue(device, micro_batch=4, chunk=8)
     got = {}
@@ -129,8 +131,61 @@ def test_a_part_filled_micro_batch_waits_for_an_announced_call():
     first.join(10)
     assert device.calls == [4] and np.array_equal(got[0][0].faces, _req(1, 2)[0] + 1)
     assert q._coming == 0
+    t0 = time.monotonic()
     q.restore(*_req(3, 2))
-    assert device.calls == [4, 2]  # nobody announced: no wait
+    assert device.calls == [4, 2] and time.monotonic() - t0 < 20  # nobody announced: no 30 s wait
+    with q.coming() as token:  # announced, then says it brings nothing more: no wait either
+        q.arrived(token)
+        t0 = time.monotonic()
+        q.restore(*_req(4, 2))
+    assert device.calls == [4, 2, 2] and time.monotonic() - t0 < 20
+
+
+def test_a_failed_chunk_holds_nothing_while_its_calls_are_retried():
+    """The failed chunk's frames (in the real restorer: its crops and device tensors) are gone before the
+    retries start, without waiting for Python's cycle collector: an out-of-memory would fail them too."""
+    import gc
+    import weakref
+
+    class Tensor:
+        pass
+
+    alive_at_retry, refs = [], []
+    gate, entered = threading.Event(), threading.Event()
+
+    def device(crops, mats):
+        held = Tensor()  # what a failed forward's frames hold
+        refs.append(weakref.ref(held))
+        if len(refs) == 1:
+            entered.set()
+            gate.wait(10)
+        if (crops[:, 0] == 99).any():
+            raise ValueError("a bad face")
+        alive_at_retry.append(sum(r() is not None for r in refs[:-1]))
+        return Out(crops + 1, mats[:, 0].astype(np.float32))
+
+    device.entered = entered
+    q = FaceQueue(device, micro_batch=2, chunk=16)
+    gc.disable()
+    try:
+        threads, results, errors = _in_threads(q, [_req(1, 2), _req(2, 2), _req(99, 2)], device)
+        gate.set()
+        _join(threads)
+    finally:
+        gc.enable()
+    assert set(errors) == {2} and len(results) == 2
+    assert alive_at_retry == [0, 0]  # the first chunk; the retry of [2, 99]: nothing of the failure alive
+
+
+def test_a_device_thread_that_cannot_start_fails_the_call_instead_of_hanging_it(monkeypatch):
+    device = Device()
+    q = FaceQueue(device, micro_batch=4, chunk=8)
+    real = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (_ for _ in ()).throw(RuntimeError("can't start")))
+    with pytest.raises(RuntimeError, match="can't start"):
+        q.restore(*_req(1, 2))
+    monkeypatch.setattr(threading.Thread, "start", real)
+    assert not q._queue and q.restore(*_req(2, 2))[0].faces.shape == (2, 3)
 
 
 def test_the_device_thread_ends_when_idle_and_a_new_call_starts_another(monkeypatch):
@@ -145,3 +200,14 @@ def test_the_device_thread_ends_when_idle_and_a_new_call_starts_another(monkeypa
     assert q.thread is not first
     with pytest.raises(ValueError, match="a bad face"):
         q.restore(*_req(99, 1))
+
+
+def test_without_combining_each_call_goes_to_the_device_whole():
+    """One call in flight (combine=False): a call's faces are not cut into micro-batch multiples."""
+    gate = threading.Event()
+    device = Device(gate)
+    q = FaceQueue(device, micro_batch=4, chunk=8, combine=False)
+    threads, results, errors = _in_threads(q, [_req(1, 5), _req(2, 3), _req(3, 11)], device)
+    gate.set()
+    _join(threads)
+    assert device.calls == [5, 3, 11] and not errors and len(results) == 3

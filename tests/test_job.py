@@ -308,6 +308,17 @@ def test_memory_is_declared_from_measured_peaks_and_the_largest_image_accepted()
     assert plan(12, cluster={"decode_actor_memory_gb": 0.5})["decode"] == 0.5e9  # an explicit setting wins
 
 
+def test_restore_calls_in_flight_follow_the_pool_unless_set():
+    """3 calls an actor on a pool of fixed size; 1 on a pool that grows (more would keep Ray Data from
+    asking for an actor on a GPU node that joins: tests/test_cluster.py (c)); a setting wins."""
+    fixed = job.plan_resources({"CPU": 4.0, "GPU": 1.0}, RunConfig(), elastic=False)
+    grows = job.plan_resources({"CPU": 4.0, "GPU": 1.0}, RunConfig(), elastic=True)
+    assert (fixed.restore_min, fixed.restore_max) == (1, 1) and grows.restore_max != grows.restore_min
+    assert job.restore_calls(RunConfig(), fixed) == 3 and job.restore_calls(RunConfig(), grows) == 1
+    two = RunConfig.model_validate({"cluster": {"restore_calls_in_flight": 2}})
+    assert job.restore_calls(two, grows) == 2 and job.restore_calls(two, fixed) == 2
+
+
 def test_memory_is_declared_on_a_cluster_or_when_set():
     cfg = RunConfig()
     assert job.declared_memory(cfg, "cpu", elastic=True) == job.memory_plan(cfg, "cpu")

@@ -97,6 +97,7 @@ def test_restore_calls_in_flight_together_give_what_each_gives_alone(cfg, detect
         deadline = time.monotonic() + 60
         while len(stage.queue._queue) < k and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert len(stage.queue._queue) == k, "the call did not queue its faces"
     stage.queue._restore_fn = real
     gate.set()
     for th in threads:
@@ -186,6 +187,10 @@ def test_a_row_carries_the_fingerprint_of_the_device_its_faces_were_restored_on(
                               pa.array(["cuda (NVIDIA H100 80GB HBM3)"] * 2 + [None] * 3, pa.string()))
     res = Compose(cfg, "run-x", "fp-plan", True, pt, device_fingerprints={"cuda": "fp-gpu", "cpu": "fp-cpu"})(gpu)
     assert res["fingerprint"].to_pylist()[:3] == ["fp-gpu", "fp-gpu", "fp-plan"]
+    # a manifest column named "fingerprint" passes through to the work rows: a run's rows never take it
+    tagged = restored.append_column("fingerprint", pa.array(["phash:ab12"] * restored.num_rows, pa.string()))
+    res = Compose(cfg, "run-x", "fp-plan", True, pt, device_fingerprints={"cuda": "fp-gpu", "cpu": "fp-cpu"})(tagged)
+    assert res["fingerprint"].to_pylist() == ["fp-cpu", "fp-cpu", "fp-plan", "fp-plan", "fp-plan"]
 
 
 def test_keep_original_policy_pastes_nothing(cfg, detected):

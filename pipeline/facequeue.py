@@ -76,18 +76,19 @@ class FaceQueue:
         try:
             yield token
         finally:
-            self._arrived(token)
+            self.arrived(token)
 
     def arrived(self, token: dict | None) -> None:
         """The announced call will queue no (more) faces: nobody need wait for it."""
-        self._arrived(token)
-
-    def _arrived(self, token: dict | None) -> None:
         with self._ready:
-            if token is not None and not token["queued"]:
-                token["queued"] = True
-                self._coming -= 1
-                self._ready.notify_all()
+            self._settle(token)
+            self._ready.notify_all()
+
+    def _settle(self, token: dict | None) -> None:
+        """``token``'s call is no longer on its way (under the lock)."""
+        if token is not None and not token["queued"]:
+            token["queued"] = True
+            self._coming -= 1
 
     def restore(self, crops: np.ndarray, mats: np.ndarray, alone: bool = False,
                 token: dict | None = None) -> tuple[object, float]:
@@ -96,13 +97,11 @@ class FaceQueue:
         on their own raised."""
         req = _Request(crops, mats, alone, left=len(crops))
         if not len(crops):
-            self._arrived(token)
+            self.arrived(token)
             return self._restore_fn(crops, mats), 0.0  # nothing for the device: no need to queue
         with self._ready:
             self._queue.append(req)
-            if token is not None and not token["queued"]:
-                token["queued"] = True
-                self._coming -= 1
+            self._settle(token)
             self._ready.notify_all()
             if not self._running:
                 thread = threading.Thread(target=self._loop, name="face-queue", daemon=True)

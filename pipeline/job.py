@@ -258,6 +258,12 @@ def _start_ray(cfg: RunConfig, lease: runs.Lease) -> str | None:
     return session
 
 
+def _elastic(cfg: RunConfig, session: str | None) -> bool:
+    """Size pools for a cluster that grows (``cluster.elastic``; None: unless the job started its own local
+    Ray, ``session``)."""
+    return cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
+
+
 def _accepted(cfg: RunConfig, pre: Preflight, records: list[dict]) -> tuple[list[str], dict[str, str | None]]:
     """The fingerprints that count as current, and for each legacy one the access spec its rows were made
     with. Before the settings that only add files left the fingerprint (``config._ADDS_FILES``) it hashed
@@ -314,7 +320,7 @@ def _derive(cfg: RunConfig, pre: Preflight, derive: pa.Table, manifest: pa.Table
     batches = []
     if rows.num_rows:
         session = _start_ray(cfg, lease)
-        elastic = cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
+        elastic = _elastic(cfg, session)
         # A derive task holds what a Compose task does (a derivative's pixels, a copy, their encodings)
         memory = declared_memory(cfg, "cpu", elastic)["compose"]
         cpus = cfg.cluster.compose_task_cpus  # on one fixed machine: never more than it has, or nothing runs
@@ -350,7 +356,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
 
     session = _start_ray(cfg, lease)
     resources = ray.cluster_resources()
-    elastic = cfg.cluster.elastic if cfg.cluster.elastic is not None else session is None
+    elastic = _elastic(cfg, session)
     # The memory of each live node with CPUs: where the CPU stages can run.
     cpu_nodes = [n["Resources"].get("memory", 0) for n in ray.nodes()
                  if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
@@ -362,8 +368,8 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     # those planning accepted): the plan's, or that of the device a row's faces were restored on when it is
     # another (a Restore actor given a GPU that finds no CUDA restores on CPU, in fp32). The record holds
     # them all, as decisions and reports look settings up by fingerprint.
-    pre.fingerprint = cfg.fingerprint(pre.hashes or {}, device=rp.device)
     device_fps = {d: cfg.fingerprint(pre.hashes or {}, device=d) for d in ("cuda", "cpu")}
+    pre.fingerprint = device_fps[rp.device]
     record.update(fingerprint=pre.fingerprint, device_fingerprints=device_fps)
     runs.write_record(storage.normalize(cfg.output.root), record, cfg.storage)
     memory = declared_memory(cfg, rp.device, elastic)

@@ -124,18 +124,25 @@ def test_cached_prior_boxes_equal_facexlibs(name):
         assert torch.equal(prior_boxes(cfg, h, w), PriorBox(cfg, image_size=(h, w)).forward()), (h, w)
 
 
-def test_our_detection_equals_facexlibs_detect_faces(detector):
-    """The wrapper (cached priors, our post-processing) gives facexlib's ``detect_faces`` on the same network
-    to the bit, on every photo."""
-    detector = detector()
+def _shared_photos():
+    """Every photo of ../shared/images whole/, old/, gray/ and identity/ as 8-bit BGR (halved when over 1,600
+    px, as a detection copy would be), with its path."""
     paths = sorted(p for sub in ("whole", "old", "gray", "identity") for p in (IMAGES / sub).glob("*.*")
                    if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     assert len(paths) >= 20
-    found = 0
     for p in paths:
         bgr = imageio.to_bgr8(imageio.decode(p.read_bytes(), 10**9).pixels)
         if max(bgr.shape[:2]) > 1600:
             bgr = cv2.resize(bgr, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        yield p, bgr
+
+
+def test_our_detection_equals_facexlibs_detect_faces(detector):
+    """The wrapper (cached priors, our post-processing) gives facexlib's ``detect_faces`` on the same network
+    to the bit, on every photo."""
+    detector = detector()
+    found = 0
+    for p, bgr in _shared_photos():
         ours = detector._detect_faces(bgr)
         with torch.inference_mode():
             theirs = detector.net.detect_faces(bgr, conf_threshold=detector.cfg.threshold,
@@ -160,13 +167,8 @@ def test_folded_detector_finds_what_the_official_network_finds(detector, weights
     faces, boxes and landmarks within 1e-3 px (measured: 1.8e-4), scores within 1e-5 (measured: 1.2e-7)."""
     ours_det, official = detector(), _official_retinaface(weights_dir)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours_det.net.modules())
-    paths = sorted(p for sub in ("whole", "old", "gray", "identity") for p in (IMAGES / sub).glob("*.*")
-                   if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     found = 0
-    for p in paths:
-        bgr = imageio.to_bgr8(imageio.decode(p.read_bytes(), 10**9).pixels)
-        if max(bgr.shape[:2]) > 1600:
-            bgr = cv2.resize(bgr, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    for p, bgr in _shared_photos():
         ours = ours_det._detect_faces(bgr)
         with torch.inference_mode():
             theirs = official.detect_faces(bgr, conf_threshold=ours_det.cfg.threshold,

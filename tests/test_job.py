@@ -327,13 +327,9 @@ def test_memory_is_declared_on_a_cluster_or_when_set():
     assert job.declared_memory(set_, "cuda", elastic=False)["compose"] == 1.5e9
 
 
-@pytest.mark.parametrize("where", ["local", "cluster"])
-def test_access_copy_tasks_ask_for_what_a_compose_task_does(tmp_path, monkeypatch, where):
-    """On a cluster a derive task declares a Compose task's memory and CPUs; on the local Ray the job
-    started, no memory and never more CPUs than that machine has (or the task would never run)."""
-    import sys
-    import types
-
+def _derive_case(tmp_path, ledger_image: str):
+    """Image "a", planned for an access copy from a ledger file holding an ok row of ``ledger_image``: the
+    output folder, manifest table, preflight and derive plan that ``job._derive`` takes."""
     import pyarrow.parquet as pq
 
     from pipeline.manifest import Manifest
@@ -341,12 +337,23 @@ def test_access_copy_tasks_ask_for_what_a_compose_task_does(tmp_path, monkeypatc
     out = tmp_path / "out"
     part = out / "_results" / "run=r0" / "part.parquet"
     part.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"image_id": ["a"], "status": ["ok"], "fingerprint": ["f"],
+    pq.write_table(pa.table({"image_id": [ledger_image], "status": ["ok"], "fingerprint": ["f"],
                              "finished_at": pa.array([0], pa.timestamp("ms", tz="UTC"))}), part)
     table = pa.table({"image_id": ["a"], "uri": ["/in/a.jpg"]})
     pre = job.Preflight(Manifest(table, "/in/", pa.schema([]), 1, 0, 0), {}, "f", False)
     derive = pa.table({"image_id": ["a"], "_source": [str(part)], "_row": pa.array([0], pa.int64()),
                        "access_key": ["a.jpg"], "key_error": pa.nulls(1, pa.string())})
+    return out, table, pre, derive
+
+
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_access_copy_tasks_ask_for_what_a_compose_task_does(tmp_path, monkeypatch, where):
+    """On a cluster a derive task declares a Compose task's memory and CPUs; on the local Ray the job
+    started, no memory and never more CPUs than that machine has (or the task would never run)."""
+    import sys
+    import types
+
+    out, table, pre, derive = _derive_case(tmp_path, ledger_image="a")
     cfg = RunConfig.model_validate({"output": {"root": str(out)}, "cluster": {"compose_task_cpus": 4}})
     asked = {}
 
@@ -510,19 +517,7 @@ def test_results_of_settings_that_only_add_files_stay_current_across_the_upgrade
 def test_an_image_whose_row_vanished_before_its_copy_is_counted_and_ray_is_not_started(tmp_path, monkeypatch):
     """Planning chose the image, and its ok row is no longer in the file (a concurrent compact moved it):
     nothing to derive, no Ray, and the run record counts it as not made (tried again next run)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.manifest import Manifest
-
-    out = tmp_path / "out"
-    part = out / "_results" / "run=r0" / "part.parquet"
-    part.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"image_id": ["b"], "status": ["ok"], "fingerprint": ["f"],
-                             "finished_at": pa.array([0], pa.timestamp("ms", tz="UTC"))}), part)
-    table = pa.table({"image_id": ["a"], "uri": ["/in/a.jpg"]})
-    pre = job.Preflight(Manifest(table, "/in/", pa.schema([]), 1, 0, 0), {}, "f", False)
-    derive = pa.table({"image_id": ["a"], "_source": [str(part)], "_row": pa.array([0], pa.int64()),
-                       "access_key": ["a.jpg"], "key_error": pa.nulls(1, pa.string())})
+    out, table, pre, derive = _derive_case(tmp_path, ledger_image="b")
     cfg = RunConfig().model_copy(update={"output": RunConfig().output.model_copy(update={"root": str(out)})})
     monkeypatch.setattr(job, "_start_ray", lambda *a: pytest.fail("Ray started with nothing to derive"))
     got = job._derive(cfg, pre, derive, table, "r1", lease=None, input_folders=None)

@@ -60,6 +60,17 @@ class DetectConfig(_Section):
     )
     min_eye_dist: float = Field(5.0, ge=0, description="Skip faces whose eye distance (master pixels) is smaller.")
     max_faces: int = Field(64, ge=1, description="Restore at most this many faces per image (highest scores first).")
+    device: Literal["cpu", "gpu"] = Field(
+        "cpu", description="Where faces are found. cpu: in the DecodeDetect actors. gpu: JPEG masters (RGB or grey) "
+        "are decoded, detected and aligned in the Restore actor, on its device (nvJPEG through torchvision on "
+        "CUDA), so ResNet-50 detection costs GPU milliseconds instead of CPU seconds and DecodeDetect only reads, "
+        "hashes and reads the header; other masters (TIFF, PNG, CMYK JPEG, ...) are still detected on CPU. Their "
+        "faces agree with CPU detection within float rounding (tested), but are not bit-identical, so this "
+        "setting is part of the fingerprint. Masters travel to the Restore actor compressed.",
+    )
+    gpu_batch: int = Field(
+        8, ge=1, description="Detection copies of the same size per detector forward with detect.device=gpu.",
+    )
 
 
 class RestoreConfig(_Section):
@@ -365,7 +376,7 @@ class RunConfig(_Section):
             restore["precision"] = self.resolved_precision(device)
         relevant = {
             "output_version": OUTPUT_VERSION,
-            "detect": self.detect.model_dump(),
+            "detect": _detect_settings(self.detect),
             "restore": restore,
             "qa": self.qa.model_dump(),
             "output": output,
@@ -389,12 +400,21 @@ _ADDS_FILES = ("copy_no_face", "access_copy", "access_long_side", "access_qualit
 _WHEN_NOT_DEFAULT = ("jpeg_mode",)
 
 
+def _detect_settings(detect: DetectConfig) -> dict:
+    """The detector settings that change which faces are found: ``gpu_batch`` never does; ``device`` is added
+    only when it is not the default (cpu), so fingerprints made before it existed stay valid."""
+    out = detect.model_dump(exclude={"device", "gpu_batch"})
+    if detect.device != "cpu":
+        out["device"] = detect.device
+    return out
+
+
 def detect_fingerprint(detect: DetectConfig, detector_sha256: str) -> str:
     """Identity of a detection result: the detector settings and weights, and ``OUTPUT_VERSION`` (a code
     change that redoes outputs may change detection or alignment too, so stored faces are not reused across
     it). Same bytes + same value = same faces. Version 1 is left out, so rows written before the version
     was part of it keep their value."""
-    relevant = {"detect": detect.model_dump(), "weights": detector_sha256}
+    relevant = {"detect": _detect_settings(detect), "weights": detector_sha256}
     if OUTPUT_VERSION != 1:
         relevant["output_version"] = OUTPUT_VERSION
     blob = json.dumps(relevant, sort_keys=True).encode()

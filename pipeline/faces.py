@@ -54,16 +54,24 @@ class FaceDetector:
             self.net.load_state_dict(sd, strict=True)
         self.net = fold_batch_norms(self.net.eval()).to(memory_format=torch.channels_last)
 
+    def copy_size(self, h: int, w: int) -> tuple[float, int, int]:
+        """The detection copy of an ``h`` x ``w`` image: its scale and size (h, w); scale 1 when none is made."""
+        if not self.cfg.long_side or max(h, w) <= self.cfg.long_side:
+            return 1.0, h, w
+        scale = self.cfg.long_side / max(h, w)
+        return scale, max(1, round(h * scale)), max(1, round(w * scale))
+
     def detect(self, img_bgr: np.ndarray) -> tuple[list[Face], int]:
         """Faces above threshold, best first, capped at ``max_faces``; also how many were skipped (too small,
         or beyond the cap)."""
-        h, w = img_bgr.shape[:2]
-        scale = 1.0
-        if self.cfg.long_side and max(h, w) > self.cfg.long_side:
-            scale = self.cfg.long_side / max(h, w)
-            img_bgr = cv2.resize(img_bgr, (max(1, round(w * scale)), max(1, round(h * scale))),
-                                 interpolation=cv2.INTER_AREA)
-        dets = self._detect_faces(img_bgr)
+        scale, ch, cw = self.copy_size(*img_bgr.shape[:2])
+        if scale != 1.0:
+            img_bgr = cv2.resize(img_bgr, (cw, ch), interpolation=cv2.INTER_AREA)
+        return self.select(self._detect_faces(img_bgr), scale)
+
+    def select(self, dets: np.ndarray, scale: float) -> tuple[list[Face], int]:
+        """``detect``'s choice among the rows of ``_detect_faces`` found on a copy at ``scale``: in master
+        pixels, big enough, best first, capped."""
         faces, too_small = [], 0
         for d in dets:
             face = Face(bbox=(d[:4] / scale).astype(np.float32), score=float(d[4]),
@@ -81,26 +89,35 @@ class FaceDetector:
         on every call (about 30% of a mobile0.25 detection measured on a 1,600 px copy); the input goes in
         channels_last as it lies in memory (HWC), without a copy. Rows: x1, y1, x2, y2, score, 5 landmarks."""
         import torch  # imported here: Compose uses this module for paste-back and must not load torch
+
+        x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0)
+        return self.detect_batch(x.to(self.net.mean_tensor.device))[0]
+
+    def detect_batch(self, x: "torch.Tensor") -> list[np.ndarray]:
+        """``_detect_faces`` for each of a batch of same-size copies: ``x`` (N, 3, H, W) float32 BGR 0-255
+        on the network's device. One forward for the batch (what a GPU wants), post-processing per image."""
+        import torch
         from facexlib.detection.retinaface_utils import decode, decode_landm, py_cpu_nms
 
         with torch.inference_mode():
-            h, w = img_bgr.shape[:2]
-            dev = self.net.mean_tensor.device
-            x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0).to(dev)
-            x = x - self.net.mean_tensor
-            loc, conf, landmarks = self.net(x)
+            h, w = x.shape[2:]
+            dev = x.device
+            loc, conf, landmarks = self.net(x - self.net.mean_tensor)
             variance = self.net.cfg["variance"]
             priors = prior_boxes(self.net.cfg, h, w).to(dev)
             scale = torch.tensor([w, h] * 2, dtype=torch.float32, device=dev)
-            boxes = (decode(loc.squeeze(0), priors, variance) * scale).cpu().numpy()
-            scores = conf.squeeze(0)[:, 1].cpu().numpy()
-            landms = (decode_landm(landmarks.squeeze(0), priors, variance)
-                      * torch.tensor([w, h] * 5, dtype=torch.float32, device=dev)).cpu().numpy()
-            keep = np.where(scores > self.cfg.threshold)[0]
-            order = keep[scores[keep].argsort(kind="quicksort")[::-1]]
-            dets = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
-            nms = py_cpu_nms(dets, self.cfg.nms_threshold)
-            return np.concatenate((dets[nms, :], landms[order][nms]), axis=1)
+            scale5 = torch.tensor([w, h] * 5, dtype=torch.float32, device=dev)
+            out = []
+            for i in range(x.shape[0]):
+                boxes = (decode(loc[i], priors, variance) * scale).cpu().numpy()
+                scores = conf[i, :, 1].cpu().numpy()
+                landms = (decode_landm(landmarks[i], priors, variance) * scale5).cpu().numpy()
+                keep = np.where(scores > self.cfg.threshold)[0]
+                order = keep[scores[keep].argsort(kind="quicksort")[::-1]]
+                dets = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
+                nms = py_cpu_nms(dets, self.cfg.nms_threshold)
+                out.append(np.concatenate((dets[nms, :], landms[order][nms]), axis=1))
+            return out
 
 
 def fold_batch_norms(net: "torch.nn.Module") -> "torch.nn.Module":

@@ -97,8 +97,24 @@ def _jpeg_truncated(data: bytes) -> bool:
     return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
-def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Decode ``data``; raise DecodeError (or TooLargeError) with a message a person can act on."""
+@dataclass
+class Header:
+    format: str                 # Pillow format name
+    mode: str                   # Pillow mode: RGB, L, CMYK, I;16, ...
+    stored_size: tuple[int, int]  # (width, height) as stored, before the EXIF orientation
+    n_frames: int
+    orientation: int            # EXIF orientation, 1-8 (1 = none)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) upright, as ``decode`` returns the pixels."""
+        w, h = self.stored_size
+        return (h, w) if self.orientation in (5, 6, 7, 8) else (w, h)
+
+
+def probe(data: bytes, max_pixels: int) -> Header:
+    """What ``decode`` checks before any pixel is decoded (format, size against ``max_pixels``, EXIF
+    orientation, a JPEG cut short); the same DecodeError (or TooLargeError) it would raise."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -124,6 +140,13 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         raise DecodeError("truncated JPEG (no end-of-image marker): the file was cut short; re-copy it")
     if n_frames > 1 and fmt != "TIFF":
         raise DecodeError(f"animated {fmt} with {n_frames} frames is not a photograph")
+    return Header(fmt, mode, (w, h), n_frames, orientation if orientation in range(1, 9) else 1)
+
+
+def decode(data: bytes, max_pixels: int) -> Decoded:
+    """Decode ``data``; raise DecodeError (or TooLargeError) with a message a person can act on."""
+    head = probe(data, max_pixels)
+    fmt, mode, n_frames, orientation = head.format, head.mode, head.n_frames, head.orientation
     notes = []
     if fmt == "TIFF" and n_frames > 1:
         notes.append(f"multi-page TIFF with {n_frames} pages: the first page was processed")

@@ -106,6 +106,8 @@ WORK_SCHEMA = pa.schema(
         ("detect_s", pa.float32()),
         ("restore_s", pa.float32()),
         ("restore_device", pa.string()),
+        ("defer_detect", pa.int8()),         # detect.device=gpu: the EXIF orientation of a JPEG master whose
+                                             # faces the Restore actor finds (null: found by DecodeDetect)
     ]
 )
 

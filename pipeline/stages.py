@@ -70,6 +70,16 @@ def _each(rows: list[dict], process, status: Status) -> list[dict]:
     return out
 
 
+def _face_record(face: Face, affine: np.ndarray) -> dict:
+    """A found face as it travels in ``faces_json``: where it is, how it was aligned, and the matrix that
+    takes its crop to ArcFace's 112x112 template (identity QA)."""
+    from .identity import arcface_matrix  # torch: see Restore
+
+    lm_crop = np.c_[face.landmarks, np.ones(5)] @ affine.T
+    return {"bbox": face.bbox.tolist(), "score": face.score, "landmarks": face.landmarks.ravel().tolist(),
+            "affine": affine.ravel().tolist(), "arcface": arcface_matrix(lm_crop).ravel().tolist()}
+
+
 class DecodeDetect:
     """Fetch, hash, decode, detect faces, align crops. CPU actor."""
 
@@ -79,7 +89,9 @@ class DecodeDetect:
         self.schema = with_passthrough(WORK_SCHEMA, passthrough)
         resolved = weights.resolve(cfg.detect.model, cfg, (expected_weights or {}).get(cfg.detect.model))
         self.detector = FaceDetector(cfg.detect, resolved)
-        self.detect_fp = detect_fingerprint(cfg.detect, resolved.sha256)
+        # Faces found here (on CPU), and those the Restore actor finds on its device (detect.device=gpu)
+        self.detect_fp = detect_fingerprint(cfg.detect.model_copy(update={"device": "cpu"}), resolved.sha256)
+        self.device_fp = detect_fingerprint(cfg.detect.model_copy(update={"device": "gpu"}), resolved.sha256)
 
     def __call__(self, batch: Batch) -> pa.Table:
         rows = _rows(batch)
@@ -89,10 +101,31 @@ class DecodeDetect:
                 r["output_key"] = k
         return rows_to_table(_each(rows, self.process, Status.DETECT_ERROR), self.schema)
 
-    def _reusable(self, row: dict) -> bool:
-        """Stored detections stand when the bytes and the detector (settings + weights) are unchanged."""
+    def _reusable(self, row: dict, fp: str) -> bool:
+        """Stored detections stand when the bytes and the detector (settings + weights, and where it ran:
+        ``fp``) are unchanged."""
         return (not self.cfg.redetect and row.get("prior_faces") is not None
-                and row.get("prior_sha256") == row["src_sha256"] and row.get("prior_detect_fp") == self.detect_fp)
+                and row.get("prior_sha256") == row["src_sha256"] and row.get("prior_detect_fp") == fp)
+
+    def _defer(self, row: dict, data: bytes, t0: float) -> dict | None:
+        """With detect.device=gpu: a JPEG master the Restore actor can decode and search for faces on its
+        device goes on as its bytes, after the header checks ``imageio.decode`` makes first; None for one
+        that is detected here (another format, CMYK, a header that fails: ``decode`` then says why, or
+        faces found on the device before that are reused: the crops are made here)."""
+        try:
+            head = imageio.probe(data, self.cfg.input.max_pixels)
+        except Exception:
+            return None
+        if head.format != "JPEG" or head.mode not in ("RGB", "L") or self._reusable(row, self.device_fp):
+            return None
+        width, height = head.size
+        rejected = None
+        if self.cfg.review.carry_decisions and row.get("prior_sha256") == row["src_sha256"]:
+            rejected = review.rejected_boxes(row.get("prior_faces"))  # applied once the faces are found
+        row.update(src_format=head.format, width=width, height=height, notes=None, src_bytes=data,
+                   decode_s=time.perf_counter() - t0, detect_fingerprint=self.device_fp, detect_reused=False,
+                   defer_detect=head.orientation, faces_json=json.dumps({"faces": [], "rejected": rejected}))
+        return row
 
     def process(self, row: dict) -> dict:
         row.update(status=Status.OK.value, error=None, n_faces=0)
@@ -106,6 +139,8 @@ class DecodeDetect:
         except Exception as e:  # permission, a directory, network after retries, a malformed URI, no credentials
             return _error(row, Status.READ_ERROR, f"cannot read: {type(e).__name__}: {e}")
         row["src_sha256"] = hashlib.sha256(data).hexdigest()
+        if self.cfg.detect.device == "gpu" and (deferred := self._defer(row, data, t0)) is not None:
+            return deferred
         try:
             img = imageio.decode(data, self.cfg.input.max_pixels)
         except imageio.TooLargeError as e:
@@ -117,8 +152,11 @@ class DecodeDetect:
         row.update(src_format=img.format, width=img.width, height=img.height, notes=img.notes)
         t1 = time.perf_counter()
         row["decode_s"] = t1 - t0
-        row["detect_fingerprint"] = self.detect_fp
-        row["detect_reused"] = self._reusable(row)
+        # (faces the device found for these bytes before are reused as such: see _defer)
+        fp = self.device_fp if self.cfg.detect.device == "gpu" and self._reusable(row, self.device_fp) \
+            else self.detect_fp
+        row["detect_fingerprint"] = fp
+        row["detect_reused"] = self._reusable(row, fp)
         try:
             bgr = imageio.to_bgr8(img.pixels)
             if row["detect_reused"]:
@@ -127,16 +165,11 @@ class DecodeDetect:
                 skipped = row.get("prior_faces_skipped") or 0
             else:
                 faces, skipped = self.detector.detect(bgr)
-            from .identity import arcface_matrix  # torch: see Restore
-
             crops, records = [], []
             for f in faces:
                 affine = align_matrix(f.landmarks)
-                lm_crop = np.c_[f.landmarks, np.ones(5)] @ affine.T
                 crops.append(warp_face(bgr, affine))
-                records.append({"bbox": f.bbox.tolist(), "score": f.score, "landmarks": f.landmarks.ravel().tolist(),
-                                "affine": affine.ravel().tolist(),
-                                "arcface": arcface_matrix(lm_crop).ravel().tolist()})
+                records.append(_face_record(f, affine))
         except Exception as e:  # a detector failure on odd pixels must not stop the batch
             log.exception("detection failed for %s", row["image_id"])
             return _error(row, Status.DETECT_ERROR, f"face detection failed: {type(e).__name__}: {e}")
@@ -241,6 +274,13 @@ class Restore:
         # (one call at a time: nothing to combine, so each call's faces go to the device whole, as before)
         self.queue = FaceQueue(lambda crops, mats: self.restorer.restore(crops, mats), cfg.restore.micro_batch,
                                cfg.restore.micro_batch * CHUNK_MICRO_BATCHES, combine=calls_in_flight > 1)
+        self.device_faces = None
+        if cfg.detect.device == "gpu":  # JPEG masters are decoded and searched for faces here (devicefaces.py)
+            from .devicefaces import DeviceFaces
+
+            resolved = weights.resolve(cfg.detect.model, cfg, (expected_weights or {}).get(cfg.detect.model))
+            detector = FaceDetector(cfg.detect, resolved, device=str(self.restorer.device))
+            self.device_faces = DeviceFaces(detector, cfg.detect.gpu_batch)
         if planned == "cuda" and not self.restorer.cuda:
             log.warning("this Restore actor was given a GPU, but torch sees no CUDA device: restoring on CPU "
                         "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
@@ -254,6 +294,8 @@ class Restore:
     def _call(self, batch: Batch, token: dict) -> pa.Table:
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
+        if self.device_faces is not None:
+            table = self._detect_deferred(table)
         cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
                                                                   "faces_json", "restore_s", "restore_device")}
         todo = [i for i, (s, n) in enumerate(zip(cols["status"], cols["n_faces"])) if s == Status.OK.value and n]
@@ -276,6 +318,46 @@ class Restore:
                                                       "restore_device")}}
         for name, values in updates.items():
             table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
+        return table
+
+    def _detect_deferred(self, table: pa.Table) -> pa.Table:
+        """Decode the batch's deferred JPEG masters (``defer_detect``) on the device, find and align their
+        faces there: the columns DecodeDetect fills for the others (faces, crops, status, timings)."""
+        deferred = table.column("defer_detect").to_pylist()
+        status = table.column("status").to_pylist()
+        rows = [i for i, (o, s) in enumerate(zip(deferred, status)) if o is not None and s == Status.OK.value]
+        if not rows:
+            return table
+        names = ("image_id", "status", "error", "n_faces", "faces_skipped", "faces_json", "crops", "src_bytes",
+                 "width", "height", "decode_s", "detect_s", "defer_detect")
+        cols = {n: table.column(n).to_pylist() for n in names}
+        found = self.device_faces([cols["src_bytes"][i] for i in rows], [deferred[i] for i in rows])
+        for i, f in zip(rows, found):
+            cols["defer_detect"][i] = None
+            if isinstance(f, Exception):
+                bad = Status.DECODE_ERROR if isinstance(f, imageio.DecodeError) else Status.DETECT_ERROR
+                if bad == Status.DETECT_ERROR:
+                    log.error("detection on the device failed for %s: %s", cols["image_id"][i], f)
+                row = _error({"image_id": cols["image_id"][i]}, bad, str(f) if bad == Status.DECODE_ERROR
+                             else f"face detection failed: {type(f).__name__}: {f}")
+                cols["status"][i], cols["error"][i], cols["src_bytes"][i] = row["status"], row["error"], None
+                continue
+            records = [_face_record(face, affine) for face, affine in zip(f.faces, f.affines)]
+            review.mark_rejected(records, json.loads(cols["faces_json"][i] or "{}").get("rejected"))
+            cols["faces_json"][i] = json.dumps({"faces": records})
+            cols["n_faces"][i], cols["faces_skipped"][i] = len(records), f.skipped
+            cols["width"][i], cols["height"][i] = f.width, f.height
+            cols["decode_s"][i] = (cols["decode_s"][i] or 0.0) + f.decode_s
+            cols["detect_s"][i] = f.detect_s
+            if records:
+                cols["crops"][i] = f.crops.tobytes()
+            else:
+                cols["status"][i] = Status.NO_FACE.value
+                if not self.cfg.output.copy_no_face:
+                    cols["src_bytes"][i] = None  # nothing of this master is written
+        for name in names[1:]:
+            idx = self.schema.get_field_index(name)
+            table = table.set_column(idx, self.schema.field(name), pa.array(cols[name], self.schema.field(name).type))
         return table
 
     @staticmethod

@@ -14,9 +14,17 @@ timed in the same run on the same detection copy and left out of the totals: fac
 (batch norms unfolded, NCHW) and `detect_faces` (prior boxes rebuilt per call), which the pipeline used
 before it cached prior boxes and folded the batch norms.
 
+With ``detect.device=gpu`` the DecodeDetect side of a JPEG master is read, sha256 and the header
+(``imageio.probe``; steps ``dd.read``, ``dd.sha256``, ``gpu.probe``) and Compose is unchanged; decode,
+detection copy, detection and crops move to the GPU actor. That path (``devicefaces.DeviceFaces``) is
+also timed here, on this CPU, for information only (``info.device_faces_on_cpu``): on a GPU it costs GPU
+time, which this machine cannot measure.
+
 Cores per GPU: at 800 faces/s per H100 (the GFP-GAN figure these numbers are set against) and two faces
 per image, a GPU takes 400 images/s, so it needs 400 x (CPU seconds per image) cores. The last line is
-`cpu_ms_per_12mp_jpeg=<ms> cores_per_h100=<n>` (12 MP JPEG).
+`cpu_ms_per_12mp_jpeg=<ms> cores_per_h100=<n> gpu_detect_cpu_ms_per_12mp_jpeg=<ms>
+gpu_detect_cores_per_h100=<n>` (12 MP JPEG; the first pair with detection on CPU, the second with
+``detect.device=gpu``).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline import imageio, jpegblocks, metadata, review, storage, weights  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.devicefaces import DeviceFaces  # noqa: E402
 from pipeline.faces import FaceDetector, align_matrix, paste_face, warp_face  # noqa: E402
 
 SHARED = Path(os.environ.get("ARCHIVE_SHARED_DIR", ROOT.parent / "shared"))
@@ -68,7 +77,7 @@ def official_detector(weights_file: Path) -> "torch.nn.Module":
     return net.eval()
 
 
-def one_image(path: Path, cfg, detector: FaceDetector, official, out: Path) -> dict[str, float]:
+def one_image(path: Path, cfg, detector: FaceDetector, official, device_faces, out: Path) -> dict[str, float]:
     """Seconds per step for one image."""
     t: dict[str, float] = {}
 
@@ -98,6 +107,8 @@ def one_image(path: Path, cfg, detector: FaceDetector, official, out: Path) -> d
     faces = faces[:FACES_PER_IMAGE]
     assert len(faces) == FACES_PER_IMAGE, f"{path.name}: {len(faces)} faces found"
     crops = step("dd.align_crops", lambda: [warp_face(bgr, align_matrix(f.landmarks / s)) for f in faces])
+    if img.format == "JPEG":  # detect.device=gpu: the CPU reads the header; the device does the rest
+        step("gpu.probe", lambda: imageio.probe(data, cfg.input.max_pixels))
     # Compose
     data2 = step("c.read", lambda: storage.read_bytes(str(path), cfg.storage))
     step("c.sha256", lambda: hashlib.sha256(data2).hexdigest() == sha)
@@ -115,6 +126,10 @@ def one_image(path: Path, cfg, detector: FaceDetector, official, out: Path) -> d
         storage.write_bytes(str(out / f"{path.name}-{i}-{k}.jpg"),
                             review.crop_jpeg(px, review.crop_box(f.bbox / s, w, h), 256, 88), cfg.storage)
         for i, f in enumerate(faces) for k, px in (("before", img2.pixels), ("after", pixels))])
+    if img.format == "JPEG":  # last: its large float temporaries must not disturb the steps timed above
+        head = imageio.probe(data, cfg.input.max_pixels)
+        found = step("info.device_faces_on_cpu", lambda: device_faces([data], [head.orientation])[0])
+        assert len(found.faces) >= FACES_PER_IMAGE, f"{path.name}: the device path found {len(found.faces)} faces"
     return t
 
 
@@ -135,13 +150,14 @@ def main() -> None:
                           environ={})
         detector = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
         official = official_detector(SHARED / "models/detection_mobilenet0.25_Final.pth")
+        device_faces = DeviceFaces(detector, cfg.detect.gpu_batch)
         out = tmp / "out"
         out.mkdir()
         results = {}
         for fmt in args.formats:
             for mp in args.mp:
                 path = make_master(tmp, mp, fmt)
-                runs = [one_image(path, cfg, detector, official, out) for _ in range(args.repeats)]
+                runs = [one_image(path, cfg, detector, official, device_faces, out) for _ in range(args.repeats)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 results[(fmt, mp)] = med
                 dd = sum(v for k, v in med.items() if k.startswith("dd."))
@@ -152,18 +168,32 @@ def main() -> None:
                       f"Compose {c * 1000:.0f} ms = {total * 1000:.0f} ms; cores per H100 at {FACES_PER_S} faces/s: "
                       f"{FACES_PER_S / FACES_PER_IMAGE * total:.0f}  (with facexlib's detect_faces, the baseline: "
                       f"{before * 1000:.0f} ms, {FACES_PER_S / FACES_PER_IMAGE * before:.0f} cores)")
+                if "gpu.probe" in med:
+                    gpu = cpu_side_gpu_detect(med)
+                    print(f"  with detect.device=gpu: DecodeDetect {(gpu - c) * 1000:.0f} ms + Compose {c * 1000:.0f} ms "
+                          f"= {gpu * 1000:.0f} ms of CPU; cores per H100: {FACES_PER_S / FACES_PER_IMAGE * gpu:.0f} "
+                          f"(the device path on this CPU: {med['info.device_faces_on_cpu'] * 1000:.0f} ms)")
                 if "alt.encode_blocks" in med:
                     blocks = total - med["c.encode"] + med["alt.encode_blocks"]
                     print(f"  with output.jpeg_mode=blocks: encode {med['alt.encode_blocks'] * 1000:.0f} ms instead of "
                           f"{med['c.encode'] * 1000:.0f} ms ({med['info.blocks_share']:.0%} of the MCUs encoded "
                           f"again), whole CPU side {blocks * 1000:.0f} ms")
                 for k, v in med.items():
-                    if k.startswith("info."):
+                    if k == "info.blocks_share":
                         continue
-                    print(f"  {k:<20}{v * 1000:8.1f} ms")
+                    print(f"  {k:<28}{v * 1000:8.1f} ms")
     r = results.get(("jpeg", 12))
     total = sum(v for k, v in r.items() if k.startswith(("dd.", "c."))) if r else float("nan")
-    print(f"cpu_ms_per_12mp_jpeg={total * 1000:.1f} cores_per_h100={FACES_PER_S / FACES_PER_IMAGE * total:.1f}")
+    gpu = cpu_side_gpu_detect(r) if r else float("nan")
+    per = FACES_PER_S / FACES_PER_IMAGE
+    print(f"cpu_ms_per_12mp_jpeg={total * 1000:.1f} cores_per_h100={per * total:.1f} "
+          f"gpu_detect_cpu_ms_per_12mp_jpeg={gpu * 1000:.1f} gpu_detect_cores_per_h100={per * gpu:.1f}")
+
+
+def cpu_side_gpu_detect(med: dict[str, float]) -> float:
+    """CPU seconds of a JPEG master with detect.device=gpu: DecodeDetect reads, hashes and probes; Compose
+    as with CPU detection."""
+    return med["dd.read"] + med["dd.sha256"] + med["gpu.probe"] + sum(v for k, v in med.items() if k.startswith("c."))
 
 
 if __name__ == "__main__":

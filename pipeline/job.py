@@ -78,6 +78,10 @@ def memory_plan(cfg: RunConfig, device: str) -> dict[str, int]:
     gb = 1e9
     decode = cc.decode_actor_memory_gb or 1.1 + 8 * px / gb
     restore = cc.restore_actor_memory_gb or (3.0 if device == "cuda" else 1.0 + 0.6 * cfg.restore.micro_batch)
+    if cfg.detect.device == "gpu" and not cc.restore_actor_memory_gb:
+        # masters arrive compressed (~0.5 GB for the batches in flight); on CPU a detection batch of them
+        # is also decoded in host memory, plus one in float32 for its detection copy (not yet measured)
+        restore += 0.5 if device == "cuda" else 0.5 + (3 * cfg.detect.gpu_batch + 12) * px / gb
     compose = cc.compose_task_memory_gb or 0.7 + 24 * px / gb
     return {"decode": int(decode * gb), "restore": int(restore * gb), "compose": int(compose * gb)}
 

@@ -64,6 +64,10 @@ def test_cpu_side_prints_its_figures():
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
-    assert set(figures) == {"cpu_ms_per_12mp_jpeg", "cores_per_h100"}
+    assert set(figures) == {"cpu_ms_per_12mp_jpeg", "cores_per_h100", "gpu_detect_cpu_ms_per_12mp_jpeg",
+                            "gpu_detect_cores_per_h100"}
     assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
+    # detection on the device takes decode, detection copy, detection and crops off the CPU side
+    assert float(figures["gpu_detect_cpu_ms_per_12mp_jpeg"]) < float(figures["cpu_ms_per_12mp_jpeg"])
+    assert "gpu.probe" in r.stdout and "info.device_faces_on_cpu" in r.stdout
     assert "baseline.detect_facexlib" in r.stdout and "c.review_crops" in r.stdout

@@ -122,9 +122,14 @@ def test_a_broken_master_fails_alone(detector):
     good = _masters()[0][1]
     broken = bytearray(good)
     broken[len(broken) // 3: len(broken) // 3 + 4000] = b"\x00" * 4000  # the scan, not the header
-    found = dev([good, b"\xff\xd8\xff\xe0 garbage\xff\xd9", good], [1, 1, 1])
+    found = dev([good, b"\xff\xd8\xff\xe0 garbage\xff\xd9", good, bytes(broken)], [1, 1, 1, 1])
     assert len(found[0].faces) == len(found[2].faces) == 2
-    assert isinstance(found[1], imageio.DecodeError)
+    assert isinstance(found[1], imageio.DecodeError) and "re-copy it" in str(found[1])  # the host decoder says why
+    # a damaged scan decodes (libjpeg warns) on both paths, to the same pixels and so the same faces
+    pixels = imageio.to_bgr8(imageio.decode(bytes(broken), 10**9).pixels)
+    assert len(found[3].faces) == len(detector.detect(pixels)[0])
+    ref = warp_face(pixels, found[3].affines[0]) if found[3].faces else None
+    assert ref is None or np.abs(ref.astype(int) - found[3].crops[0]).max() <= 1
 
 
 # ---- the stages with detect.device=gpu ---------------------------------------------------------------
@@ -203,3 +208,56 @@ def test_a_curators_rejection_stands_when_faces_are_found_on_the_device(cfgs, so
     faces = json.loads(rows[0]["faces_json"])["faces"]
     assert [f.get("review") for f in faces].count("rejected") == 1
     assert [f["action"] for f in faces].count("reverted") == 1
+
+
+@pytest.mark.slow
+def test_a_job_with_detection_on_the_device(ray_local, weights_dir, archive, tmp_path):
+    """On a local Ray with a logical GPU: the JPEG masters' faces are found by the Restore actor; results
+    match a run with detection on CPU; a re-run reuses them; a job run with the other device's detection
+    redoes the images (the fingerprint says where faces were found)."""
+    import pyarrow.csv as pacsv
+
+    from pipeline import job, resume
+    from pipeline.config import StorageConfig
+
+    from conftest import E2E_IMAGES
+    from test_faces import EXPECTED as EXPECTED_FACES
+
+    (archive / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really\xff\xd9")
+    uris = [str(archive / r) for r in E2E_IMAGES] + [str(archive / "broken.jpg")]
+    m = tmp_path / "manifest.csv"
+    pacsv.write_csv(pa.table({"uri": uris}), m)
+    runs = {}
+    for device in ("cpu", "gpu"):
+        cfg = load_config(None, test_overrides(weights_dir, tmp_path / device, m, **{"detect.device": device}),
+                          environ={})
+        record = job.run(cfg)
+        runs[device] = {r["uri"]: r for r in resume.load_results(str(tmp_path / device), StorageConfig()).to_pylist()}
+        assert record["summary"]["images"] == len(uris)
+    cpu, gpu = runs["cpu"], runs["gpu"]
+    for rel in E2E_IMAGES:
+        a, b = cpu[str(archive / rel)], gpu[str(archive / rel)]
+        assert (b["status"], b["n_faces"]) == (a["status"], a["n_faces"]) == \
+            ("ok" if EXPECTED_FACES[rel] else "no_face", EXPECTED_FACES[rel]), rel
+        assert (b["detect_fingerprint"] != a["detect_fingerprint"]) == rel.endswith(".jpg"), rel
+        for fa, fb in zip(a["faces"], b["faces"]):
+            assert np.abs(np.subtract(fa["landmarks"], fb["landmarks"])).max() < 0.05, rel
+    bad = gpu[str(archive / "broken.jpg")]
+    assert bad["status"] == cpu[str(archive / "broken.jpg")]["status"] == "decode_error", bad
+    # a re-run over changed output settings reuses the faces the device found
+    cfg = load_config(None, test_overrides(weights_dir, tmp_path / "gpu", m, **{
+        "detect.device": "gpu", "output.jpeg_quality": 80, "reprocess": "outdated"}), environ={})
+    again = job.run(cfg)
+    assert again["summary"]["detections_reused"] == len(E2E_IMAGES)
+
+
+def test_the_restore_actor_declares_the_masters_it_decodes():
+    from pipeline import job
+
+    def plan(where, **detect):
+        return job.memory_plan(RunConfig.model_validate({"input": {"max_pixels": 12_000_000},
+                                                         "detect": detect}), where)["restore"]
+
+    assert plan("cuda", device="gpu") == plan("cuda") + 0.5e9  # masters compressed; pixels in GPU memory
+    assert plan("cpu", device="gpu") > plan("cpu") + 0.5e9 + 8 * 3 * 12e6  # a detection batch decoded in host memory
+    assert plan("cpu", device="gpu", gpu_batch=2) < plan("cpu", device="gpu")

@@ -2,6 +2,7 @@
 
     python bench/cpu_side.py                    # 1 / 12 / 40 MP, JPEG q95 and 16-bit TIFF, 3 repeats
     python bench/cpu_side.py --mp 12 --repeats 5
+    python bench/cpu_side.py --mp 12 --formats jpeg --resnet50   # + the default detector's CPU cost
 
 Masters are a real two-face photograph (../shared/images/whole/gfpgan_Blake_Lively.jpg) scaled to the
 size. Each step calls the pipeline's own functions, as DecodeDetect and Compose do:
@@ -77,7 +78,8 @@ def official_detector(weights_file: Path) -> "torch.nn.Module":
     return net.eval()
 
 
-def one_image(path: Path, cfg, detector: FaceDetector, official, device_faces, out: Path) -> dict[str, float]:
+def one_image(path: Path, cfg, detector: FaceDetector, official, device_faces, out: Path,
+              resnet50: FaceDetector | None = None) -> dict[str, float]:
     """Seconds per step for one image."""
     t: dict[str, float] = {}
 
@@ -126,6 +128,8 @@ def one_image(path: Path, cfg, detector: FaceDetector, official, device_faces, o
         storage.write_bytes(str(out / f"{path.name}-{i}-{k}.jpg"),
                             review.crop_jpeg(px, review.crop_box(f.bbox / s, w, h), 256, 88), cfg.storage)
         for i, f in enumerate(faces) for k, px in (("before", img2.pixels), ("after", pixels))])
+    if resnet50 is not None:  # the shipped default detector on the same copy (its cost, not its faces)
+        step("info.detect_resnet50", lambda: resnet50.detect(small))
     if img.format == "JPEG":  # last: its large float temporaries must not disturb the steps timed above
         head = imageio.probe(data, cfg.input.max_pixels)
         found = step("info.device_faces_on_cpu", lambda: device_faces([data], [head.orientation])[0])
@@ -138,6 +142,9 @@ def main() -> None:
     ap.add_argument("--mp", type=float, nargs="+", default=[1, 12, 40])
     ap.add_argument("--formats", nargs="+", default=["jpeg", "tiff16"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--resnet50", action="store_true",
+                    help="also time the shipped default detector (retinaface_resnet50; seeded weights: the file "
+                         "cannot be had here, and its cost does not depend on them) on the same copy")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -151,13 +158,18 @@ def main() -> None:
         detector = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
         official = official_detector(SHARED / "models/detection_mobilenet0.25_Final.pth")
         device_faces = DeviceFaces(detector, cfg.detect.gpu_batch)
+        resnet50 = None
+        if args.resnet50:
+            r50 = cfg.model_copy(update={"untrained": True, "detect": cfg.detect.model_copy(
+                update={"model": "retinaface_resnet50"})})
+            resnet50 = FaceDetector(r50.detect, weights.resolve(r50.detect.model, r50))
         out = tmp / "out"
         out.mkdir()
         results = {}
         for fmt in args.formats:
             for mp in args.mp:
                 path = make_master(tmp, mp, fmt)
-                runs = [one_image(path, cfg, detector, official, device_faces, out) for _ in range(args.repeats)]
+                runs = [one_image(path, cfg, detector, official, device_faces, out, resnet50) for _ in range(args.repeats)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 results[(fmt, mp)] = med
                 dd = sum(v for k, v in med.items() if k.startswith("dd."))

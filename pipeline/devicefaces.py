@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -131,6 +132,7 @@ class DeviceFaces:
     def __init__(self, detector: FaceDetector, batch: int):
         self.detector, self.batch = detector, batch
         self.device = detector.net.mean_tensor.device
+        self.lock = threading.Lock()
 
     def _decode(self, data: list[bytes], orientations: list[int]) -> list[torch.Tensor | Exception]:
         """(3, H, W) uint8 BGR upright masters on the device. A master the device's decoder refuses
@@ -139,6 +141,9 @@ class DeviceFaces:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+        cuda = self.device.type == "cuda"
+        if cuda:  # nvJPEG writes on a stream of its own that does not wait for ours (pytorch/vision#9606)
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
         except Exception:  # one bad master fails the whole list: decode them one by one
@@ -148,6 +153,8 @@ class DeviceFaces:
                     decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=self.device))
                 except Exception as e:
                     decoded.append(e)
+        if cuda:  # ... nor ours for it
+            torch.cuda.synchronize(self.device)
         out = []
         for d, o, t in zip(data, orientations, decoded):
             if isinstance(t, torch.Tensor):
@@ -163,8 +170,9 @@ class DeviceFaces:
 
     def __call__(self, data: list[bytes], orientations: list[int]) -> list[Found | Exception]:
         out: list[Found | Exception] = []
-        for a in range(0, len(data), self.batch):
-            out += self._chunk(data[a:a + self.batch], orientations[a:a + self.batch])
+        with self.lock:  # one caller at a time: the Restore calls in flight share the decoder and the device
+            for a in range(0, len(data), self.batch):
+                out += self._chunk(data[a:a + self.batch], orientations[a:a + self.batch])
         return out
 
     def _chunk(self, data: list[bytes], orientations: list[int]) -> list[Found | Exception]:

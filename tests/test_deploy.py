@@ -20,7 +20,7 @@ def test_ray_cluster_yaml_passes_rays_validation():
     assert cfg["head_node_type"] == "head" and types["head"]["resources"]["CPU"] == 0
     # a g6.2xlarge has 8 vCPUs: one is kept for the Restore actor (it asks Ray for its GPU only)
     assert raw["available_node_types"]["gpu_worker"]["resources"] == {"CPU": 7}
-    assert "restore.device=cuda" in (REPO / "ray_cluster.yaml").read_text()
+    assert "--set restore.device=cuda --set detect.device=gpu" in (REPO / "ray_cluster.yaml").read_text()
     assert types["gpu_worker"]["node_config"]["InstanceType"].startswith(("g5", "g6"))
     for name in ("gpu_worker", "cpu_worker"):
         assert types[name]["min_workers"] == 0 < types[name]["max_workers"]
@@ -60,7 +60,7 @@ def test_kuberay_rayjob_runs_the_entrypoint_and_shuts_down():
     assert rj["apiVersion"] == "ray.io/v1" and rj["kind"] == "RayJob"
     spec = rj["spec"]
     assert spec["entrypoint"].startswith(ENTRY) and "--reprocess outdated" in spec["entrypoint"]
-    assert "--set restore.device=cuda" in spec["entrypoint"]
+    assert "--set restore.device=cuda" in spec["entrypoint"] and "--set detect.device=gpu" in spec["entrypoint"]
     assert spec["shutdownAfterJobFinishes"] is True
     _check_cluster(spec["rayClusterSpec"])
 

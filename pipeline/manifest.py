@@ -19,7 +19,7 @@ from . import keys, storage
 from .config import RunConfig, StorageConfig
 from .errors import ManifestError
 from .imageio import EXTENSIONS
-from .schema import MANIFEST_COLUMNS
+from .schema import RESERVED_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,23 @@ def _normalized_uris(uris: pa.Array, manifest_uri: str) -> pa.Array:
                      for u, r in zip(uris.to_pylist(), remote.to_pylist())], pa.string())
 
 
+def _renamed_reserved(extra: pa.Table) -> pa.Table:
+    """The manifest's own columns, those named like one of the pipeline's (``notes``, ``width``, ``status``,
+    ...) renamed ``manifest_<name>``: carried into the results instead of overwritten by ours."""
+    clash = [c for c in extra.column_names if c in RESERVED_COLUMNS]
+    if not clash:
+        return extra
+    new = {c: f"manifest_{c}" for c in clash}
+    taken = [(c, n) for c, n in new.items() if n in extra.column_names or n in RESERVED_COLUMNS]
+    if taken:
+        raise ManifestError("manifest columns " + ", ".join(f"{c!r}" for c, _ in taken) + " share a name with the "
+                            "pipeline's own columns, and the name they would be carried under is taken too ("
+                            + ", ".join(f"{n!r}" for _, n in taken) + "): rename one of them")
+    log.warning("manifest columns %s share names with the pipeline's own columns; they are carried into the "
+                "results as %s", ", ".join(map(repr, clash)), ", ".join(map(repr, new.values())))
+    return extra.rename_columns([new.get(c, c) for c in extra.column_names])
+
+
 def read_manifest(cfg: RunConfig) -> Manifest:
     uri = cfg.input.manifest
     if not uri:
@@ -104,8 +121,7 @@ def read_manifest(cfg: RunConfig) -> Manifest:
             ids = pc.replace_with_mask(given, missing, derived)
     else:  # hashing is the one per-row Python loop left: about 1 s per million rows
         ids = pa.array([image_id_for(u) for u in norm.to_pylist()], pa.string())
-    extra = table.drop_columns([c for c in (id_col,) if c in table.column_names])
-    extra = extra.drop_columns([c for c in extra.column_names if c in MANIFEST_COLUMNS])
+    extra = _renamed_reserved(table.drop_columns([c for c in (id_col,) if c in table.column_names]))
     out = pa.table({"image_id": ids, "uri": norm})
     for name in extra.column_names:
         out = out.append_column(name, extra[name])

@@ -76,9 +76,6 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 
-# Columns the manifest reader produces for every row; other manifest columns pass through to results.
-MANIFEST_COLUMNS = ("image_id", "uri", "output_key", "key_error")
-
 # Between stages: one row per image. The original travels as its encoded bytes (decoded again in
 # Compose), faces as JSON (bbox, landmarks, alignment matrices, QA), crops as packed uint8 arrays.
 WORK_SCHEMA = pa.schema(
@@ -110,6 +107,13 @@ WORK_SCHEMA = pa.schema(
                                              # faces the Restore actor finds (null: found by DecodeDetect)
     ]
 )
+
+
+# Every column name the pipeline gives a column of its own: between stages, in results, and what planning
+# adds for detection reuse (resume.attach_prior). A manifest column with one of these names is carried as
+# ``manifest_<name>`` (manifest.read_manifest), so that it is neither overwritten nor read as ours.
+RESERVED_COLUMNS = frozenset(WORK_SCHEMA.names) | frozenset(RESULT_SCHEMA.names) | frozenset(
+    {"prior_sha256", "prior_detect_fp", "prior_faces", "prior_faces_skipped", "_source"})
 
 
 def with_passthrough(schema: pa.Schema, passthrough: pa.Schema | None) -> pa.Schema:

@@ -77,3 +77,27 @@ def test_uri_column_doubling_as_the_id_column(tmp_path):
     pq.write_table(pa.table({"uri": ["/x/a.jpg", "/x/b.jpg", "/x/a.jpg"]}), tmp_path / "m.parquet")
     m = read_manifest(_cfg(tmp_path / "m.parquet", id_column="uri"))
     assert m.table["image_id"].to_pylist() == ["/x/a.jpg", "/x/b.jpg"] and m.duplicates == 1
+
+
+def test_a_manifest_column_named_like_one_of_ours_is_carried_under_another_name(tmp_path, caplog):
+    """Museum manifests have 'notes', 'width' or 'status' columns; the pipeline writes columns of those
+    names. Theirs must not be overwritten or dropped (nor steer planning, as a 'prior_faces' column
+    would): it travels as manifest_<name>, said once in the log."""
+    pq.write_table(pa.table({"path": ["/x/a.jpg", "/x/b.jpg"], "notes": ["torn corner", None],
+                             "width": [12.5, 20.0], "status": ["catalogued", "on loan"],
+                             "prior_faces": ["?", "?"], "uri": ["old", "old"], "output_key": ["k1", "k2"],
+                             "shelf": [1, 2]}), tmp_path / "m.parquet")
+    m = read_manifest(_cfg(tmp_path / "m.parquet", uri_column="path"))
+    assert m.passthrough.names == ["manifest_notes", "manifest_width", "manifest_status", "manifest_prior_faces",
+                                   "manifest_uri", "manifest_output_key", "shelf"]
+    assert m.table["manifest_notes"].to_pylist() == ["torn corner", None]
+    assert m.table["manifest_output_key"].to_pylist() == ["k1", "k2"]
+    assert m.table["uri"].to_pylist() == ["/x/a.jpg", "/x/b.jpg"]
+    assert "manifest_notes" in caplog.text and "'notes'" in caplog.text
+    from pipeline.schema import RESERVED_COLUMNS, RESULT_SCHEMA, WORK_SCHEMA
+
+    assert set(WORK_SCHEMA.names) | set(RESULT_SCHEMA.names) <= RESERVED_COLUMNS
+    # a renamed column that would clash again is refused, naming both
+    pq.write_table(pa.table({"uri": ["/x/a.jpg"], "notes": ["n"], "manifest_notes": ["m"]}), tmp_path / "m2.parquet")
+    with pytest.raises(ManifestError, match="'notes'.*'manifest_notes'"):
+        read_manifest(_cfg(tmp_path / "m2.parquet"))

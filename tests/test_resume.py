@@ -163,6 +163,9 @@ def test_detection_reuse_reads_only_the_files_holding_reusable_rows(tmp_path, mo
     got = resume.attach_prior(todo, planning, out, cfg)
     assert read == [ledger.part_uri(out, "r1", ["a"])]  # one file, the one holding a's faces
     assert got["prior_detect_fp"].to_pylist() == ["d"]
+    from pipeline.schema import RESERVED_COLUMNS  # a manifest column of these names is renamed (manifest.py)
+
+    assert set(got.column_names) - set(todo.column_names) <= RESERVED_COLUMNS
     assert got["prior_faces"].to_pylist() == [[{k: face[0][k] for k in ("bbox", "score", "landmarks", "review")}]]
 
 

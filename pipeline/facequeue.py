@@ -41,6 +41,7 @@ class _Request:
     parts: list = field(default_factory=list)  # (start, chunk output, offset in it, faces), by start
     error: BaseException | None = None
     seconds: float = 0.0                # this call's share of the device thread's time
+    cpu: float = 0.0                    # ... and of the process's CPU time meanwhile (torch's threads included)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -91,14 +92,14 @@ class FaceQueue:
             self._coming -= 1
 
     def restore(self, crops: np.ndarray, mats: np.ndarray, alone: bool = False,
-                token: dict | None = None) -> tuple[object, float]:
-        """The restoration of these faces (blocks until done) and the device thread's seconds on them (their
-        share of their chunks': not the time spent waiting behind other calls); raises what restoring them
-        on their own raised."""
+                token: dict | None = None) -> tuple[object, float, float]:
+        """The restoration of these faces (blocks until done), the device thread's seconds on them (their
+        share of their chunks': not the time spent waiting behind other calls) and the process's CPU seconds
+        meanwhile (their share); raises what restoring them on their own raised."""
         req = _Request(crops, mats, alone, left=len(crops))
         if not len(crops):
             self.arrived(token)
-            return self._restore_fn(crops, mats), 0.0  # nothing for the device: no need to queue
+            return self._restore_fn(crops, mats), 0.0, 0.0  # nothing for the device: no need to queue
         with self._ready:
             self._queue.append(req)
             self._settle(token)
@@ -120,12 +121,12 @@ class FaceQueue:
                 del error, req
         if len(req.parts) == 1:
             _, out, at, n = req.parts[0]
-            return _cut(out, at, at + n), req.seconds
+            return _cut(out, at, at + n), req.seconds, req.cpu
         req.parts.sort(key=lambda p: p[0])
         pieces = [_cut(out, at, at + n) for _, out, at, n in req.parts]
         first = pieces[0]
         return type(first)(*(np.concatenate([getattr(p, f.name) for p in pieces])
-                             for f in dataclasses.fields(first))), req.seconds
+                             for f in dataclasses.fields(first))), req.seconds, req.cpu
 
     def _queued(self) -> int:
         n = 0
@@ -175,13 +176,14 @@ class FaceQueue:
             crops = np.concatenate([r.crops[a:b] for r, a, b in pieces])
             mats = np.concatenate([r.mats[a:b] for r, a, b in pieces])
         self.chunks.append(len(crops))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self._restore_fn(crops, mats)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         at = 0
         for r, a, b in pieces:
             r.parts.append((a, out, at, b - a))
             r.seconds += seconds * (b - a) / len(crops)
+            r.cpu += cpu * (b - a) / len(crops)
             at += b - a
 
     def _try(self, pieces: list[tuple[_Request, int, int]]) -> BaseException | None:

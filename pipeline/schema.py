@@ -72,6 +72,8 @@ RESULT_SCHEMA = pa.schema(
         ("restore_s", pa.float32()),
         ("restore_device", pa.string()),     # what ran GFP-GAN: "cuda (<GPU name>)" or "cpu"
         ("compose_s", pa.float32()),
+        ("cpu_s", pa.float32()),             # CPU seconds the stages spent on it (DecodeDetect, its share of
+                                             # Restore's, Compose); null in rows made before 2026-11-26
         ("finished_at", pa.timestamp("ms", tz="UTC")),
     ]
 )
@@ -103,6 +105,7 @@ WORK_SCHEMA = pa.schema(
         ("detect_s", pa.float32()),
         ("restore_s", pa.float32()),
         ("restore_device", pa.string()),
+        ("cpu_s", pa.float32()),             # CPU seconds so far (see RESULT_SCHEMA)
         ("defer_detect", pa.int8()),         # detect.device=gpu: the EXIF orientation of a JPEG master whose
                                              # faces the Restore actor finds (null: found by DecodeDetect)
     ]

@@ -57,16 +57,20 @@ def _error(row: dict, status: Status, message: str) -> dict:
 
 def _each(rows: list[dict], process, status: Status) -> list[dict]:
     """``process`` on every row; whatever it raises becomes that row's ``status`` and ``error`` (logged with
-    its traceback), so one image can never fail the batch, and with it the Ray job."""
+    its traceback), so one image can never fail the batch, and with it the Ray job. Each row's ``cpu_s``
+    grows by this thread's CPU time on it."""
     out = []
     for row in rows:
+        c0 = time.thread_time()
         try:
-            out.append(process(row))
+            done = process(row)
         except (Fenced, provenance.SigningExpired):
             raise
         except Exception as e:
             log.exception("unexpected failure on %s", row.get("image_id"))
-            out.append(_error(row, status, f"unexpected {type(e).__name__}: {e}"))
+            done = _error(row, status, f"unexpected {type(e).__name__}: {e}")
+        done["cpu_s"] = (done.get("cpu_s") or 0.0) + time.thread_time() - c0
+        out.append(done)
     return out
 
 
@@ -292,12 +296,14 @@ class Restore:
             return self._call(batch, token)
 
     def _call(self, batch: Batch, token: dict) -> pa.Table:
+        c0 = time.thread_time()
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
         if self.device_faces is not None:
             table = self._detect_deferred(table)
         cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
-                                                                  "faces_json", "restore_s", "restore_device")}
+                                                                  "faces_json", "restore_s", "restore_device",
+                                                                  "cpu_s")}
         todo = [i for i, (s, n) in enumerate(zip(cols["status"], cols["n_faces"])) if s == Status.OK.value and n]
         restored = pa.nulls(table.num_rows, pa.large_binary())
         spans = dict(zip(todo, _binary_rows(table.column("crops"), todo)))
@@ -312,10 +318,14 @@ class Restore:
                 log.warning("restoring a batch of %d images failed; retrying them one by one", len(todo))
                 parts = {i: self._restore(table.num_rows, [i], [spans[i]], cols, last_try=True) for i in todo}
                 restored = _merge_binary(table.num_rows, {i: p for i, p in parts.items() if p is not None})
+        # this thread's CPU on the batch (parsing, device detection), shared by its rows; the device
+        # thread's was added per face in _restore
+        share = (time.thread_time() - c0) / max(1, table.num_rows)
+        cols["cpu_s"] = [(c or 0.0) + share for c in cols["cpu_s"]]
         updates = {"crops": pa.nulls(table.num_rows, pa.large_binary()),  # not needed downstream
                    "restored": restored, **{k: pa.array(cols[k], self.schema.field(k).type)
                                             for k in ("status", "error", "faces_json", "restore_s",
-                                                      "restore_device")}}
+                                                      "restore_device", "cpu_s")}}
         for name, values in updates.items():
             table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
         return table
@@ -376,7 +386,7 @@ class Restore:
             mats = np.array([f["arcface"] for fs in faces for f in fs["faces"]], np.float32).reshape(-1, 2, 3)
             if not np.isfinite(mats).all():
                 raise ValueError("an alignment matrix is not finite")
-            out, seconds = self.queue.restore(crops, mats, alone=last_try, token=token)
+            out, seconds, cpu = self.queue.restore(crops, mats, alone=last_try, token=token)
         except Exception as e:
             if last_try:
                 log.exception("restoration failed for %s", cols["image_id"][todo[0]])
@@ -400,6 +410,7 @@ class Restore:
                 f["fp32_fallback"] = bool(fb)
             cols["faces_json"][i] = json.dumps(fs)
             cols["restore_s"][i] = per_face * n
+            cols["cpu_s"][i] = (cols["cpu_s"][i] or 0.0) + cpu / max(1, len(crops)) * n
             cols["restore_device"][i] = self.device_name
         return _binary_column(out.faces.reshape(-1), todo, [n * FACE_BYTES for n in counts], num_rows)
 

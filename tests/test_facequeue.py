@@ -85,9 +85,9 @@ def test_faces_go_to_the_device_in_whole_micro_batches_across_calls_and_each_cal
     assert device.calls == [4, 16, 4, 2] and list(q.chunks) == device.calls
     assert device.threads == {"face-queue"}  # one thread touches the device
     for k, (crops, mats) in enumerate(requests):
-        out, seconds = results[k]
+        out, seconds, cpu = results[k]
         assert np.array_equal(out.faces, crops + 1) and np.array_equal(out.similarity, mats[:, 0])
-        assert seconds >= 0
+        assert seconds >= 0 and cpu >= 0
     single = q.restore(*_req(7, 3))[0]  # one chunk: handed back as a view of the device's output
     assert np.array_equal(single.faces, _req(7, 3)[0] + 1)
 

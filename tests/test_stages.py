@@ -173,6 +173,11 @@ def test_compose_writes_derivatives_and_result_rows(cfg, detected):
     assert not changed.any(), "pixels far from every face changed"
     assert np.array_equal(out[..., 3], master[..., 3])  # alpha untouched
     assert all(r["output_uri"] is None for r in res[2:])
+    # CPU seconds per image add up over the stages (bench/scale.py's overhead is measured against them)
+    after = [r["cpu_s"] for r in t.to_pylist()], [r["cpu_s"] for r in restored.to_pylist()], [r["cpu_s"] for r in res]
+    assert all(c > 0 for c in after[0][:4]) and all(a <= b <= c for a, b, c in zip(*after))
+    assert after[1][1] - after[0][1] > after[1][2] - after[0][2]  # four faces restored cost more than none
+    assert after[2][1] > after[1][1]  # Compose's paste and encode
 
 
 def test_a_row_carries_the_fingerprint_of_the_device_its_faces_were_restored_on(cfg, detected):

@@ -177,13 +177,16 @@ class FaceQueue:
             mats = np.concatenate([r.mats[a:b] for r, a, b in pieces])
         self.chunks.append(len(crops))
         t0, c0 = time.perf_counter(), time.process_time()
-        out = self._restore_fn(crops, mats)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        try:
+            out = self._restore_fn(crops, mats)
+        finally:  # a failed chunk's time counts too, shared by the calls it held (they are retried alone)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            for r, a, b in pieces:
+                r.seconds += seconds * (b - a) / len(crops)
+                r.cpu += cpu * (b - a) / len(crops)
         at = 0
         for r, a, b in pieces:
             r.parts.append((a, out, at, b - a))
-            r.seconds += seconds * (b - a) / len(crops)
-            r.cpu += cpu * (b - a) / len(crops)
             at += b - a
 
     def _try(self, pieces: list[tuple[_Request, int, int]]) -> BaseException | None:

@@ -114,6 +114,26 @@ def test_a_failing_chunk_is_restored_again_call_by_call_so_only_the_culprit_fail
     assert np.array_equal(results[3][0].faces, _req(4, 4)[0] + 1) and np.array_equal(results[1][0].faces, _req(2, 3)[0] + 1)
 
 
+def test_a_failed_chunks_device_time_counts_for_the_calls_it_held():
+    """The calls whose faces were in a chunk that failed spent that device time too: their seconds include
+    their share of it (the failing chunk here takes at least 0.3 s; a lower bound, whatever the machine)."""
+    gate = threading.Event()
+    device = Device(gate)
+
+    def slow_to_fail(crops, mats):
+        if (crops[:, 0] == 99).any() and len(crops) > 2:
+            time.sleep(0.3)
+        return device(crops, mats)
+
+    q = FaceQueue(slow_to_fail, micro_batch=2, chunk=16)
+    threads, results, errors = _in_threads(q, [_req(1, 2), _req(2, 3), _req(99, 2), _req(4, 4)], device)
+    gate.set()
+    _join(threads)
+    assert device.calls == [2, 8, 3, 2, 3, 1] and set(errors) == {2}
+    assert results[1][1] >= 0.3 * 3 / 8  # its 3 of the failed chunk's 8 faces
+    assert results[3][1] >= 0.3 * 3 / 8
+
+
 def test_a_part_filled_micro_batch_waits_for_an_announced_call(monkeypatch):
     """While another call is reading its batch (``coming``), the device thread waits (up to WAIT_S, here
     long enough for any machine) for its faces instead of sending a part-filled micro-batch; unannounced,

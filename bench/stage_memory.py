@@ -2,6 +2,7 @@
 
     python bench/stage_memory.py                        # 12 and 100 MP JPEG masters, the default batch sizes
     python bench/stage_memory.py --mp 12 --drift 40     # also: DecodeDetect's RSS over 40 batches of mixed sizes
+    python bench/stage_memory.py --mp 12 --ray 240      # each stage process's RSS over a job of 240 masters
 
 Each stage runs in a fresh interpreter (as a fresh Ray worker would) with the default cluster batch sizes:
 DecodeDetect (real mobile0.25 detector) on a batch of `decode_batch_size` masters, Restore (the
@@ -9,6 +10,10 @@ production-size GFP-GAN with seeded weights, on CPU, ONNX identity) on `restore_
 Compose on `compose_batch_size` images. Printed: the process's RSS after its imports and models load
 (base) and its peak (ru_maxrss) after the batch, in MB. `--drift` runs DecodeDetect over batches of
 masters of changing sizes and prints RSS every few batches (the growth the issue saw over a run).
+`--ray N` runs the job itself (`job.run`, a local Ray of this machine's CPUs and one logical GPU, the
+tiny seeded GFP-GAN: this traces the stages' memory, not GFP-GAN's) over N masters of the same six
+sizes and samples the RSS of every Ray worker process by its title (DecodeDetect, Restore, Compose) each
+second: the trace of each, at tenths of the run.
 """
 
 from __future__ import annotations
@@ -100,11 +105,66 @@ def _child(stage: str, mp: float, work: str, drift: int) -> dict:
             "peak_mb": round(_peak_mb())}
 
 
+def ray_trace(n: int, mp: float, work: Path) -> dict:
+    """RSS (MB) of each stage's worker processes over a job of ``n`` masters, sampled every second."""
+    import threading
+    import time
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from cpu_side import make_master
+    from pipeline import job
+    from pipeline.config import load_config
+
+    sizes = [mp * f for f in (1.0, 0.5, 0.8, 0.3, 0.9, 0.6)]
+    masters = [make_master(work, s, "jpeg") for s in sizes]
+    src = work / "in"
+    src.mkdir()
+    for i in range(n):  # distinct files (hard links): each is read, hashed and written as its own image
+        os.link(masters[i % len(masters)], src / f"{i:05d}.jpg")
+    (work / "m.csv").write_text("uri\n" + "".join(f"{p}\n" for p in sorted(src.iterdir())))
+    cfg = load_config(None, {"weights_dir": str(work / "w"), "allow_download": False, "untrained": True,
+                             "detect.model": "retinaface_mobile0.25", "qa.identity_backend": "onnx",
+                             "restore.model": str(SHARED / "fixtures/gfpgan/gfpgan_tiny_a_checkpoint.pth"),
+                             "input.manifest": str(work / "m.csv"), "output.root": str(work / "out")}, environ={})
+    trace: dict[str, dict[int, list[float]]] = {}
+    stop = threading.Event()
+
+    def sample():  # /proc directly: Ray's workers set their title (ray::...(DecodeDetect) etc.) as cmdline
+        page = os.sysconf("SC_PAGE_SIZE") / 2**20
+        while not stop.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        title = f.read().replace(b"\0", b" ").decode(errors="replace")
+                    stage = next((s for s in ("DecodeDetect", "Restore", "compose_and_record") if s in title), None)
+                    if stage:
+                        with open(f"/proc/{pid}/statm") as f:
+                            rss = int(f.read().split()[1]) * page
+                        trace.setdefault(stage, {}).setdefault(int(pid), []).append(rss)
+                except OSError:  # the process ended meanwhile
+                    continue
+            time.sleep(1.0)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    record = job.run(cfg)
+    stop.set()
+    t.join()
+    out = {"images": n, "by_status": record["summary"]["by_status"]}
+    for stage, by_pid in trace.items():
+        longest = max(by_pid.values(), key=len)  # the process that lived through the run
+        tenths = [round(longest[min(len(longest) - 1, k * len(longest) // 10)]) for k in range(10)] + [round(longest[-1])]
+        out[stage] = {"processes": len(by_pid), "rss_mb_at_tenths": tenths, "peak_mb": round(max(longest))}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mp", type=float, nargs="+", default=[12, 100])
     ap.add_argument("--stages", nargs="+", default=["decode", "restore", "compose"])
     ap.add_argument("--drift", type=int, default=0, help="DecodeDetect batches for the RSS-over-a-run trace")
+    ap.add_argument("--ray", type=int, default=0, help="masters for the RSS-over-a-job trace (job.run on local Ray)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -114,6 +174,9 @@ def main() -> None:
         (Path(tmp) / "w").mkdir()
         for name in ("detection_mobilenet0.25_Final.pth", "identity_mobilefacenet_arcface.onnx"):
             os.symlink(SHARED / "models" / name, Path(tmp) / "w" / name)
+        if args.ray:
+            print(json.dumps(ray_trace(args.ray, args.mp[0], Path(tmp))))
+            return
         jobs = [(s, mp) for mp in args.mp for s in ["prepare", *args.stages]]
         if args.drift:
             jobs = [("decode", args.mp[0])]

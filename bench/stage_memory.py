@@ -13,7 +13,8 @@ masters of changing sizes and prints RSS every few batches (the growth the issue
 `--ray N` runs the job itself (`job.run`, a local Ray of this machine's CPUs and one logical GPU, the
 tiny seeded GFP-GAN: this traces the stages' memory, not GFP-GAN's) over N masters of the same six
 sizes and samples the RSS of every Ray worker process by its title (DecodeDetect, Restore, Compose) each
-second: the trace of each, at tenths of the run.
+second: the trace of each, at tenths of the run, as RSS and the two parts of it that matter here: anonymous
+memory (the process's own) and shared memory (pages of Ray's object store it has touched).
 """
 
 from __future__ import annotations
@@ -131,18 +132,19 @@ def ray_trace(n: int, mp: float, work: Path) -> dict:
     stop = threading.Event()
 
     def sample():  # /proc directly: Ray's workers set their title (ray::...(DecodeDetect) etc.) as cmdline
-        page = os.sysconf("SC_PAGE_SIZE") / 2**20
         while not stop.is_set():
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         title = f.read().replace(b"\0", b" ").decode(errors="replace")
                     stage = next((s for s in ("DecodeDetect", "Restore", "compose_and_record") if s in title), None)
-                    if stage:
-                        with open(f"/proc/{pid}/statm") as f:
-                            rss = int(f.read().split()[1]) * page
-                        trace.setdefault(stage, {}).setdefault(int(pid), []).append(rss)
-                except OSError:  # the process ended meanwhile
+                    if stage:  # RSS, and the part of it that is the process's own (not shared: Ray's object store)
+                        with open(f"/proc/{pid}/status") as f:
+                            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+                                  if k in ("VmRSS", "RssAnon", "RssShmem")}
+                        trace.setdefault(stage, {}).setdefault(int(pid), []).append(
+                            (kb["VmRSS"] / 1024, kb["RssAnon"] / 1024, kb["RssShmem"] / 1024))
+                except (OSError, KeyError, ValueError):  # the process ended meanwhile
                     continue
             time.sleep(1.0)
 
@@ -154,8 +156,10 @@ def ray_trace(n: int, mp: float, work: Path) -> dict:
     out = {"images": n, "by_status": record["summary"]["by_status"]}
     for stage, by_pid in trace.items():
         longest = max(by_pid.values(), key=len)  # the process that lived through the run
-        tenths = [round(longest[min(len(longest) - 1, k * len(longest) // 10)]) for k in range(10)] + [round(longest[-1])]
-        out[stage] = {"processes": len(by_pid), "rss_mb_at_tenths": tenths, "peak_mb": round(max(longest))}
+        at = [min(len(longest) - 1, k * len(longest) // 10) for k in range(10)] + [len(longest) - 1]
+        out[stage] = {"processes": len(by_pid), **{f"{name}_mb_at_tenths": [round(longest[i][j]) for i in at]
+                                                   for j, name in enumerate(("rss", "anon", "shmem"))},
+                      "peak_mb": round(max(s[0] for s in longest)), "peak_anon_mb": round(max(s[1] for s in longest))}
     return out
 
 

@@ -65,8 +65,9 @@ class DetectConfig(_Section):
         "are decoded, detected and aligned in the Restore actor, on its device (nvJPEG through torchvision on "
         "CUDA), so ResNet-50 detection costs GPU milliseconds instead of CPU seconds and DecodeDetect only reads, "
         "hashes and reads the header; other masters (TIFF, PNG, CMYK JPEG, ...) are still detected on CPU. Their "
-        "faces agree with CPU detection within float rounding (tested), but are not bit-identical, so this "
-        "setting is part of the fingerprint. Masters travel to the Restore actor compressed.",
+        "faces agree with CPU detection within float rounding (tested), so switching it redoes nothing: it is "
+        "not in the run's fingerprint, and stored faces found on either device are reused; each row's "
+        "detect_fingerprint says where its faces were found. Masters travel to the Restore actor compressed.",
     )
     gpu_batch: int = Field(
         8, ge=1, description="Detection copies of the same size per detector forward with detect.device=gpu.",
@@ -376,7 +377,10 @@ class RunConfig(_Section):
             restore["precision"] = self.resolved_precision(device)
         relevant = {
             "output_version": OUTPUT_VERSION,
-            "detect": _detect_settings(self.detect),
+            # where the detector runs is not hashed: faces found on the GPU agree with the CPU's within float
+            # rounding (as after a code change that moves outputs by rounding only), and switching it must
+            # not redo an archive; each row's detect_fingerprint says where its faces were found
+            "detect": self.detect.model_dump(exclude={"device", "gpu_batch"}),
             "restore": restore,
             "qa": self.qa.model_dump(),
             "output": output,
@@ -401,8 +405,8 @@ _WHEN_NOT_DEFAULT = ("jpeg_mode",)
 
 
 def _detect_settings(detect: DetectConfig) -> dict:
-    """The detector settings that change which faces are found: ``gpu_batch`` never does; ``device`` is added
-    only when it is not the default (cpu), so fingerprints made before it existed stay valid."""
+    """The detector settings a detection result records: ``gpu_batch`` changes nothing; ``device`` is added
+    only when it is not the default (cpu), so values made before it existed stay valid."""
     out = detect.model_dump(exclude={"device", "gpu_batch"})
     if detect.device != "cpu":
         out["device"] = detect.device

@@ -9,6 +9,7 @@ Used by ``stages.Restore``; torch is imported at the top, as this module only ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -75,24 +76,30 @@ def _area_table(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def area_resize(t: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """A (C, H, W) uint8 image shrunk to (C, out_h, out_w) float32 as ``cv2.resize(..., INTER_AREA)`` does
-    (rows first, then columns, rounded): equal to OpenCV's up to float summation order (tested)."""
+    """A (C, H, W) uint8 image shrunk to (C, out_h, out_w) float32 as ``cv2.resize(..., INTER_AREA)`` does,
+    rounded: equal to OpenCV's (tested at archive ratios and whole factors). Never a float copy of the
+    whole image: each pass gathers uint8 samples and weighs them into the smaller result."""
+    h, w = t.shape[1:]
+    if h % out_h == 0 and w % out_w == 0:  # OpenCV's path for whole factors: block sums, then a scale
+        ky, kx = h // out_h, w // out_w
+        s = t.reshape(t.shape[0], out_h, ky, out_w, kx).sum((2, 4), dtype=torch.int32)
+        if ky == kx == 2:  # its 2x2 vector loop: (sum + 2) >> 2
+            return ((s + 2) >> 2).float()
+        return (s.float() * np.float32(1.0 / (ky * kx))).round_()  # float32 scale, ties to even
+
     def along(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
-        idx, w = (torch.from_numpy(a).to(x.device) for a in _area_table(x.shape[dim], n_out))
+        idx, wt = (torch.from_numpy(a).to(x.device) for a in _area_table(x.shape[dim], n_out))
+        shape = [1] * x.dim()
+        shape[dim] = n_out
         out = None
         for j in range(idx.shape[1]):
-            shape = [1] * x.dim()
-            shape[dim] = n_out
-            term = x.index_select(dim, idx[:, j]) * w[:, j].view(shape)
+            term = x.index_select(dim, idx[:, j]).float().mul_(wt[:, j].view(shape))
             out = term if out is None else out.add_(term)
         return out
 
-    x = t.float()
-    x = along(x, 2, out_w) if out_w != t.shape[2] else x
-    x = along(x, 1, out_h) if out_h != t.shape[1] else x
-    if t.shape[1] == 2 * out_h and t.shape[2] == 2 * out_w:  # OpenCV's 2x2 path: (sum + 2) >> 2, ties up
-        return x.add_(0.5).floor_().clamp_(0, 255)
-    return x.round_().clamp_(0, 255)  # elsewhere OpenCV rounds ties to even
+    x = along(t, 2, out_w) if out_w != w else t.float()  # rows first, as OpenCV sums them
+    x = along(x, 1, out_h) if out_h != h else x
+    return x.round_().clamp_(0, 255)  # OpenCV rounds ties to even
 
 
 def warp_crops(master: torch.Tensor, affines: list[np.ndarray]) -> torch.Tensor:
@@ -123,7 +130,12 @@ def warp_crops(master: torch.Tensor, affines: list[np.ndarray]) -> torch.Tensor:
         out.append(acc.round_().clamp_(0, 255).to(torch.uint8))
     if not out:
         return torch.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8, device=dev)
-    return torch.stack(out).permute(0, 2, 3, 1)
+    return torch.stack(out).permute(0, 2, 3, 1).contiguous()
+
+
+# Masters decoded at once, at most (besides detect.gpu_batch), in pixels: eight 12 MP scans. A master takes
+# 3 bytes a pixel on the device while its detection copy and crops are made.
+CHUNK_PIXELS = 96_000_000
 
 
 class DeviceFaces:
@@ -133,46 +145,74 @@ class DeviceFaces:
         self.detector, self.batch = detector, batch
         self.device = detector.net.mean_tensor.device
         self.lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg  # deprecated since 0.29 (TorchCodec's successor)
+
+            self._decoder = (decode_jpeg, ImageReadMode.RGB)
+        except ImportError:
+            self._decoder = None
+            log.warning("torchvision has no decode_jpeg: JPEG masters are decoded on the host (CPU) before "
+                        "detection on the device")
 
     def _decode(self, data: list[bytes], orientations: list[int]) -> list[torch.Tensor | Exception]:
         """(3, H, W) uint8 BGR upright masters on the device. A master the device's decoder refuses
         (progressive on some nvJPEG versions, odd sampling) is decoded by ``imageio.decode`` on the host,
         whose DecodeError then says why it is broken."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
-        cuda = self.device.type == "cuda"
-        if cuda:  # nvJPEG writes on a stream of its own that does not wait for ours (pytorch/vision#9606)
-            torch.cuda.current_stream(self.device).synchronize()
-        try:
-            decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device)
-        except Exception:  # one bad master fails the whole list: decode them one by one
-            decoded = []
-            for r in raw:
-                try:
-                    decoded.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=self.device))
-                except Exception as e:
-                    decoded.append(e)
-        if cuda:  # ... nor ours for it
-            torch.cuda.synchronize(self.device)
+        decoded: list = [None] * len(data)
+        if self._decoder is not None:
+            decode_jpeg, rgb = self._decoder
+            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]  # (writable: no warning)
+            cuda = self.device.type == "cuda"
+            try:
+                decoded = decode_jpeg(raw, mode=rgb, device=self.device)
+            except Exception:  # one bad master fails the whole list: decode them one by one
+                decoded = []
+                for r in raw:
+                    try:
+                        decoded.append(decode_jpeg(r, mode=rgb, device=self.device))
+                    except Exception as e:
+                        decoded.append(e)
+            if cuda:  # nvJPEG wrote on a stream of its own: done before anything reads its output
+                torch.cuda.synchronize(self.device)
+            del raw
         out = []
-        for d, o, t in zip(data, orientations, decoded):
+        for k, (d, o) in enumerate(zip(data, orientations)):
+            t, decoded[k] = decoded[k], None  # one master's pixels at a time besides the outputs
             if isinstance(t, torch.Tensor):
                 out.append(_orient(t.flip(0), o))
+                del t
                 continue
             try:  # the host's decoder: the same pixels, or the reason they cannot be had
-                img = imageio.decode(d, max_pixels=1 << 62)
+                img = imageio.decode(bytes(d), max_pixels=1 << 62)
                 bgr = imageio.to_bgr8(img.pixels)
                 out.append(torch.from_numpy(np.ascontiguousarray(bgr)).permute(2, 0, 1).to(self.device))
-            except Exception as e:
+            except imageio.DecodeError as e:
                 out.append(e)
+            except Exception as e:  # a decoder's own failure on odd bytes, as DecodeDetect reports it
+                out.append(imageio.DecodeError(f"cannot decode: {type(e).__name__}: {e}"))
         return out
 
-    def __call__(self, data: list[bytes], orientations: list[int]) -> list[Found | Exception]:
+    def __call__(self, data: list, orientations: list[int], pixels: list[int] | None = None) -> list[Found | Exception]:
+        """``data``: the masters' bytes (any bytes-like); ``pixels``: their sizes from the header, which bound
+        how many are decoded at once (``CHUNK_PIXELS``)."""
+        pixels = pixels or [0] * len(data)
         out: list[Found | Exception] = []
         with self.lock:  # one caller at a time: the Restore calls in flight share the decoder and the device
-            for a in range(0, len(data), self.batch):
-                out += self._chunk(data[a:a + self.batch], orientations[a:a + self.batch])
+            # On CUDA all of it on a stream of our own, waited for at the start: the allocator then hands
+            # nvJPEG (which writes on its own stream, pytorch/vision#9606) no block that kernels queued by
+            # the restoring thread on the default stream may still read.
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                if self._stream is not None:
+                    self._stream.synchronize()
+                a = 0
+                while a < len(data):
+                    b, total = a + 1, pixels[a]
+                    while b < len(data) and b - a < self.batch and total + pixels[b] <= CHUNK_PIXELS:
+                        total += pixels[b]
+                        b += 1
+                    out += self._chunk(data[a:b], orientations[a:b])
+                    a = b
         return out
 
     def _chunk(self, data: list[bytes], orientations: list[int]) -> list[Found | Exception]:

@@ -103,6 +103,9 @@ def plan_resources(resources: dict[str, float], cfg: RunConfig, elastic: bool) -
     cc = cfg.cluster
     device = resolve_device(resources, cfg)
     cuda = device == "cuda"
+    if cfg.detect.device == "gpu" and not cuda:
+        log.warning("detect.device=gpu while restoring on CPU: every JPEG master is decoded and searched for faces "
+                    "in the one Restore actor instead of the DecodeDetect actors; set detect.device=cpu")
     dc, cc_cpus = cc.decode_actor_cpus, cc.compose_task_cpus
     if elastic:
         restore_max = cc.max_gpus if cuda else 1

@@ -20,6 +20,7 @@ from typing import Union
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import __version__, imageio, jpegblocks, keys, ledger, metadata, provenance, review, storage, weights
 from .config import OutputConfig, RunConfig, detect_fingerprint, parse_access_spec
@@ -120,7 +121,8 @@ class DecodeDetect:
             head = imageio.probe(data, self.cfg.input.max_pixels)
         except Exception:
             return None
-        if head.format != "JPEG" or head.mode not in ("RGB", "L") or self._reusable(row, self.device_fp):
+        if head.format != "JPEG" or head.mode not in ("RGB", "L") or self._reusable(row, self.device_fp) \
+                or self._reusable(row, self.detect_fp):
             return None
         width, height = head.size
         rejected = None
@@ -156,9 +158,9 @@ class DecodeDetect:
         row.update(src_format=img.format, width=img.width, height=img.height, notes=img.notes)
         t1 = time.perf_counter()
         row["decode_s"] = t1 - t0
-        # (faces the device found for these bytes before are reused as such: see _defer)
-        fp = self.device_fp if self.cfg.detect.device == "gpu" and self._reusable(row, self.device_fp) \
-            else self.detect_fp
+        # Faces found for these bytes before on either device are reused (they agree within rounding), and
+        # keep the fingerprint of where they were found.
+        fp = self.device_fp if self._reusable(row, self.device_fp) else self.detect_fp
         row["detect_fingerprint"] = fp
         row["detect_reused"] = self._reusable(row, fp)
         try:
@@ -290,23 +292,26 @@ class Restore:
                         "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
 
     def __call__(self, batch: Batch) -> pa.Table:
-        # Announced while this call reads its batch: the device thread may wait a moment for its faces
-        # rather than run another call's part-filled micro-batch.
-        with self.queue.coming() as token:
-            return self._call(batch, token)
-
-    def _call(self, batch: Batch, token: dict) -> pa.Table:
         c0 = time.thread_time()
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
-        if self.device_faces is not None:
-            table = self._detect_deferred(table)
+        found = {}
+        if self.device_faces is not None:  # before announcing: the queue need not wait while this detects
+            table, found = self._detect_deferred(table)
+        # Announced while this call reads its batch: the device thread may wait a moment for its faces
+        # rather than run another call's part-filled micro-batch.
+        with self.queue.coming() as token:
+            return self._call(table, token, found, c0)
+
+    def _call(self, table: pa.Table, token: dict, found: dict, c0: float) -> pa.Table:
+        """``found``: the crops of faces found on the device (``_detect_deferred``), by row."""
         cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
                                                                   "faces_json", "restore_s", "restore_device",
                                                                   "cpu_s")}
         todo = [i for i, (s, n) in enumerate(zip(cols["status"], cols["n_faces"])) if s == Status.OK.value and n]
         restored = pa.nulls(table.num_rows, pa.large_binary())
-        spans = dict(zip(todo, _binary_rows(table.column("crops"), todo)))
+        carried = [i for i in todo if i not in found]
+        spans = {**dict(zip(carried, _binary_rows(table.column("crops"), carried))), **found}
         for i, (_, a, b) in spans.items():
             if b - a != cols["n_faces"][i] * FACE_BYTES:
                 self._fail(cols, i, f"crops hold {b - a} bytes for {cols['n_faces'][i]} faces")
@@ -330,45 +335,71 @@ class Restore:
             table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
         return table
 
-    def _detect_deferred(self, table: pa.Table) -> pa.Table:
+    def _detect_deferred(self, table: pa.Table) -> tuple[pa.Table, dict]:
         """Decode the batch's deferred JPEG masters (``defer_detect``) on the device, find and align their
-        faces there: the columns DecodeDetect fills for the others (faces, crops, status, timings)."""
+        faces there, and fill the columns DecodeDetect fills for the others (faces, status, timings; a
+        failure as it would say it). Returns the table and the crops by row (buffer, start, end: where
+        ``_restore`` reads them). The masters' bytes are read where Arrow holds them, and go on to Compose
+        only with ``cluster.carry_masters`` (as from DecodeDetect); otherwise Compose reads them again."""
         deferred = table.column("defer_detect").to_pylist()
         status = table.column("status").to_pylist()
         rows = [i for i, (o, s) in enumerate(zip(deferred, status)) if o is not None and s == Status.OK.value]
         if not rows:
-            return table
-        names = ("image_id", "status", "error", "n_faces", "faces_skipped", "faces_json", "crops", "src_bytes",
-                 "width", "height", "decode_s", "detect_s", "defer_detect")
-        cols = {n: table.column(n).to_pylist() for n in names}
-        found = self.device_faces([cols["src_bytes"][i] for i in rows], [deferred[i] for i in rows])
+            return table, {}
+        names = ("status", "error", "n_faces", "faces_skipped", "faces_json", "width", "height", "src_format",
+                 "detect_fingerprint", "decode_s", "detect_s", "defer_detect")
+        cols = {n: table.column(n).to_pylist() for n in ("image_id", *names)}
+        masters = [memoryview(buf)[a:b] for buf, a, b in _binary_rows(table.column("src_bytes"), rows)]
+        try:
+            found = self.device_faces(masters, [deferred[i] for i in rows],
+                                      [(cols["width"][i] or 0) * (cols["height"][i] or 0) for i in rows])
+        except Exception as e:  # the device itself failed (not one master): these rows, not the batch
+            log.exception("detection on the device failed for %d masters", len(rows))
+            found = [e] * len(rows)
+        del masters
+        crops, dropped = {}, []
         for i, f in zip(rows, found):
             cols["defer_detect"][i] = None
-            if isinstance(f, Exception):
-                bad = Status.DECODE_ERROR if isinstance(f, imageio.DecodeError) else Status.DETECT_ERROR
-                if bad == Status.DETECT_ERROR:
-                    log.error("detection on the device failed for %s: %s", cols["image_id"][i], f)
-                row = _error({"image_id": cols["image_id"][i]}, bad, str(f) if bad == Status.DECODE_ERROR
-                             else f"face detection failed: {type(f).__name__}: {f}")
-                cols["status"][i], cols["error"][i], cols["src_bytes"][i] = row["status"], row["error"], None
+            try:
+                if isinstance(f, Exception):
+                    raise f
+                records = [_face_record(face, affine) for face, affine in zip(f.faces, f.affines)]
+                review.mark_rejected(records, json.loads(cols["faces_json"][i] or "{}").get("rejected"))
+            except Exception as e:
+                decode = isinstance(e, imageio.DecodeError)
+                if not decode:
+                    log.error("detection on the device failed for %s: %s: %s", cols["image_id"][i], type(e).__name__, e)
+                row = _error({"image_id": cols["image_id"][i]}, Status.DECODE_ERROR if decode else Status.DETECT_ERROR,
+                             str(e) if decode else f"face detection failed: {type(e).__name__}: {e}")
+                cols["status"][i], cols["error"][i], cols["faces_json"][i] = row["status"], row["error"], None
+                if decode:  # as DecodeDetect leaves a master it cannot decode
+                    for k in ("width", "height", "src_format", "detect_fingerprint", "decode_s"):
+                        cols[k][i] = None
+                dropped.append(i)
                 continue
-            records = [_face_record(face, affine) for face, affine in zip(f.faces, f.affines)]
-            review.mark_rejected(records, json.loads(cols["faces_json"][i] or "{}").get("rejected"))
             cols["faces_json"][i] = json.dumps({"faces": records})
             cols["n_faces"][i], cols["faces_skipped"][i] = len(records), f.skipped
             cols["width"][i], cols["height"][i] = f.width, f.height
             cols["decode_s"][i] = (cols["decode_s"][i] or 0.0) + f.decode_s
             cols["detect_s"][i] = f.detect_s
             if records:
-                cols["crops"][i] = f.crops.tobytes()
+                crops[i] = (pa.py_buffer(f.crops), 0, f.crops.nbytes)
             else:
                 cols["status"][i] = Status.NO_FACE.value
                 if not self.cfg.output.copy_no_face:
-                    cols["src_bytes"][i] = None  # nothing of this master is written
-        for name in names[1:]:
-            idx = self.schema.get_field_index(name)
-            table = table.set_column(idx, self.schema.field(name), pa.array(cols[name], self.schema.field(name).type))
-        return table
+                    dropped.append(i)  # nothing of this master is written
+        for name in names:
+            field = self.schema.field(name)
+            table = table.set_column(self.schema.get_field_index(name), field, pa.array(cols[name], field.type))
+        src = table.column("src_bytes")
+        if not self.cfg.cluster.carry_masters:
+            src = pa.nulls(table.num_rows, pa.large_binary())  # only deferred rows had bytes: Compose reads again
+        elif dropped:
+            drop = np.zeros(table.num_rows, bool)
+            drop[dropped] = True
+            src = pc.if_else(pa.array(drop), pa.scalar(None, pa.large_binary()), src)
+        table = table.set_column(self.schema.get_field_index("src_bytes"), self.schema.field("src_bytes"), src)
+        return table, crops
 
     @staticmethod
     def _fail(cols: dict, i: int, message: str) -> None:

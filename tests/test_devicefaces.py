@@ -22,7 +22,9 @@ from conftest import IMAGES, need, test_overrides
 
 
 @pytest.mark.parametrize("size", [(3024, 4032, 1200, 1600), (1297, 1920, 1081, 1600), (1000, 777, 500, 389),
-                                  (900, 1200, 450, 600), (1200, 1600, 300, 400), (64, 100, 37, 58)])
+                                  (900, 1200, 450, 600), (1200, 1600, 300, 400), (64, 100, 37, 58),
+                                  (600, 600, 100, 100), (900, 1200, 300, 400), (2000, 1500, 200, 150),
+                                  (7200, 9600, 1200, 1600)])
 def test_area_resize_is_opencvs_inter_area(size):
     """Exact at archive ratios, at 2x (OpenCV's own rounding path) and at other whole factors."""
     h, w, oh, ow = size
@@ -148,6 +150,7 @@ def test_a_broken_master_fails_alone(detector):
     broken = bytearray(good)
     broken[len(broken) // 3: len(broken) // 3 + 4000] = b"\x00" * 4000  # the scan, not the header
     found = dev([good, b"\xff\xd8\xff\xe0 garbage\xff\xd9", good, bytes(broken)], [1, 1, 1, 1])
+    assert found[3].faces  # the damage spares the faces (else the comparison below would hold trivially)
     assert len(found[0].faces) == len(found[2].faces) == 2
     assert isinstance(found[1], imageio.DecodeError) and "re-copy it" in str(found[1])  # the host decoder says why
     # a damaged scan decodes (libjpeg warns) on both paths, to the same pixels and so the same faces
@@ -212,12 +215,42 @@ def test_the_stages_defer_jpeg_masters_to_the_device_and_give_the_cpu_paths_face
                           - np.frombuffer(rb["restored"], np.uint8)).mean() < 1.0
     fps = [r["detect_fingerprint"] for r in rb_rows]
     assert fps[0] == fps[2] != fps[1] == fps[4] == ra_rows[1]["detect_fingerprint"]  # where each was found
-    assert rb_rows[3]["src_bytes"] is None  # nothing of a faceless master is written
+    # masters go on to Compose only with cluster.carry_masters, as from DecodeDetect (it reads them again)
+    assert all(r["src_bytes"] is None for r in rb_rows + ra_rows)
     assert rb_rows[0]["detect_s"] > 0 and rb_rows[0]["decode_s"] > 0
     # Compose writes the derivatives from the carried bytes
     out = Compose(gpu, run_id="r1", fingerprint="fp", untrained=True)(Restore(gpu)(b)).to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok", "ok", "no_face", "ok", "decode_error"]
     assert all(r["out_sha256"] for r in out if r["status"] == "ok")
+
+
+def test_masters_go_on_with_carry_masters_and_a_failing_device_fails_its_rows_not_the_batch(cfgs, sources,
+                                                                                          monkeypatch):
+    _, gpu = cfgs
+    src, batch = sources
+    carry = gpu.model_copy(update={"cluster": gpu.cluster.model_copy(update={"carry_masters": True})})
+    rows = Restore(carry)(DecodeDetect(carry, root=str(src) + "/")(dict(batch))).to_pylist()
+    assert [r["src_bytes"] is not None for r in rows] == [True, True, True, False, True, False]  # not the faceless
+    assert rows[0]["src_bytes"] == (src / "blake.jpg").read_bytes()
+    # masters of a batch are decoded a few at a time (CHUNK_PIXELS), with the same outcome
+    from pipeline import devicefaces
+
+    stage = Restore(gpu)
+    chunks = []
+    real = stage.device_faces._chunk
+    monkeypatch.setattr(stage.device_faces, "_chunk", lambda d, o: chunks.append(len(d)) or real(d, o))
+    monkeypatch.setattr(devicefaces, "CHUNK_PIXELS", 1)
+    one = stage(DecodeDetect(gpu, root=str(src) + "/")(dict(batch))).to_pylist()
+    assert chunks == [1, 1, 1] and [r["n_faces"] for r in one] == [r["n_faces"] for r in rows]
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    stage.device_faces = broken
+    failed = stage(DecodeDetect(gpu, root=str(src) + "/")(dict(batch))).to_pylist()
+    assert [r["status"] for r in failed] == ["detect_error", "ok", "detect_error", "detect_error", "ok",
+                                             "decode_error"]
+    assert "illegal memory access" in failed[0]["error"] and failed[0]["restored"] is None
 
 
 def test_a_curators_rejection_stands_when_faces_are_found_on_the_device(cfgs, sources):
@@ -267,6 +300,12 @@ def test_a_job_with_detection_on_the_device(ray_local, weights_dir, archive, tmp
         assert (b["detect_fingerprint"] != a["detect_fingerprint"]) == rel.endswith(".jpg"), rel
         for fa, fb in zip(a["faces"], b["faces"]):
             assert np.abs(np.subtract(fa["landmarks"], fb["landmarks"])).max() < 0.05, rel
+    # switching where faces are found redoes nothing: the run's fingerprint leaves it out
+    switch = load_config(None, test_overrides(weights_dir, tmp_path / "cpu", m, **{
+        "detect.device": "gpu", "reprocess": "outdated"}), environ={})
+    assert job.run(switch)["plan"]["todo"] == 0
+    assert {r["fingerprint"] for r in cpu.values() if r["status"] == "ok"} == \
+        {r["fingerprint"] for r in gpu.values() if r["status"] == "ok"}
     bad = gpu[str(archive / "broken.jpg")]
     assert bad["status"] == cpu[str(archive / "broken.jpg")]["status"] == "decode_error", bad
     # a re-run over changed output settings reuses the faces the device found

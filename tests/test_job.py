@@ -72,6 +72,13 @@ def test_restoring_on_cpu_is_said_or_asked_for(caplog):
     assert "restoring on CPU" not in caplog.text
     with pytest.raises(ConfigError, match="no whole GPU"):
         job.plan_resources({"CPU": 8}, RunConfig(restore=RestoreConfig(device="cuda")), elastic=False)
+    # detection on the device without a GPU to restore on: all of it would land in the one Restore actor
+    caplog.clear()
+    job.plan_resources({"CPU": 8, "GPU": 1}, RunConfig.model_validate({"detect": {"device": "gpu"}}), elastic=True)
+    assert "detect.device=gpu while restoring on CPU" not in caplog.text
+    job.plan_resources({"CPU": 8}, RunConfig.model_validate({"detect": {"device": "gpu"},
+                                                             "restore": {"device": "cpu"}}), elastic=True)
+    assert "detect.device=gpu while restoring on CPU" in caplog.text
 
 
 def _archive_manifest(archive, tmp_path):

@@ -154,10 +154,10 @@ def _moto() -> tuple[subprocess.Popen, str]:
 
 def _busy_s() -> float:
     """CPU seconds this machine has been busy so far, all cores and processes (/proc/stat: user, nice,
-    system, irq, softirq, steal): the bench needs an otherwise idle machine."""
+    system, irq, softirq; not steal, the hypervisor's): the bench needs an otherwise idle machine."""
     with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_s(pid: int | None = None) -> float:
@@ -239,7 +239,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     last: dict = {}
     if args.archives:
         import ray

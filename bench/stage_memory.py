@@ -13,8 +13,9 @@ masters of changing sizes and prints RSS every few batches (the growth the issue
 `--ray N` runs the job itself (`job.run`, a local Ray of this machine's CPUs and one logical GPU, the
 tiny seeded GFP-GAN: this traces the stages' memory, not GFP-GAN's) over N masters of the same six
 sizes and samples the RSS of every Ray worker process by its title (DecodeDetect, Restore, Compose) each
-second: the trace of each, at tenths of the run, as RSS and the two parts of it that matter here: anonymous
-memory (the process's own) and shared memory (pages of Ray's object store it has touched).
+second: the trace of each stage's longest-lived process, at tenths of its samples (for Compose, a task
+worker's samples while it ran Compose), as RSS and the two parts of it that matter here: anonymous memory
+(the process's own) and shared memory (pages of Ray's object store it has touched).
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def ray_trace(n: int, mp: float, work: Path) -> dict:
     cfg = load_config(None, {"weights_dir": str(work / "w"), "allow_download": False, "untrained": True,
                              "detect.model": "retinaface_mobile0.25", "qa.identity_backend": "onnx",
                              "restore.model": str(SHARED / "fixtures/gfpgan/gfpgan_tiny_a_checkpoint.pth"),
-                             "input.manifest": str(work / "m.csv"), "output.root": str(work / "out")}, environ={})
+                             "input.manifest": str(work / "m.csv"), "output.root": str(work / "out"),
+                             "cluster.num_gpus": 1}, environ={})
     trace: dict[str, dict[int, list[float]]] = {}
     stop = threading.Event()
 

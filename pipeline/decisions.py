@@ -416,7 +416,7 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, unfinished, compose
             summary["images_unchanged"] += 1
             continue
         row = dict(old)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if image_id in recompose:
             compose = None
             try:
@@ -455,7 +455,7 @@ def _apply_group(ids, latest, faces_of, by_image, recompose, unfinished, compose
         decided = ", ".join(f"{i} {d}" for i, d in sorted(by_image.get(image_id, {}).items()))
         note = f"curator review {review_id}: " + (f"face {decided}" if decided else "finished an interrupted review")
         row["notes"] = "; ".join(x for x in (old.get("notes"), note) if x)
-        row.update(review_id=review_id, compose_s=time.perf_counter() - t0,
+        row.update(review_id=review_id, compose_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
                    finished_at=ledger.finished_after(old["finished_at"]))
         pending.append(row)
         counts[image_id] = (faces != old["faces"], _reverts(old, faces),

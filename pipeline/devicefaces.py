@@ -184,13 +184,17 @@ class DeviceFaces:
                 del t
                 continue
             try:  # the host's decoder: the same pixels, or the reason they cannot be had
-                img = imageio.decode(bytes(d), max_pixels=1 << 62)
-                bgr = imageio.to_bgr8(img.pixels)
-                out.append(torch.from_numpy(np.ascontiguousarray(bgr)).permute(2, 0, 1).to(self.device))
+                bgr = imageio.to_bgr8(imageio.decode(bytes(d), max_pixels=1 << 62).pixels)
             except imageio.DecodeError as e:
                 out.append(e)
+                continue
             except Exception as e:  # a decoder's own failure on odd bytes, as DecodeDetect reports it
                 out.append(imageio.DecodeError(f"cannot decode: {type(e).__name__}: {e}"))
+                continue
+            try:  # the device failing is not the master's fault: a retryable detect_error, not a decode_error
+                out.append(torch.from_numpy(np.ascontiguousarray(bgr)).permute(2, 0, 1).to(self.device))
+            except Exception as e:
+                out.append(RuntimeError(f"the device took no pixels: {type(e).__name__}: {e}"))
         return out
 
     def __call__(self, data: list, orientations: list[int], pixels: list[int] | None = None) -> list[Found | Exception]:
@@ -203,8 +207,6 @@ class DeviceFaces:
             # nvJPEG (which writes on its own stream, pytorch/vision#9606) no block that kernels queued by
             # the restoring thread on the default stream may still read.
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                if self._stream is not None:
-                    self._stream.synchronize()
                 a = 0
                 while a < len(data):
                     b, total = a + 1, pixels[a]
@@ -216,6 +218,8 @@ class DeviceFaces:
         return out
 
     def _chunk(self, data: list[bytes], orientations: list[int]) -> list[Found | Exception]:
+        if self._stream is not None:  # nothing of a failed chunk's work still pending on blocks nvJPEG may get
+            self._stream.synchronize()
         t0 = time.perf_counter()
         masters = self._decode(data, orientations)
         t1 = time.perf_counter()

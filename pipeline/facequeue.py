@@ -55,10 +55,15 @@ class FaceQueue:
     IDLE_S = 10.0  # the device thread ends after this long without work (it holds the restore function)
     WAIT_S = 0.05  # longest wait for an announced call's faces before running a part-filled micro-batch
 
-    def __init__(self, restore_fn: Callable, micro_batch: int, chunk: int, combine: bool = True):
+    def __init__(self, restore_fn: Callable, micro_batch: int, chunk: int, combine: bool = True,
+                 cpu_clock: Callable[[], float] = time.process_time):
         """``combine=False``: each call's faces go to the device whole and alone (one call in flight: there
-        is nothing to combine them with, and cutting them would only add a wait for the device)."""
+        is nothing to combine them with, and cutting them would only add a wait for the device).
+        ``cpu_clock``: the CPU time charged to the faces of a run: the process's (the default: a CPU device,
+        whose work is torch's threads) or the device thread's own (a GPU, where the process's would also
+        count the other calls' threads meanwhile)."""
         self._restore_fn, self._mb, self._combine = restore_fn, max(1, micro_batch), combine
+        self._cpu_clock = cpu_clock
         self._chunk = max(self._mb, chunk // self._mb * self._mb)
         self._queue: collections.deque[_Request] = collections.deque()
         self._ready = threading.Condition()
@@ -176,11 +181,11 @@ class FaceQueue:
             crops = np.concatenate([r.crops[a:b] for r, a, b in pieces])
             mats = np.concatenate([r.mats[a:b] for r, a, b in pieces])
         self.chunks.append(len(crops))
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), self._cpu_clock()
         try:
             out = self._restore_fn(crops, mats)
         finally:  # a failed chunk's time counts too, shared by the calls it held (they are retried alone)
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            seconds, cpu = time.perf_counter() - t0, self._cpu_clock() - c0
             for r, a, b in pieces:
                 r.seconds += seconds * (b - a) / len(crops)
                 r.cpu += cpu * (b - a) / len(crops)

@@ -19,7 +19,7 @@ from . import keys, storage
 from .config import RunConfig, StorageConfig
 from .errors import ManifestError
 from .imageio import EXTENSIONS
-from .schema import RESERVED_COLUMNS
+from .schema import is_reserved
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ def _normalized_uris(uris: pa.Array, manifest_uri: str) -> pa.Array:
 def _renamed_reserved(extra: pa.Table) -> pa.Table:
     """The manifest's own columns, those named like one of the pipeline's (``notes``, ``width``, ``status``,
     ...) renamed ``manifest_<name>``: carried into the results instead of overwritten by ours."""
-    clash = [c for c in extra.column_names if c in RESERVED_COLUMNS]
+    clash = [c for c in extra.column_names if is_reserved(c)]
     if not clash:
         return extra
     new = {c: f"manifest_{c}" for c in clash}
-    taken = [(c, n) for c, n in new.items() if n in extra.column_names or n in RESERVED_COLUMNS]
+    taken = [(c, n) for c, n in new.items() if n in extra.column_names or is_reserved(n)]
     if taken:
         raise ManifestError("manifest columns " + ", ".join(f"{c!r}" for c, _ in taken) + " share a name with the "
                             "pipeline's own columns, and the name they would be carried under is taken too ("

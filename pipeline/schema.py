@@ -116,7 +116,13 @@ WORK_SCHEMA = pa.schema(
 # adds for detection reuse (resume.attach_prior). A manifest column with one of these names is carried as
 # ``manifest_<name>`` (manifest.read_manifest), so that it is neither overwritten nor read as ours.
 RESERVED_COLUMNS = frozenset(WORK_SCHEMA.names) | frozenset(RESULT_SCHEMA.names) | frozenset(
-    {"prior_sha256", "prior_detect_fp", "prior_faces", "prior_faces_skipped", "_source"})
+    {"prior_sha256", "prior_detect_fp", "prior_faces", "prior_faces_skipped", "access_key"})
+
+
+def is_reserved(name: str) -> bool:
+    """A column name of ours: in ``RESERVED_COLUMNS``, or starting with ``_`` (the code's temporary columns
+    and row keys: ``_source``, ``_i``, ``_faces``, ``_t0``, ...)."""
+    return name in RESERVED_COLUMNS or name.startswith("_")
 
 
 def with_passthrough(schema: pa.Schema, passthrough: pa.Schema | None) -> pa.Schema:

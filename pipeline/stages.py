@@ -59,10 +59,11 @@ def _error(row: dict, status: Status, message: str) -> dict:
 def _each(rows: list[dict], process, status: Status) -> list[dict]:
     """``process`` on every row; whatever it raises becomes that row's ``status`` and ``error`` (logged with
     its traceback), so one image can never fail the batch, and with it the Ray job. Each row's ``cpu_s``
-    grows by this thread's CPU time on it."""
+    grows by the process's CPU time on it: OpenCV's own worker threads included (the actor or task runs one
+    call at a time; Ray's threads meanwhile are counted too, a small share)."""
     out = []
     for row in rows:
-        c0 = time.thread_time()
+        c0 = time.process_time()
         try:
             done = process(row)
         except (Fenced, provenance.SigningExpired):
@@ -70,7 +71,7 @@ def _each(rows: list[dict], process, status: Status) -> list[dict]:
         except Exception as e:
             log.exception("unexpected failure on %s", row.get("image_id"))
             done = _error(row, status, f"unexpected {type(e).__name__}: {e}")
-        done["cpu_s"] = (done.get("cpu_s") or 0.0) + time.thread_time() - c0
+        done["cpu_s"] = (done.get("cpu_s") or 0.0) + time.process_time() - c0
         out.append(done)
     return out
 
@@ -279,7 +280,8 @@ class Restore:
         # (through a lambda: what replaces restorer.restore later, a bench's stub, is what runs)
         # (one call at a time: nothing to combine, so each call's faces go to the device whole, as before)
         self.queue = FaceQueue(lambda crops, mats: self.restorer.restore(crops, mats), cfg.restore.micro_batch,
-                               cfg.restore.micro_batch * CHUNK_MICRO_BATCHES, combine=calls_in_flight > 1)
+                               cfg.restore.micro_batch * CHUNK_MICRO_BATCHES, combine=calls_in_flight > 1,
+                               cpu_clock=time.thread_time if self.restorer.cuda else time.process_time)
         self.device_faces = None
         if cfg.detect.device == "gpu":  # JPEG masters are decoded and searched for faces here (devicefaces.py)
             from .devicefaces import DeviceFaces

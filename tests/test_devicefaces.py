@@ -144,6 +144,17 @@ def test_on_cuda_the_faces_are_the_cpus_within_nvjpegs_rounding(weights_dir):
                 assert np.abs(ref.astype(int) - crop).mean() < 3, name
 
 
+def test_a_device_that_takes_no_pixels_is_not_the_masters_fault(detector, monkeypatch):
+    """The device's decoder refuses and the host decodes, but the device then takes no pixels (out of
+    memory, a lost GPU): not a decode_error (final), which would never retry a good master."""
+    dev = DeviceFaces(detector, batch=2)
+    dev._decoder = None  # as without nvJPEG: the host decodes
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    found = dev([_masters()[0][1]], [1])
+    assert isinstance(found[0], Exception) and not isinstance(found[0], imageio.DecodeError)
+    assert "CUDA error" in str(found[0])
+
+
 def test_a_broken_master_fails_alone(detector):
     dev = DeviceFaces(detector, batch=4)
     good = _masters()[0][1]
@@ -184,9 +195,24 @@ def sources(tmp_path_factory):
     Image.open(IMAGES / "whole/gfpgan_00.jpg").convert("CMYK").save(cmyk, "JPEG", quality=92)
     (src / "cmyk.jpg").write_bytes(cmyk.getvalue())  # detected on CPU
     (src / "text.jpg").write_text("not an image")
-    names = ["blake.jpg", "four faces.png", "rotated.jpg", "noface.jpg", "cmyk.jpg", "text.jpg"]
+    (src / "no tables.jpg").write_bytes(_without_quantisation_tables(_jpeg(bgr[:200, :200])))
+    names = ["blake.jpg", "four faces.png", "rotated.jpg", "noface.jpg", "cmyk.jpg", "text.jpg", "no tables.jpg"]
     return src, {"image_id": np.array([f"id{i}" for i in range(len(names))], object),
                  "uri": np.array([str(src / n) for n in names], object)}
+
+
+def _without_quantisation_tables(jpeg: bytes) -> bytes:
+    """A JPEG whose header reads (size, mode, end marker: it passes imageio.probe and is deferred) but whose
+    pixels no decoder can make: its DQT segments are gone."""
+    out, i = bytearray(jpeg[:2]), 2
+    while i < len(jpeg):
+        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2:i + 4], "big")
+        if marker == 0xDA:  # start of scan: the rest is entropy-coded data
+            return bytes(out + jpeg[i:])
+        if marker != 0xDB:
+            out += jpeg[i:i + 2 + length]
+        i += 2 + length
+    raise AssertionError("no scan")
 
 
 def test_the_stages_defer_jpeg_masters_to_the_device_and_give_the_cpu_paths_faces(cfgs, sources):
@@ -195,14 +221,17 @@ def test_the_stages_defer_jpeg_masters_to_the_device_and_give_the_cpu_paths_face
     a = DecodeDetect(cpu, root=str(src) + "/")(dict(batch))
     b = DecodeDetect(gpu, root=str(src) + "/")(dict(batch))
     deferred = b.column("defer_detect").to_pylist()
-    assert deferred == [1, None, 8, 1, None, None]  # JPEGs in RGB or grey, with their EXIF orientation
+    assert deferred == [1, None, 8, 1, None, None, 1]  # JPEGs in RGB or grey, with their EXIF orientation
     rb = b.to_pylist()
     assert all(rb[i]["crops"] is None and rb[i]["src_bytes"] for i in (0, 2, 3))  # bytes, no pixels yet
     assert rb[1]["n_faces"] == 4 and rb[4]["n_faces"] == 2  # detected here, as with detect.device=cpu
     assert rb[5]["status"] == "decode_error"
     ra_rows, rb_rows = Restore(cpu)(a).to_pylist(), Restore(gpu)(b).to_pylist()
     assert [r["status"] for r in rb_rows] == [r["status"] for r in ra_rows] == \
-        ["ok", "ok", "ok", "no_face", "ok", "decode_error"]
+        ["ok", "ok", "ok", "no_face", "ok", "decode_error", "decode_error"]
+    # a master the device defers but nobody can decode fails as DecodeDetect says it (final, not retried)
+    assert rb_rows[6]["error"] == ra_rows[6]["error"] == "JPEG data is corrupt (OpenCV could not decode it)"
+    assert all(rb_rows[6][k] is None for k in ("width", "height", "src_format", "detect_fingerprint", "faces_json"))
     for ra, rb in zip(ra_rows, rb_rows):
         assert (ra["n_faces"], ra["width"], ra["height"]) == (rb["n_faces"], rb["width"], rb["height"])
         assert rb["defer_detect"] is None
@@ -218,9 +247,9 @@ def test_the_stages_defer_jpeg_masters_to_the_device_and_give_the_cpu_paths_face
     # masters go on to Compose only with cluster.carry_masters, as from DecodeDetect (it reads them again)
     assert all(r["src_bytes"] is None for r in rb_rows + ra_rows)
     assert rb_rows[0]["detect_s"] > 0 and rb_rows[0]["decode_s"] > 0
-    # Compose writes the derivatives from the carried bytes
+    # Compose reads the masters again (cluster.carry_masters is off) and writes the derivatives
     out = Compose(gpu, run_id="r1", fingerprint="fp", untrained=True)(Restore(gpu)(b)).to_pylist()
-    assert [r["status"] for r in out] == ["ok", "ok", "ok", "no_face", "ok", "decode_error"]
+    assert [r["status"] for r in out] == ["ok", "ok", "ok", "no_face", "ok", "decode_error", "decode_error"]
     assert all(r["out_sha256"] for r in out if r["status"] == "ok")
 
 
@@ -230,7 +259,7 @@ def test_masters_go_on_with_carry_masters_and_a_failing_device_fails_its_rows_no
     src, batch = sources
     carry = gpu.model_copy(update={"cluster": gpu.cluster.model_copy(update={"carry_masters": True})})
     rows = Restore(carry)(DecodeDetect(carry, root=str(src) + "/")(dict(batch))).to_pylist()
-    assert [r["src_bytes"] is not None for r in rows] == [True, True, True, False, True, False]  # not the faceless
+    assert [r["src_bytes"] is not None for r in rows] == [True, True, True, False, True, False, False]  # not the faceless
     assert rows[0]["src_bytes"] == (src / "blake.jpg").read_bytes()
     # masters of a batch are decoded a few at a time (CHUNK_PIXELS), with the same outcome
     from pipeline import devicefaces
@@ -241,7 +270,7 @@ def test_masters_go_on_with_carry_masters_and_a_failing_device_fails_its_rows_no
     monkeypatch.setattr(stage.device_faces, "_chunk", lambda d, o: chunks.append(len(d)) or real(d, o))
     monkeypatch.setattr(devicefaces, "CHUNK_PIXELS", 1)
     one = stage(DecodeDetect(gpu, root=str(src) + "/")(dict(batch))).to_pylist()
-    assert chunks == [1, 1, 1] and [r["n_faces"] for r in one] == [r["n_faces"] for r in rows]
+    assert chunks == [1, 1, 1, 1] and [r["n_faces"] for r in one] == [r["n_faces"] for r in rows]
 
     def broken(*a, **k):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -249,7 +278,7 @@ def test_masters_go_on_with_carry_masters_and_a_failing_device_fails_its_rows_no
     stage.device_faces = broken
     failed = stage(DecodeDetect(gpu, root=str(src) + "/")(dict(batch))).to_pylist()
     assert [r["status"] for r in failed] == ["detect_error", "ok", "detect_error", "detect_error", "ok",
-                                             "decode_error"]
+                                             "decode_error", "detect_error"]  # nobody decoded it this time
     assert "illegal memory access" in failed[0]["error"] and failed[0]["restored"] is None
 
 
@@ -271,8 +300,8 @@ def test_a_curators_rejection_stands_when_faces_are_found_on_the_device(cfgs, so
 @pytest.mark.slow
 def test_a_job_with_detection_on_the_device(ray_local, weights_dir, archive, tmp_path):
     """On a local Ray with a logical GPU: the JPEG masters' faces are found by the Restore actor; results
-    match a run with detection on CPU; a re-run reuses them; a job run with the other device's detection
-    redoes the images (the fingerprint says where faces were found)."""
+    match a run with detection on CPU; a re-run reuses them; switching where faces are found redoes
+    nothing (each row's detect_fingerprint says where its faces were found)."""
     import pyarrow.csv as pacsv
 
     from pipeline import job, resume

@@ -123,15 +123,19 @@ def test_a_failed_chunks_device_time_counts_for_the_calls_it_held():
     def slow_to_fail(crops, mats):
         if (crops[:, 0] == 99).any() and len(crops) > 2:
             time.sleep(0.3)
+            c0 = time.thread_time()
+            while time.thread_time() - c0 < 0.2:  # 0.2 s of CPU, however long the machine takes to give it
+                pass
         return device(crops, mats)
 
-    q = FaceQueue(slow_to_fail, micro_batch=2, chunk=16)
+    q = FaceQueue(slow_to_fail, micro_batch=2, chunk=16, cpu_clock=time.thread_time)
     threads, results, errors = _in_threads(q, [_req(1, 2), _req(2, 3), _req(99, 2), _req(4, 4)], device)
     gate.set()
     _join(threads)
     assert device.calls == [2, 8, 3, 2, 3, 1] and set(errors) == {2}
     assert results[1][1] >= 0.3 * 3 / 8  # its 3 of the failed chunk's 8 faces
     assert results[3][1] >= 0.3 * 3 / 8
+    assert results[1][2] >= 0.2 * 3 / 8 and results[3][2] >= 0.2 * 3 / 8  # and of its CPU
 
 
 def test_a_part_filled_micro_batch_waits_for_an_announced_call(monkeypatch):

@@ -86,10 +86,11 @@ def test_a_manifest_column_named_like_one_of_ours_is_carried_under_another_name(
     pq.write_table(pa.table({"path": ["/x/a.jpg", "/x/b.jpg"], "notes": ["torn corner", None],
                              "width": [12.5, 20.0], "status": ["catalogued", "on loan"],
                              "prior_faces": ["?", "?"], "uri": ["old", "old"], "output_key": ["k1", "k2"],
-                             "shelf": [1, 2]}), tmp_path / "m.parquet")
+                             "access_key": ["a", "b"], "_i": [7, 8], "shelf": [1, 2]}), tmp_path / "m.parquet")
     m = read_manifest(_cfg(tmp_path / "m.parquet", uri_column="path"))
     assert m.passthrough.names == ["manifest_notes", "manifest_width", "manifest_status", "manifest_prior_faces",
-                                   "manifest_uri", "manifest_output_key", "shelf"]
+                                   "manifest_uri", "manifest_output_key", "manifest_access_key", "manifest__i",
+                                   "shelf"]
     assert m.table["manifest_notes"].to_pylist() == ["torn corner", None]
     assert m.table["manifest_output_key"].to_pylist() == ["k1", "k2"]
     assert m.table["uri"].to_pylist() == ["/x/a.jpg", "/x/b.jpg"]

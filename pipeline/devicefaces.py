@@ -203,9 +203,9 @@ class DeviceFaces:
         pixels = pixels or [0] * len(data)
         out: list[Found | Exception] = []
         with self.lock:  # one caller at a time: the Restore calls in flight share the decoder and the device
-            # On CUDA all of it on a stream of our own, waited for at the start: the allocator then hands
-            # nvJPEG (which writes on its own stream, pytorch/vision#9606) no block that kernels queued by
-            # the restoring thread on the default stream may still read.
+            # On CUDA all of it on a stream of our own, waited for before each chunk (_chunk): the allocator
+            # then hands nvJPEG (which writes on its own stream, pytorch/vision#9606) no block that kernels
+            # queued by the restoring thread on the default stream, or by an earlier chunk, may still read.
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                 a = 0
                 while a < len(data):

@@ -377,10 +377,7 @@ class RunConfig(_Section):
             restore["precision"] = self.resolved_precision(device)
         relevant = {
             "output_version": OUTPUT_VERSION,
-            # where the detector runs is not hashed: faces found on the GPU agree with the CPU's within float
-            # rounding (as after a code change that moves outputs by rounding only), and switching it must
-            # not redo an archive; each row's detect_fingerprint says where its faces were found
-            "detect": self.detect.model_dump(exclude={"device", "gpu_batch"}),
+            "detect": _detect_settings(self.detect, with_device=False),
             "restore": restore,
             "qa": self.qa.model_dump(),
             "output": output,
@@ -404,11 +401,14 @@ _ADDS_FILES = ("copy_no_face", "access_copy", "access_long_side", "access_qualit
 _WHEN_NOT_DEFAULT = ("jpeg_mode",)
 
 
-def _detect_settings(detect: DetectConfig) -> dict:
-    """The detector settings a detection result records: ``gpu_batch`` changes nothing; ``device`` is added
-    only when it is not the default (cpu), so values made before it existed stay valid."""
+def _detect_settings(detect: DetectConfig, with_device: bool = True) -> dict:
+    """The detector settings that are hashed: ``gpu_batch`` changes nothing. ``device`` only in a detection
+    result's fingerprint (``with_device``), and only when it is not the default (cpu), so values made before
+    it existed stay valid; not in a run's: faces found on the GPU agree with the CPU's within float rounding
+    (as after a code change that moves outputs by rounding only), and switching it must not redo an
+    archive; each row's detect_fingerprint says where its faces were found."""
     out = detect.model_dump(exclude={"device", "gpu_batch"})
-    if detect.device != "cpu":
+    if with_device and detect.device != "cpu":
         out["device"] = detect.device
     return out
 

@@ -41,7 +41,7 @@ class _Request:
     parts: list = field(default_factory=list)  # (start, chunk output, offset in it, faces), by start
     error: BaseException | None = None
     seconds: float = 0.0                # this call's share of the device thread's time
-    cpu: float = 0.0                    # ... and of the process's CPU time meanwhile (torch's threads included)
+    cpu: float = 0.0                    # ... and of the CPU time meanwhile (FaceQueue's cpu_clock)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -99,8 +99,8 @@ class FaceQueue:
     def restore(self, crops: np.ndarray, mats: np.ndarray, alone: bool = False,
                 token: dict | None = None) -> tuple[object, float, float]:
         """The restoration of these faces (blocks until done), the device thread's seconds on them (their
-        share of their chunks': not the time spent waiting behind other calls) and the process's CPU seconds
-        meanwhile (their share); raises what restoring them on their own raised."""
+        share of their chunks': not the time spent waiting behind other calls) and the CPU seconds meanwhile
+        (their share, by ``cpu_clock``); raises what restoring them on their own raised."""
         req = _Request(crops, mats, alone, left=len(crops))
         if not len(crops):
             self.arrived(token)

@@ -107,11 +107,14 @@ class DecodeDetect:
                 r["output_key"] = k
         return rows_to_table(_each(rows, self.process, Status.DETECT_ERROR), self.schema)
 
-    def _reusable(self, row: dict, fp: str) -> bool:
-        """Stored detections stand when the bytes and the detector (settings + weights, and where it ran:
-        ``fp``) are unchanged."""
-        return (not self.cfg.redetect and row.get("prior_faces") is not None
-                and row.get("prior_sha256") == row["src_sha256"] and row.get("prior_detect_fp") == fp)
+    def _reused_fp(self, row: dict) -> str | None:
+        """The detect fingerprint of stored detections that stand for this row, else None: they stand when
+        the bytes and the detector (settings + weights) are unchanged, found on either device (they agree
+        within rounding), and keep the fingerprint of where they were found."""
+        fp = row.get("prior_detect_fp")
+        stands = (not self.cfg.redetect and row.get("prior_faces") is not None
+                  and row.get("prior_sha256") == row["src_sha256"] and fp in (self.detect_fp, self.device_fp))
+        return fp if stands else None
 
     def _defer(self, row: dict, data: bytes, t0: float) -> dict | None:
         """With detect.device=gpu: a JPEG master the Restore actor can decode and search for faces on its
@@ -122,8 +125,7 @@ class DecodeDetect:
             head = imageio.probe(data, self.cfg.input.max_pixels)
         except Exception:
             return None
-        if head.format != "JPEG" or head.mode not in ("RGB", "L") or self._reusable(row, self.device_fp) \
-                or self._reusable(row, self.detect_fp):
+        if head.format != "JPEG" or head.mode not in ("RGB", "L") or self._reused_fp(row):
             return None
         width, height = head.size
         rejected = None
@@ -159,11 +161,9 @@ class DecodeDetect:
         row.update(src_format=img.format, width=img.width, height=img.height, notes=img.notes)
         t1 = time.perf_counter()
         row["decode_s"] = t1 - t0
-        # Faces found for these bytes before on either device are reused (they agree within rounding), and
-        # keep the fingerprint of where they were found.
-        fp = self.device_fp if self._reusable(row, self.device_fp) else self.detect_fp
-        row["detect_fingerprint"] = fp
-        row["detect_reused"] = self._reusable(row, fp)
+        reused = self._reused_fp(row)
+        row["detect_fingerprint"] = reused or self.detect_fp
+        row["detect_reused"] = reused is not None
         try:
             bgr = imageio.to_bgr8(img.pixels)
             if row["detect_reused"]:

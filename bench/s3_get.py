@@ -1,13 +1,13 @@
-"""What bounds reading many small ledger files from S3 here: the reader, or moto's server?
+"""What bounds reading many small ledger files from S3 here: the reader, or the S3 server?
 
-    python bench/s3_get.py [N]      # N result files of 50 rows (default 600)
+    python bench/s3_get.py [N] [moto|s3rver] [S3RVER_BIN]   # N result files of 50 rows (default 600, moto)
 
-Writes N per-batch result files to moto's server on 127.0.0.1 and fetches their bytes (no parsing) three
-ways, 16 threads where the client is synchronous, each twice in the order A B C C B A (means printed):
-A `storage.read_small` (Arrow's C++ S3 client: HEAD + GET), B s3fs `cat_file` per file (one GET),
-C s3fs `cat` of the whole list (one GET each, concurrent in s3fs's event loop). Per file: wall time, moto's
-CPU and the reader's CPU. Moto shares this machine's cores with the reader, so the wall per file is
-bounded by their sum over the cores.
+Writes N per-batch result files to an S3 server on 127.0.0.1 (`scale.s3_server`) and fetches their bytes (no
+parsing) three ways, 16 threads where the client is synchronous, each twice in the order A B C C B A (means
+printed): A `storage.read_small` (Arrow's C++ S3 client: HEAD + GET), B s3fs `cat_file` per file (one GET), C
+s3fs `cat` of the whole list (one GET each, concurrent in s3fs's event loop). Per file: wall time, the
+server's CPU and the reader's CPU. The server shares this machine's cores with the reader, so the wall per
+file is bounded by their sum over the cores.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import _cpu_s, _moto  # noqa: E402
+from scale import _cpu_s, s3_server  # noqa: E402
 
 
 def main() -> None:
@@ -33,13 +33,10 @@ def main() -> None:
     from pipeline import ledger, storage
     from pipeline.config import StorageConfig
 
-    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(k, v)  # moto accepts any credentials
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 600
-    proc, endpoint = _moto()
+    server = sys.argv[2] if len(sys.argv) > 2 else "moto"
+    proc, endpoint = s3_server(server, *sys.argv[3:4])
     try:
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-        fs.mkdir("scale")
         cfg = StorageConfig(s3_endpoint_url=endpoint)
         out, t = "s3://scale/out", dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
         uris = []
@@ -76,8 +73,8 @@ def main() -> None:
             figures.setdefault(name, []).append(((time.perf_counter() - t0) / n, (_cpu_s(proc.pid) - server0) / n,
                                                  (_cpu_s() - client0) / n))
         for name, runs in figures.items():
-            wall, server, client = (1000 * v for v in np.mean(runs, axis=0))
-            print(f"{name:<34} wall {wall:5.2f} ms/file   moto CPU {server:5.2f} ms   reader CPU {client:5.2f} ms")
+            wall, cpu, client = (1000 * v for v in np.mean(runs, axis=0))
+            print(f"{name:<34} wall {wall:5.2f} ms/file   {server} CPU {cpu:5.2f} ms   reader CPU {client:5.2f} ms")
     finally:
         proc.terminate()
         proc.wait(10)

@@ -15,11 +15,12 @@
    out negative here at 10,000 images); the driver's peak RSS (sampled); result files before and after the run's fold; a re-run with nothing
    to do; `status` against the manifest.
 2. Planning a 10 M-image archive with 9 M done (`bench/plan_scale.py`, a fresh process; time and peak RSS).
-3. The ledger on S3 (moto's server on 127.0.0.1): K per-batch result files of 50 rows, read as planning
+3. The ledger on S3 (an S3 server on 127.0.0.1: moto, or with `--s3-server s3rver` the Node.js s3rver, which
+   costs less than half moto's CPU per file): K per-batch result files of 50 rows, read as planning
    reads them, through s3fs (the baseline) and Arrow's S3 client (what the reader uses), each twice in
    the order s3fs, Arrow, Arrow, s3fs (means printed);
-   extrapolated to 20,000 files = 1 M images in 50-image batches, by the wall per file here (moto's
-   Python server shares the two cores, so this is moto's cost as much as the reader's) and by the
+   extrapolated to 20,000 files = 1 M images in 50-image batches, by the wall per file here (the
+   server shares the two cores, so this is the server's cost as much as the reader's) and by the
    reader's CPU per file (what bounds a driver against a real S3, whose server costs it nothing; its
    latency is hidden by 16 reading threads); then `compact`, files per million images after it, and
    the same read again.
@@ -137,19 +138,45 @@ def plan_case(rows: int) -> dict:
     return dict(kv.split("=") for kv in out[-1].split())
 
 
-def _moto() -> tuple[subprocess.Popen, str]:
+# The S3 servers the bench can read from: moto (Python, the tests' server) or s3rver (Node.js, less than half
+# moto's CPU per file here; `npm install --prefix DIR s3rver@3.7.1`, then DIR/node_modules/.bin/s3rver).
+# Either shares this machine's cores with the reader, so the wall time per file is theirs together.
+S3_SERVERS = ("moto", "s3rver")
+
+
+def s3_server(kind: str = "moto", s3rver_bin: str = "s3rver", bucket: str = "scale") -> tuple[subprocess.Popen, str]:
+    """Start an S3 server on 127.0.0.1 with ``bucket`` in it; its process and endpoint. Sets the credentials it
+    accepts in the environment (moto: any; s3rver: its fixed pair)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key = "S3RVER" if kind == "s3rver" else "bench"
+    for k, v in (("AWS_ACCESS_KEY_ID", key), ("AWS_SECRET_ACCESS_KEY", key), ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ[k] = v
+    if kind == "s3rver":
+        data = tempfile.mkdtemp(prefix="s3rver-")
+        # s3rver 3.7 signs its listing's continuation tokens with a cipher that OpenSSL 3 keeps in its legacy
+        # provider: without it, listing past 1,000 objects fails.
+        env = {**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"}
+        cmd = [s3rver_bin, "-d", data, "-a", "127.0.0.1", "-p", str(port), "-s", "--configure-bucket", bucket]
+    else:
+        env, cmd = None, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     for _ in range(150):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             break
         except OSError:
             time.sleep(0.2)
-    return proc, f"http://127.0.0.1:{port}"
+    else:
+        proc.kill()
+        raise RuntimeError(f"{kind} did not start ({' '.join(cmd)})")
+    endpoint = f"http://127.0.0.1:{port}"
+    if kind == "moto":
+        import s3fs
+
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir(bucket)
+    return proc, endpoint
 
 
 def _busy_s() -> float:
@@ -169,17 +196,12 @@ def _cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def s3_case(files: int, rows_per_file: int = 50) -> dict:
-    import s3fs
-
+def s3_case(files: int, rows_per_file: int = 50, server: str = "moto", s3rver_bin: str = "s3rver") -> dict:
     from pipeline import compaction, ledger, resume
     from pipeline.config import StorageConfig
 
-    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(k, v)  # moto accepts any credentials
-    proc, endpoint = _moto()
+    proc, endpoint = s3_server(server, s3rver_bin)
     try:
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("scale")
         cfg = StorageConfig(s3_endpoint_url=endpoint)
         out = "s3://scale/out"
         t = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -203,7 +225,7 @@ def s3_case(files: int, rows_per_file: int = 50) -> dict:
             return read_s, _cpu_s(proc.pid) - server0, _cpu_s() - client0
 
         # Each client twice, in the order s3fs, Arrow, Arrow, s3fs, so that neither gains from going first or
-        # last (moto's state, caches); the figures are the means of the two.
+        # last (the server's state, caches); the figures are the means of the two.
         times = {c: [] for c in ("s3fs", "arrow")}
         for client in ("s3fs", "arrow", "arrow", "s3fs"):
             times[client].append(timed_read(client))
@@ -218,9 +240,9 @@ def s3_case(files: int, rows_per_file: int = 50) -> dict:
         assert again.num_rows == files * rows_per_file
         return {"files": files, "rows": files * rows_per_file, "read_s": read_s, "per_file_ms": 1000 * read_s / files,
                 "read_20k_s": read_s / files * 20_000, "client_cpu_ms_per_file": 1000 * client_s / files,
-                "moto_cpu_ms_per_file": 1000 * server_s / files, "client_bound_20k_s": client_s / files * 20_000,
+                "server_cpu_ms_per_file": 1000 * server_s / files, "client_bound_20k_s": client_s / files * 20_000,
                 "s3fs_per_file_ms": 1000 * base_s / files, "s3fs_client_cpu_ms_per_file": 1000 * base_client_s / files,
-                "s3fs_moto_cpu_ms_per_file": 1000 * base_server_s / files,
+                "s3fs_server_cpu_ms_per_file": 1000 * base_server_s / files,
                 "s3fs_client_bound_20k_s": base_client_s / files * 20_000,
                 "compact_s": compact_s, "files_after": summary["files_after"],
                 "read_after_s": read_after_s,
@@ -235,6 +257,8 @@ def main() -> None:
     ap.add_argument("--archives", type=int, nargs="*", default=[1000], help="archive sizes (images)")
     ap.add_argument("--plan-rows", type=int, default=10_000_000, help="manifest rows of the planning case (0: skip)")
     ap.add_argument("--s3-files", type=int, default=2000, help="result files of the S3 ledger case (0: skip)")
+    ap.add_argument("--s3-server", choices=S3_SERVERS, default="moto", help="the S3 server of the ledger case")
+    ap.add_argument("--s3rver-bin", default="s3rver", help="s3rver's executable (with --s3-server s3rver)")
     args = ap.parse_args()
     import logging
 
@@ -263,15 +287,16 @@ def main() -> None:
         plan = plan_case(args.plan_rows)
     files_per_1m = None
     if args.s3_files:
-        s = s3_case(args.s3_files)
+        s = s3_case(args.s3_files, server=args.s3_server, s3rver_bin=args.s3rver_bin)
         files_per_1m = s["files_per_1m"]
-        print(f"S3 ledger (moto), s3fs (the baseline, same run): {s['s3fs_per_file_ms']:.1f} ms per file; CPU per "
-              f"file: reader {s['s3fs_client_cpu_ms_per_file']:.2f} ms, moto {s['s3fs_moto_cpu_ms_per_file']:.1f} ms; "
+        print(f"S3 ledger ({args.s3_server}), s3fs (the baseline, same run): {s['s3fs_per_file_ms']:.1f} ms per file; "
+              f"CPU per file: reader {s['s3fs_client_cpu_ms_per_file']:.2f} ms, server "
+              f"{s['s3fs_server_cpu_ms_per_file']:.1f} ms; "
               f"20,000 files with the reader's CPU as the bound: {s['s3fs_client_bound_20k_s']:.0f} s")
-        print(f"S3 ledger (moto): {s['files']:,} files / {s['rows']:,} rows read in {s['read_s']:.1f} s "
-              f"({s['per_file_ms']:.1f} ms per file; 20,000 files: {s['read_20k_s']:.0f} s here, where moto's own "
-              f"CPU shares the cores; CPU per file: reader {s['client_cpu_ms_per_file']:.2f} ms, moto "
-              f"{s['moto_cpu_ms_per_file']:.1f} ms; 20,000 files with the reader's CPU as the bound: "
+        print(f"S3 ledger ({args.s3_server}): {s['files']:,} files / {s['rows']:,} rows read in {s['read_s']:.1f} s "
+              f"({s['per_file_ms']:.1f} ms per file; 20,000 files: {s['read_20k_s']:.0f} s here, where the server's "
+              f"own CPU shares the cores; CPU per file: reader {s['client_cpu_ms_per_file']:.2f} ms, server "
+              f"{s['server_cpu_ms_per_file']:.1f} ms; 20,000 files with the reader's CPU as the bound: "
               f"{s['client_bound_20k_s']:.0f} s); compact "
               f"{s['compact_s']:.1f} s -> {s['files_after']} file(s), read again {s['read_after_s']:.2f} s; "
               f"{files_per_1m:.0f} files per 1 M images")

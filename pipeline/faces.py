@@ -222,9 +222,22 @@ def paste_mask(shape: tuple[int, ...], affine: np.ndarray) -> tuple[slice, slice
     mask = cv2.erode(mask, np.ones((2, 2), np.uint8))
     w_edge = int(float(mask.sum()) ** 0.5) // 20
     if w_edge > 0:
-        mask = cv2.erode(mask, np.ones((2 * w_edge, 2 * w_edge), np.uint8))
+        mask = _erode_wide(mask, 2 * w_edge)
         mask = _feather(mask, w_edge)
     return slice(y0, y1), slice(x0, x1), mask, roi_inv
+
+
+_LEVELS = np.arange(256, dtype=np.float32) / 255  # 8-bit level -> mask value; 0 and 255 map to 0.0 and 1.0 exactly
+
+
+def _erode_wide(mask: np.ndarray, k: int) -> np.ndarray:
+    """facexlib's erosion of the footprint by a k x k square, done on 8-bit levels. An erosion is a minimum,
+    so it commutes with any monotone map of the values: this is the float erosion's result with each value
+    rounded to 1/255. The footprint is 0 or 1 except on its ~2 px anti-aliased rim, so only the rim moves
+    (< 1/510) and the feather's blur then spreads that thin. OpenCV's vector loops take 16-32 bytes a step:
+    a 2,272 x 2,416 px region, k = 204: 67 ms in float32, 15 ms in 8 bits."""
+    levels = cv2.erode(cv2.convertScaleAbs(mask, alpha=255), np.ones((k, k), np.uint8))
+    return cv2.LUT(levels, _LEVELS)
 
 
 # A feather this wide (w_edge, px) is blurred at 1/d resolution, d = w_edge // _FEATHER_STEP: the blur's sigma
@@ -271,22 +284,20 @@ def paste_face(master: np.ndarray, face_bgr: np.ndarray, affine: np.ndarray,
     hi = 65535 if master.dtype == np.uint16 else 255
     if luminance_only and colour.ndim == 3:
         face = _luminance_only(face, colour, float(hi))
-    # m * face + (1 - m) * colour, rounded and clipped: the same float32 operations as the plain expression
-    # (so the same bits), with OpenCV's vector loops (numpy broadcasts the mask slowly), a band of rows at a
-    # time so that the temporaries stay in cache instead of faulting in ~300 MB for a large face. Written
-    # whole: where the mask is 0 the blend gives the pixel back exactly (0 * face + 1 * colour, already
-    # whole), and a masked copy cost as much as the blend. A face 1,400 px wide: 0.75 s in numpy
-    # temporaries, now ~0.05 s.
+    depth = cv2.CV_16U if master.dtype == np.uint16 else cv2.CV_8U
+    # m * face + (1 - m) * colour, rounded (half to even) and clipped: the same float32 operations as the
+    # plain expression (so the same bits), with OpenCV's vector loops (numpy broadcasts the mask slowly), a
+    # band of rows at a time so that the temporaries stay in cache instead of faulting in ~300 MB for a large
+    # face. The colour's conversion to float and the final round-and-clip are folded into OpenCV's own
+    # operations (saturate_cast). Written whole: where the mask is 0 the blend gives the pixel back exactly
+    # (0 * face + 1 * colour, already whole), and a masked copy cost as much as the blend. A face 1,400 px
+    # wide: 0.75 s in numpy temporaries, now ~0.05 s.
     for r in range(0, mask.shape[0], _BAND_ROWS):
         band = slice(r, r + _BAND_ROWS)
         f, c, m = face[band], colour[band], mask[band]
         if c.ndim == 3:
             m = cv2.merge([m] * c.shape[2])
         f = cv2.multiply(f, m)
-        rest = c.astype(np.float32)
-        cv2.multiply(rest, np.subtract(1.0, m, dtype=np.float32), dst=rest)
-        cv2.add(f, rest, dst=f)
-        np.rint(f, out=f)
-        np.clip(f, 0, hi, out=f)
-        c[...] = f.astype(master.dtype)
+        cv2.add(f, cv2.multiply(c, np.subtract(1.0, m, dtype=np.float32), dtype=cv2.CV_32F), dst=f)
+        c[...] = cv2.add(f, 0.0, dtype=depth)
     return ys, xs, touched

@@ -246,8 +246,29 @@ def test_paste_in_place_is_bit_identical_to_the_plain_blend(layout):
         assert not np.array_equal(ours, master)  # something was pasted
 
 
+def _float_erode(mask, k):
+    return cv2.erode(mask, np.ones((k, k), np.uint8))
+
+
+def test_the_wide_erosion_in_8_bits_is_the_float_erosion_rounded_to_levels():
+    from pipeline.faces import _erode_wide
+
+    for scale, angle in [(0.2, 0.3), (0.3, 0.0), (0.45, -0.5), (1.3, 0.2)]:
+        a = np.array([[scale * np.cos(angle), -scale * np.sin(angle), 0], [scale * np.sin(angle), scale * np.cos(angle), 0]])
+        a[:, 2] = [256, 256] - a[:, :2] @ np.asarray((900, 800), np.float64)
+        inv = cv2.invertAffineTransform(a)
+        mask = cv2.erode(cv2.warpAffine(np.ones((512, 512), np.float32), inv, (1800, 1600)), np.ones((2, 2), np.uint8))
+        for k in (2, 17, 64, 204):
+            exact, ours = _float_erode(mask, k), _erode_wide(mask, k)
+            assert ours.dtype == np.float32 and ours.shape == exact.shape
+            whole = (exact == 0) | (exact == 1)
+            assert whole.mean() > 0.95 and np.array_equal(ours[whole], exact[whole])  # 0 and 1 kept exactly
+            assert np.array_equal(ours, np.rint(exact * 255).astype(np.float32) / 255), (scale, angle, k)
+            assert np.abs(ours - exact).max() <= 1 / 510 + 1e-7
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_a_wide_feather_blurred_at_reduced_resolution_stays_close_to_the_full_blur(monkeypatch, dtype):
+def test_a_wide_feather_blurred_at_reduced_resolution_stays_close_to_facexlibs_mask(monkeypatch, dtype):
     import pipeline.faces as faces
 
     rng = np.random.default_rng(3)
@@ -263,6 +284,7 @@ def test_a_wide_feather_blurred_at_reduced_resolution_stays_close_to_the_full_bl
         _, _, mask, _ = faces.paste_mask(master.shape, a)
         paste_face(ours, face, a)
         monkeypatch.setattr(faces, "_FEATHER_STEP", 10**9)  # facexlib's full-resolution blur
+        monkeypatch.setattr(faces, "_erode_wide", _float_erode)  # and its float32 erosion
         _, _, full, _ = faces.paste_mask(master.shape, a)
         ref = master.copy()
         paste_face(ref, face, a)

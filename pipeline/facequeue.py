@@ -100,7 +100,8 @@ class FaceQueue:
                 token: dict | None = None) -> tuple[object, float, float]:
         """The restoration of these faces (blocks until done), the device thread's seconds on them (their
         share of their chunks': not the time spent waiting behind other calls) and the CPU seconds meanwhile
-        (their share, by ``cpu_clock``); raises what restoring them on their own raised."""
+        (their share, by ``cpu_clock``); raises what restoring them on their own raised, with those two
+        figures as its ``device_s`` and ``cpu_s`` (a failed attempt spent them too)."""
         req = _Request(crops, mats, alone, left=len(crops))
         if not len(crops):
             self.arrived(token)
@@ -120,6 +121,7 @@ class FaceQueue:
         req.done.wait()
         if req.error is not None:
             error, req.error = req.error, None
+            error.device_s, error.cpu_s = req.seconds, req.cpu
             try:
                 raise error
             finally:  # no cycle error -> traceback -> this frame -> error keeping the crops alive

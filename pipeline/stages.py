@@ -411,9 +411,10 @@ class Restore:
 
     def _restore(self, num_rows: int, todo: list[int], spans, cols: dict, last_try: bool = False,
                  token: dict | None = None) -> pa.Array | None:
-        """Restore the faces of rows ``todo``; None if that failed (and, on the ``last_try``, the rows say why)."""
+        """Restore the faces of rows ``todo``; None if that failed (and, on the ``last_try``, the rows say why).
+        The device's time on them counts in their ``restore_s`` and ``cpu_s`` whether it succeeded or not."""
+        counts = [cols["n_faces"][i] for i in todo]
         try:
-            counts = [cols["n_faces"][i] for i in todo]
             crops = _gather_faces(spans)
             faces = [json.loads(cols["faces_json"][i]) for i in todo]
             mats = np.array([f["arcface"] for fs in faces for f in fs["faces"]], np.float32).reshape(-1, 2, 3)
@@ -421,12 +422,13 @@ class Restore:
                 raise ValueError("an alignment matrix is not finite")
             out, seconds, cpu = self.queue.restore(crops, mats, alone=last_try, token=token)
         except Exception as e:
+            self._spent(cols, todo, counts, getattr(e, "device_s", 0.0), getattr(e, "cpu_s", 0.0))
             if last_try:
                 log.exception("restoration failed for %s", cols["image_id"][todo[0]])
                 for i in todo:
                     self._fail(cols, i, f"restoration failed: {type(e).__name__}: {e}")
             return None
-        per_face = seconds / max(1, len(crops))  # the device's time on them, not waits behind other calls
+        self._spent(cols, todo, counts, seconds, cpu)
         qa = self.cfg.qa
         start = 0
         for i, fs, n in zip(todo, faces, counts):
@@ -442,10 +444,18 @@ class Restore:
                     f["action"] = "reverted"
                 f["fp32_fallback"] = bool(fb)
             cols["faces_json"][i] = json.dumps(fs)
-            cols["restore_s"][i] = per_face * n
-            cols["cpu_s"][i] = (cols["cpu_s"][i] or 0.0) + cpu / max(1, len(crops)) * n
             cols["restore_device"][i] = self.device_name
         return _binary_column(out.faces.reshape(-1), todo, [n * FACE_BYTES for n in counts], num_rows)
+
+    @staticmethod
+    def _spent(cols: dict, todo: list[int], counts: list[int], seconds: float, cpu: float) -> None:
+        """Add the device's seconds and the CPU seconds of an attempt on rows ``todo`` to them, by faces: the
+        device's time on their faces, not waits behind other calls; a failed attempt's as well, so that a
+        batch restored again image by image counts both tries."""
+        faces = max(1, sum(counts))
+        for i, n in zip(todo, counts):
+            cols["restore_s"][i] = (cols["restore_s"][i] or 0.0) + seconds / faces * n
+            cols["cpu_s"][i] = (cols["cpu_s"][i] or 0.0) + cpu / faces * n
 
 
 class SigningFailed(Exception):

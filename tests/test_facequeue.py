@@ -165,6 +165,24 @@ def test_a_part_filled_micro_batch_waits_for_an_announced_call(monkeypatch):
     assert device.calls == [4, 2, 2] and time.monotonic() - t0 < 20
 
 
+def test_a_call_that_fails_on_its_own_still_says_what_it_spent():
+    """A call whose faces fail alone (no retry within the queue) raises what failed, with the device thread's
+    seconds and CPU on them: the caller counts a failed attempt too (a lower bound, whatever the machine)."""
+
+    def fail_slowly(crops, mats):
+        time.sleep(0.3)
+        c0 = time.thread_time()
+        while time.thread_time() - c0 < 0.2:
+            pass
+        raise ValueError("a bad face")
+
+    for combine in (True, False):
+        q = FaceQueue(fail_slowly, micro_batch=2, chunk=16, combine=combine, cpu_clock=time.thread_time)
+        with pytest.raises(ValueError, match="a bad face") as e:
+            q.restore(*_req(99, 3), alone=not combine)
+        assert e.value.device_s >= 0.3 and e.value.cpu_s >= 0.2
+
+
 def test_a_failed_chunk_holds_nothing_while_its_calls_are_retried():
     """The failed chunk's frames (in the real restorer: its crops and device tensors) are gone before the
     retries start, without waiting for Python's cycle collector: an out-of-memory would fail them too."""

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -117,6 +118,38 @@ def test_restore_calls_in_flight_together_give_what_each_gives_alone(cfg, detect
 def _restored(table):
     return [None if r["restored"] is None else np.frombuffer(r["restored"], np.uint8).astype(int)
             for r in table.to_pylist()]
+
+
+def test_restore_counts_the_device_time_of_failed_attempts(cfg, detected):
+    """A batch that fails is restored again image by image: each row's restore_s and cpu_s count its share
+    of both tries, and a row that fails on its own still says what its faces cost (lower bounds: each try
+    of the device here takes at least 0.1 s and 0.05 s of CPU)."""
+    from pipeline.facequeue import FaceQueue
+
+    t, pt = detected
+    stage = Restore(cfg, pt)
+    real = stage.restorer.restore
+    tries = []
+
+    def slow(crops, mats):
+        tries.append(len(crops))
+        time.sleep(0.1)
+        c0 = time.thread_time()
+        while time.thread_time() - c0 < 0.05:
+            pass
+        if len(crops) > 4:
+            raise RuntimeError("the batch fails; each image alone does not")
+        if len(crops) == 4:
+            raise RuntimeError("this image fails alone")
+        return real(crops, mats)
+
+    stage.queue = FaceQueue(slow, cfg.restore.micro_batch, 10**6, combine=False, cpu_clock=time.thread_time)
+    rows = stage(t).to_pylist()
+    n = [r["n_faces"] for r in t.to_pylist()]
+    assert n[:2] == [2, 4] and tries == [6, 2, 4]  # the batch, then each image with faces alone
+    assert [r["status"] for r in rows[:2]] == ["ok", "restore_error"]
+    assert rows[0]["restore_s"] >= 0.1 * 2 / 6 + 0.1 and rows[1]["restore_s"] >= 0.1 * 4 / 6 + 0.1
+    assert rows[0]["cpu_s"] >= 0.05 * 2 / 6 + 0.05 and rows[1]["cpu_s"] >= 0.05 * 4 / 6 + 0.05
 
 
 def test_restore_reads_any_arrow_layout_and_passes_the_rest_through(cfg, detected):

@@ -103,7 +103,7 @@ class _Writer:
         if not self.parts:
             return
         uri = storage.join(self.base, f"part-{len(self.written):05d}.parquet")
-        ledger.write_part(pa.concat_tables(self.parts, promote_options="permissive"), uri, self.cfg)
+        ledger.write_part(ledger.concat(self.parts), uri, self.cfg)
         self.written.append(uri)
         self.total += self.rows
         self.parts, self.rows = [], 0
@@ -178,7 +178,7 @@ def compact(output_root: str, cfg: StorageConfig, by: str, delete_history: bool 
             t = resume.names_only(t, output_root)
             index.append(t.append_column("_f", pa.array(np.full(t.num_rows, i, np.int32)))
                           .append_column("_r", pa.array(np.arange(t.num_rows, dtype=np.int64))))
-    rows = pa.concat_tables(index, promote_options="permissive") if index else None
+    rows = ledger.concat(index) if index else None
     kept_at: dict[int, np.ndarray] = {}
     if rows is not None:
         for col in ("detect_fingerprint", "review_id"):  # ledgers of earlier versions lack them

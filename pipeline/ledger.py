@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .config import StorageConfig
 from .errors import StorageError
+from .schema import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,65 @@ def _load(output_root: str, cfg: StorageConfig, columns: list[str] | None, torn:
     log.debug("ledger %s: %d result files, %d torn", output_root, len(files), len(files) - len(tables))
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in (columns or LEDGER_COLUMNS)})
-    return pa.concat_tables(tables, promote_options="permissive")
+    return concat(tables)
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    """Result rows of several files as one table (a column a file lacks reads as nulls). Files of different
+    runs may disagree on a column's type, and one such column must not make the whole ledger unreadable
+    (``status``, reports and folds read whole rows):
+    - a manifest column carried into the results, whose type each run infers from its own manifest (a CSV
+      shelf mark "12" in one, "A12" in the next) becomes text in every file;
+    - a column of ours (``schema.RESULT_SCHEMA``) keeps our type; where a file holds a column of that name of
+      another type, it was the manifest's (carried under our name before a later version made it ours,
+      e.g. ``cpu_s``), and reads as ``manifest_<name>``, the name the manifest's column is carried under
+      today (``manifest._renamed_reserved``)."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    tables = [_ours_typed(t) for t in tables]
+    types: dict[str, list[pa.DataType]] = {}
+    for t in tables:
+        for f in t.schema:
+            types.setdefault(f.name, []).append(f.type)
+    text = {n for n, ts in types.items() if n not in RESULT_SCHEMA.names and not _unify(ts)}
+    if text:
+        log.warning("result files disagree on the type of column(s) %s (manifests of different runs); read as "
+                    "text", ", ".join(sorted(text)))
+    return pa.concat_tables([_as_text(t, text) for t in tables], promote_options="permissive")
+
+
+def _unify(types: list[pa.DataType]) -> bool:
+    try:
+        pa.unify_schemas([pa.schema([("c", t)]) for t in types], promote_options="permissive")
+        return True
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return False
+
+
+def _ours_typed(t: pa.Table) -> pa.Table:
+    """``t`` with each column named like one of ours but not of our type renamed ``manifest_<name>``."""
+    foreign = [f.name for f in t.schema
+               if f.name in RESULT_SCHEMA.names and not _unify([f.type, RESULT_SCHEMA.field(f.name).type])]
+    for name in foreign:
+        if f"manifest_{name}" in t.column_names:
+            raise StorageError(f"a result file holds a column {name!r} of type {t.schema.field(name).type}, not "
+                               f"ours, and a column 'manifest_{name}' as well: rename one of them there")
+    if not foreign:
+        return t
+    return t.rename_columns([f"manifest_{c}" if c in foreign else c for c in t.column_names])
+
+
+def _as_text(t: pa.Table, names: set[str]) -> pa.Table:
+    for name in names & set(t.column_names):
+        col = t[name]
+        try:
+            col = col.cast(pa.string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # nested values: as JSON
+            col = pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+        t = t.set_column(t.schema.get_field_index(name), pa.field(name, pa.string()), col)
+    return t
 
 
 def set_aside(uris: list[str], cfg: StorageConfig) -> list[str]:

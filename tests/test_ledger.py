@@ -78,6 +78,37 @@ def test_older_files_without_a_column_read_as_nulls(tmp_path):
     assert t["run_id"].to_pylist() == [None, "r1"]
 
 
+def test_files_that_disagree_on_a_columns_type_read_as_one_ledger_and_fold(tmp_path, caplog):
+    """A manifest column whose type each run inferred from its own manifest (a shelf mark 12, then "A12"), and
+    an older archive's manifest column named like one of ours that later became ours (``cpu_s`` as text):
+    whole rows of every file still read, and fold, instead of failing the concat."""
+    from pipeline import compaction
+
+    out = str(tmp_path)
+    old = _rows(["a"], run="r0").append_column("shelf", pa.array([12])).append_column("cpu_s", pa.array(["fast"]))
+    new = _rows(["b", "c"], run="r1").append_column("shelf", pa.array(["A12", None])) \
+        .append_column("cpu_s", pa.array([1.5, 2.0])).append_column("tags", pa.array(["x", None]))
+    # a manifest column named like our "faces" (not of its type) and a nested one whose type changed
+    mixed = _rows(["d"], run="r2").append_column("faces", pa.array([["a list of text"]])) \
+        .append_column("tags", pa.array([["y", "z"]]))
+    for t, run in ((old, "r0"), (new, "r1"), (mixed, "r2")):
+        ledger.write_part(t, ledger.part_uri(out, run, t["image_id"].to_pylist()), CFG)
+    with pytest.raises(pa.ArrowTypeError):  # what reading them did before
+        pa.concat_tables([old, new, mixed], promote_options="permissive")
+    with caplog.at_level(logging.WARNING, "pipeline.ledger"):
+        t = ledger.load_results(out, CFG).sort_by("image_id")
+    assert t["image_id"].to_pylist() == ["a", "b", "c", "d"]
+    assert t["shelf"].to_pylist() == ["12", "A12", None, None]
+    assert t.schema.field("cpu_s").type == pa.float64() and t["cpu_s"].to_pylist() == [None, 1.5, 2.0, None]
+    assert t["manifest_cpu_s"].to_pylist() == ["fast", None, None, None]
+    assert t["manifest_faces"].to_pylist() == [None, None, None, ["a list of text"]]
+    assert t["tags"].to_pylist() == [None, "x", None, '["y", "z"]']
+    assert "shelf" in caplog.text and "tags" in caplog.text
+    assert compaction.fold_loose(out, CFG, by="test")["files_after"] == 1
+    again = ledger.load_results(out, CFG).sort_by("image_id")
+    assert again.select(t.column_names).equals(t.select(t.column_names))
+
+
 def _s3_ledger(s3fs_client, endpoint, bucket, n=12):
     s3fs_client.mkdir(bucket)
     cfg = StorageConfig(s3_endpoint_url=endpoint, retries=1)

@@ -32,9 +32,11 @@ files_per_1m=<n>` (overhead and no-op re-run of the largest archive).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -150,11 +152,14 @@ def s3_server(kind: str = "moto", s3rver_bin: str = "s3rver", bucket: str = "sca
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if kind not in S3_SERVERS:
+        raise ValueError(f"unknown S3 server {kind!r}: one of {', '.join(S3_SERVERS)}")
     key = "S3RVER" if kind == "s3rver" else "bench"
     for k, v in (("AWS_ACCESS_KEY_ID", key), ("AWS_SECRET_ACCESS_KEY", key), ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ[k] = v
     if kind == "s3rver":
         data = tempfile.mkdtemp(prefix="s3rver-")
+        atexit.register(shutil.rmtree, data, True)
         # s3rver 3.7 signs its listing's continuation tokens with a cipher that OpenSSL 3 keeps in its legacy
         # provider: without it, listing past 1,000 objects fails.
         env = {**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"}
@@ -170,6 +175,7 @@ def s3_server(kind: str = "moto", s3rver_bin: str = "s3rver", bucket: str = "sca
             time.sleep(0.2)
     else:
         proc.kill()
+        proc.wait(10)
         raise RuntimeError(f"{kind} did not start ({' '.join(cmd)})")
     endpoint = f"http://127.0.0.1:{port}"
     if kind == "moto":

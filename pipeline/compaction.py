@@ -88,12 +88,17 @@ class _Writer:
     def __init__(self, base: str, cfg: StorageConfig):
         self.base, self.cfg = base, cfg
         self.parts: list[pa.Table] = []
+        self.schema: pa.Schema | None = None  # the parts' unified schema
         self.rows = 0
         self.written: list[str] = []
         self.total = 0
 
     def add(self, t: pa.Table) -> None:
         if t.num_rows:
+            if self.parts and not _same_types(self.schema, t.schema):
+                self.flush()  # each file keeps its rows' own types; readers reconcile them (ledger.concat)
+            self.schema = pa.unify_schemas([self.schema, t.schema], promote_options="permissive") \
+                if self.parts else t.schema
             self.parts.append(t)
             self.rows += t.num_rows
             if self.rows >= ROWS_PER_FILE:
@@ -103,10 +108,16 @@ class _Writer:
         if not self.parts:
             return
         uri = storage.join(self.base, f"part-{len(self.written):05d}.parquet")
-        ledger.write_part(ledger.concat(self.parts), uri, self.cfg)
+        ledger.write_part(pa.concat_tables(self.parts, promote_options="permissive"), uri, self.cfg)
         self.written.append(uri)
         self.total += self.rows
         self.parts, self.rows = [], 0
+
+
+def _same_types(a: pa.Schema, b: pa.Schema) -> bool:
+    """Whether rows of schemas ``a`` and ``b`` go in one file as they are (no column needs a conversion that
+    would lose what a file says)."""
+    return all(ledger.unifies((a.field(n).type, b.field(n).type)) for n in set(a.names) & set(b.names))
 
 
 def _read_all(uris: list[str], cfg: StorageConfig, columns: list[str] | None):

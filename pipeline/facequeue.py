@@ -121,8 +121,9 @@ class FaceQueue:
         req.done.wait()
         if req.error is not None:
             error, req.error = req.error, None
-            error.device_s, error.cpu_s = req.seconds, req.cpu
             try:
+                with contextlib.suppress(Exception):  # an exception type that takes no attributes says nothing
+                    error.device_s, error.cpu_s = req.seconds, req.cpu
                 raise error
             finally:  # no cycle error -> traceback -> this frame -> error keeping the crops alive
                 del error, req

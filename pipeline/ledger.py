@@ -28,6 +28,7 @@ Spark, DuckDB) take from ``_results/``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -305,30 +306,40 @@ def _load(output_root: str, cfg: StorageConfig, columns: list[str] | None, torn:
 def concat(tables: list[pa.Table]) -> pa.Table:
     """Result rows of several files as one table (a column a file lacks reads as nulls). Files of different
     runs may disagree on a column's type, and one such column must not make the whole ledger unreadable
-    (``status``, reports and folds read whole rows):
+    (``status``, reports and folds read whole rows). Only columns whose types do not unify are touched:
     - a manifest column carried into the results, whose type each run infers from its own manifest (a CSV
-      shelf mark "12" in one, "A12" in the next) becomes text in every file;
-    - a column of ours (``schema.RESULT_SCHEMA``) keeps our type; where a file holds a column of that name of
-      another type, it was the manifest's (carried under our name before a later version made it ours,
-      e.g. ``cpu_s``), and reads as ``manifest_<name>``, the name the manifest's column is carried under
-      today (``manifest._renamed_reserved``)."""
+      shelf mark "12" in one, "A12" in the next), reads as text from every file;
+    - a column of ours (``schema.RESULT_SCHEMA``) keeps the values that fit our type; a file whose column of
+      that name does not fit held the manifest's (carried under our name before a later version made it
+      ours, e.g. ``cpu_s``), and it reads as ``manifest_<name>``, the name the manifest's column is carried
+      under today (``manifest._renamed_reserved``).
+    Nothing is written back: a fold keeps each file's types (``compaction._Writer``)."""
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         pass
-    tables = [_ours_typed(t) for t in tables]
-    types: dict[str, list[pa.DataType]] = {}
+    types: dict[str, set[pa.DataType]] = {}
     for t in tables:
         for f in t.schema:
-            types.setdefault(f.name, []).append(f.type)
-    text = {n for n, ts in types.items() if n not in RESULT_SCHEMA.names and not _unify(ts)}
+            types.setdefault(f.name, set()).add(f.type)
+    clash = {n for n, ts in types.items() if len(ts) > 1 and not unifies(tuple(ts))}
+    ours = clash & _OURS
+    text = clash - ours
     if text:
         log.warning("result files disagree on the type of column(s) %s (manifests of different runs); read as "
                     "text", ", ".join(sorted(text)))
-    return pa.concat_tables([_as_text(t, text) for t in tables], promote_options="permissive")
+    try:
+        return pa.concat_tables([_conformed(t, ours, text) for t in tables], promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise StorageError(f"result files disagree on column types that cannot be reconciled: {e}") from None
 
 
-def _unify(types: list[pa.DataType]) -> bool:
+_OURS = frozenset(RESULT_SCHEMA.names)
+
+
+@functools.lru_cache(maxsize=4096)
+def unifies(types: tuple[pa.DataType, ...]) -> bool:
+    """Whether columns of these types concatenate (Arrow's permissive promotion)."""
     try:
         pa.unify_schemas([pa.schema([("c", t)]) for t in types], promote_options="permissive")
         return True
@@ -336,28 +347,33 @@ def _unify(types: list[pa.DataType]) -> bool:
         return False
 
 
-def _ours_typed(t: pa.Table) -> pa.Table:
-    """``t`` with each column named like one of ours but not of our type renamed ``manifest_<name>``."""
-    foreign = [f.name for f in t.schema
-               if f.name in RESULT_SCHEMA.names and not _unify([f.type, RESULT_SCHEMA.field(f.name).type])]
+def _plain(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _conformed(t: pa.Table, ours: set[str], text: set[str]) -> pa.Table:
+    """``t`` with the clashing columns ``concat`` describes renamed or read as text."""
+    foreign = [n for n in ours & set(t.column_names)
+               if not unifies((_plain(t.schema.field(n).type), RESULT_SCHEMA.field(n).type))]
     for name in foreign:
         if f"manifest_{name}" in t.column_names:
             raise StorageError(f"a result file holds a column {name!r} of type {t.schema.field(name).type}, not "
                                f"ours, and a column 'manifest_{name}' as well: rename one of them there")
-    if not foreign:
-        return t
-    return t.rename_columns([f"manifest_{c}" if c in foreign else c for c in t.column_names])
-
-
-def _as_text(t: pa.Table, names: set[str]) -> pa.Table:
-    for name in names & set(t.column_names):
+    if foreign:
+        t = t.rename_columns([f"manifest_{c}" if c in foreign else c for c in t.column_names])
+    for name in text & set(t.column_names):
         col = t[name]
         try:
             col = col.cast(pa.string())
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # nested values: as JSON
-            col = pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+            col = pa.array([None if v is None else json.dumps(v, default=_json_default) for v in col.to_pylist()],
+                           pa.string())
         t = t.set_column(t.schema.get_field_index(name), pa.field(name, pa.string()), col)
     return t
+
+
+def _json_default(v):
+    return v.hex() if isinstance(v, bytes) else str(v)
 
 
 def set_aside(uris: list[str], cfg: StorageConfig) -> list[str]:

@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ledger
+from pipeline import ledger, resume
 from pipeline.config import StorageConfig
 from pipeline.errors import StorageError
+from pipeline.schema import RESULT_SCHEMA
 
 CFG = StorageConfig(retries=1)
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -87,7 +88,10 @@ def test_files_that_disagree_on_a_columns_type_read_as_one_ledger_and_fold(tmp_p
     out = str(tmp_path)
     old = _rows(["a"], run="r0").append_column("shelf", pa.array([12])).append_column("cpu_s", pa.array(["fast"]))
     new = _rows(["b", "c"], run="r1").append_column("shelf", pa.array(["A12", None])) \
-        .append_column("cpu_s", pa.array([1.5, 2.0])).append_column("tags", pa.array(["x", None]))
+        .append_column("cpu_s", pa.array([1.5, 2.0], pa.float32())).append_column("tags", pa.array(["x", None])) \
+        .append_column("access_spec", pa.array(["q90", None])) \
+        .append_column("faces", pa.array([[], None], RESULT_SCHEMA.field("faces").type))
+    old = old.append_column("access_spec", pa.array([7]))  # the manifest's, before access_spec was ours
     # a manifest column named like our "faces" (not of its type) and a nested one whose type changed
     mixed = _rows(["d"], run="r2").append_column("faces", pa.array([["a list of text"]])) \
         .append_column("tags", pa.array([["y", "z"]]))
@@ -99,12 +103,22 @@ def test_files_that_disagree_on_a_columns_type_read_as_one_ledger_and_fold(tmp_p
         t = ledger.load_results(out, CFG).sort_by("image_id")
     assert t["image_id"].to_pylist() == ["a", "b", "c", "d"]
     assert t["shelf"].to_pylist() == ["12", "A12", None, None]
-    assert t.schema.field("cpu_s").type == pa.float64() and t["cpu_s"].to_pylist() == [None, 1.5, 2.0, None]
+    assert t.schema.field("cpu_s").type == pa.float32() and t["cpu_s"].to_pylist() == [None, 1.5, 2.0, None]
+    assert t["access_spec"].to_pylist() == [None, "q90", None, None] and t["manifest_access_spec"][0].as_py() == 7
     assert t["manifest_cpu_s"].to_pylist() == ["fast", None, None, None]
     assert t["manifest_faces"].to_pylist() == [None, None, None, ["a list of text"]]
+    assert t["faces"].to_pylist() == [None, [], None, None]
     assert t["tags"].to_pylist() == [None, "x", None, '["y", "z"]']
     assert "shelf" in caplog.text and "tags" in caplog.text
-    assert compaction.fold_loose(out, CFG, by="test")["files_after"] == 1
+    # planning's read (status and fingerprint dictionary-encoded per file) keeps our columns as ours
+    plan = resume.load_for_planning(out, CFG).sort_by("image_id")
+    assert plan["status"].to_pylist() == ["ok"] * 4 and plan["access_spec"].to_pylist() == [None, "q90", None, None]
+    # a fold keeps each file's own types (no lossy conversion written back): files that do not concatenate
+    # as they are go to different files, and the ledger reads the same afterwards
+    assert compaction.fold_loose(out, CFG, by="test")["files_after"] == 3
+    folded = [pq.read_schema(p) for p in sorted(tmp_path.glob("_results/fold=*/*.parquet"))]
+    assert [s.field("shelf").type for s in folded[:2]] == [pa.int64(), pa.string()]
+    assert folded[0].field("cpu_s").type == pa.string() and folded[2].field("tags").type == pa.list_(pa.string())
     again = ledger.load_results(out, CFG).sort_by("image_id")
     assert again.select(t.column_names).equals(t.select(t.column_names))
 

@@ -39,16 +39,19 @@ def crop_preview(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) 
     """``box`` of ``pixels`` (any depth and channels) as 8-bit BGR whose long side is at most ``size``."""
     x0, y0, x1, y1 = box
     h, w = y1 - y0, x1 - x0
-    # A preview: a crop many times the preview's size is first sampled every `step` pixels, at the centre
-    # of each step x step cell (>= 4 samples per preview pixel each way remain, averaged by INTER_AREA);
-    # that cuts the resize's cost by step^2.
-    step = max(1, max(h, w) // (4 * size))
-    oy, ox = min(step // 2, h - 1), min(step // 2, w - 1)  # a crop thinner than a cell keeps its pixels
-    px = imageio.to_bgr8(pixels[y0 + oy:y1:step, x0 + ox:x1:step])
-    if max(h, w) > size:  # only ever downscaled: the page scales small faces up itself
-        f = size / max(h, w)
-        px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-    return px
+    region = pixels[y0:y1, x0:x1]  # whole rows: OpenCV takes the view as it is, without a copy
+    if max(h, w) <= size:  # only ever downscaled: the page scales small faces up itself
+        return imageio.to_bgr8(region)
+    f = size / max(h, w)
+    out = (max(1, round(w * f)), max(1, round(h * f)))
+    # A preview: a crop at least 8x the preview's size each way is first sampled at the cell centres of a
+    # grid 4x the preview's (INTER_NEAREST_EXACT: one gather in C rather than a strided numpy copy), whose
+    # 4x4 samples per preview pixel INTER_AREA then averages on its whole-factor path. A 2,800 px crop to
+    # 256 px: 14.7 -> ~2 ms.
+    grid = (4 * out[0], 4 * out[1])
+    if w >= 2 * grid[0] and h >= 2 * grid[1]:
+        region = cv2.resize(region, grid, interpolation=cv2.INTER_NEAREST_EXACT)
+    return cv2.resize(imageio.to_bgr8(region), out, interpolation=cv2.INTER_AREA)
 
 
 def crop_jpeg(pixels: np.ndarray, box: tuple[int, int, int, int], size: int, quality: int) -> bytes:

@@ -95,10 +95,15 @@ class _Writer:
 
     def add(self, t: pa.Table) -> None:
         if t.num_rows:
-            if self.parts and not _same_types(self.schema, t.schema):
+            merged = None
+            if self.parts and _same_types(self.schema, t.schema):
+                try:
+                    merged = pa.unify_schemas([self.schema, t.schema], promote_options="permissive")
+                except (pa.ArrowTypeError, pa.ArrowInvalid):
+                    pass
+            if merged is None:
                 self.flush()  # each file keeps its rows' own types; readers reconcile them (ledger.concat)
-            self.schema = pa.unify_schemas([self.schema, t.schema], promote_options="permissive") \
-                if self.parts else t.schema
+            self.schema = merged or t.schema
             self.parts.append(t)
             self.rows += t.num_rows
             if self.rows >= ROWS_PER_FILE:
@@ -115,9 +120,10 @@ class _Writer:
 
 
 def _same_types(a: pa.Schema, b: pa.Schema) -> bool:
-    """Whether rows of schemas ``a`` and ``b`` go in one file as they are (no column needs a conversion that
-    would lose what a file says)."""
-    return all(ledger.unifies((a.field(n).type, b.field(n).type)) for n in set(a.names) & set(b.names))
+    """Whether rows of schemas ``a`` and ``b`` go in one file as they are: every column they share holds
+    values of one kind (``ledger.kind``: no integer turned float, nothing turned text), or nulls only."""
+    return all(pa.types.is_null(a.field(n).type) or pa.types.is_null(b.field(n).type)
+               or ledger.kind(a.field(n).type) == ledger.kind(b.field(n).type) for n in set(a.names) & set(b.names))
 
 
 def _read_all(uris: list[str], cfg: StorageConfig, columns: list[str] | None):

@@ -148,8 +148,9 @@ class DeviceFaces:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if int(cv2.__version__.split(".")[0]) < 5:  # pyproject asks for 5; an environment may hold 4.x anyway
             log.warning("OpenCV %s: crops aligned on the device follow OpenCV 5's warpAffine, and differ from "
-                        "those aligned on the CPU here by up to 4 levels (OpenCV 4's fixed-point warp); install "
-                        "opencv-python-headless>=5 for the two paths to agree", cv2.__version__)
+                        "those aligned on the CPU here by up to 4 levels (OpenCV 4's fixed-point warp). Both "
+                        "opencv-python and opencv-python-headless install cv2 (see `pip list | grep opencv`): "
+                        "upgrade both to >=5 for the two paths to agree", cv2.__version__)
         try:
             from torchvision.io import ImageReadMode, decode_jpeg  # deprecated since 0.29 (TorchCodec's successor)
 

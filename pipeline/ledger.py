@@ -191,7 +191,12 @@ def _read_columns(path: str | pa.Buffer, fs, columns: list[str] | None) -> pa.Ta
     if columns is not None:
         present = set(f.schema_arrow.names)
         columns = [c for c in columns if c in present]
-    return f.read(columns=columns, use_threads=not small)
+    t = f.read(columns=columns, use_threads=not small)
+    if _foreign(t.schema):
+        t = ours_typed(t)
+        if columns is not None:  # what was renamed away is not what was asked for
+            t = t.select([c for c in t.column_names if c in columns])
+    return t
 
 
 def is_torn(uri: str, cfg: StorageConfig) -> bool:
@@ -304,32 +309,29 @@ def _load(output_root: str, cfg: StorageConfig, columns: list[str] | None, torn:
 
 
 def concat(tables: list[pa.Table]) -> pa.Table:
-    """Result rows of several files as one table (a column a file lacks reads as nulls). Files of different
-    runs may disagree on a column's type, and one such column must not make the whole ledger unreadable
-    (``status``, reports and folds read whole rows). Only columns whose types do not unify are touched:
-    - a manifest column carried into the results, whose type each run infers from its own manifest (a CSV
-      shelf mark "12" in one, "A12" in the next), reads as text from every file;
-    - a column of ours (``schema.RESULT_SCHEMA``) keeps the values that fit our type; a file whose column of
-      that name does not fit held the manifest's (carried under our name before a later version made it
-      ours, e.g. ``cpu_s``), and it reads as ``manifest_<name>``, the name the manifest's column is carried
-      under today (``manifest._renamed_reserved``).
-    Nothing is written back: a fold keeps each file's types (``compaction._Writer``)."""
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        pass
-    types: dict[str, set[pa.DataType]] = {}
+    """Result rows of several files (each through ``ours_typed``) as one table; a column a file lacks reads
+    as nulls. Runs infer a manifest column's type from their own manifest (a CSV shelf mark 12 in one, "A12"
+    or 12.5 in the next), and one such column must not make the whole ledger unreadable (``status``,
+    reports and folds read whole rows), nor be rounded: a column whose files hold values of different kinds
+    (``kind``) reads as text from every file. Nothing is written back: a fold keeps each file's types
+    (``compaction._Writer``)."""
+    kinds: dict[str, set] = {}
+    types: dict[str, set] = {}
     for t in tables:
         for f in t.schema:
-            types.setdefault(f.name, set()).add(f.type)
-    clash = {n for n, ts in types.items() if len(ts) > 1 and not unifies(tuple(ts))}
-    ours = clash & _OURS
-    text = clash - ours
+            if not pa.types.is_null(f.type):
+                kinds.setdefault(f.name, set()).add(kind(f.type))
+                types.setdefault(f.name, set()).add(f.type)
+    text = {n for n, k in kinds.items() if len(k) > 1} - _OURS
     if text:
         log.warning("result files disagree on the type of column(s) %s (manifests of different runs); read as "
                     "text", ", ".join(sorted(text)))
+    # ours in several spellings (dictionary-encoded or not, a time zone named "+00:00", wider integers): ours
+    recast = {n for n, ts in types.items() if len(ts) > 1 and n in _OURS and n != "faces"}
+    if text or recast:
+        tables = [_as_text(_as_ours(t, recast), text) for t in tables]
     try:
-        return pa.concat_tables([_conformed(t, ours, text) for t in tables], promote_options="permissive")
+        return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
         raise StorageError(f"result files disagree on column types that cannot be reconciled: {e}") from None
 
@@ -338,34 +340,78 @@ _OURS = frozenset(RESULT_SCHEMA.names)
 
 
 @functools.lru_cache(maxsize=4096)
-def unifies(types: tuple[pa.DataType, ...]) -> bool:
-    """Whether columns of these types concatenate (Arrow's permissive promotion)."""
-    try:
-        pa.unify_schemas([pa.schema([("c", t)]) for t in types], promote_options="permissive")
-        return True
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        return False
+def kind(t: pa.DataType):
+    """What a column's values are, such that columns of one kind concatenate without loss (Arrow's
+    permissive promotion): dictionary-encoded and plain, string and large_string, signed integers of any
+    width, floats of any width, timestamps of any unit in one zone, and the ``faces`` lists of every
+    version (their structs gained fields) are one kind each; an integer beside a float is not."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_signed_integer(t):
+        return "int"
+    if pa.types.is_unsigned_integer(t):
+        return "uint"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_timestamp(t):
+        return "timestamp", _utc(t.tz)
+    if pa.types.is_list(t) and pa.types.is_struct(t.value_type):
+        return "list<struct>"
+    return t
 
 
-def _plain(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
+def _family(t: pa.DataType):
+    """``kind``, coarser: what tells a column of ours from a manifest's of the same name (any integer for
+    an integer of ours, any timestamp for a time)."""
+    k = kind(t)
+    return "int" if k == "uint" else "timestamp" if isinstance(k, tuple) else k
 
 
-def _conformed(t: pa.Table, ours: set[str], text: set[str]) -> pa.Table:
-    """``t`` with the clashing columns ``concat`` describes renamed or read as text."""
-    foreign = [n for n in ours & set(t.column_names)
-               if not unifies((_plain(t.schema.field(n).type), RESULT_SCHEMA.field(n).type))]
+def _utc(tz: str | None) -> str | None:
+    return "UTC" if tz in ("UTC", "utc", "Etc/UTC", "Z", "+00:00", "00:00") else tz
+
+
+def ours_typed(t: pa.Table) -> pa.Table:
+    """``t`` with each column named like one of ours (``schema.RESULT_SCHEMA``) whose values are not of our
+    kind renamed ``manifest_<name>``: a manifest's column carried under our name before a later version made
+    the name ours (``cpu_s``, ``access_spec``), which the manifest's column is carried as today
+    (``manifest._renamed_reserved``). Our writers always write our types, and none of them changed."""
+    foreign = _foreign(t.schema)
+    if not foreign:
+        return t
+    names = list(t.column_names)
     for name in foreign:
-        if f"manifest_{name}" in t.column_names:
-            raise StorageError(f"a result file holds a column {name!r} of type {t.schema.field(name).type}, not "
-                               f"ours, and a column 'manifest_{name}' as well: rename one of them there")
-    if foreign:
-        t = t.rename_columns([f"manifest_{c}" if c in foreign else c for c in t.column_names])
-    for name in text & set(t.column_names):
+        new, n = f"manifest_{name}", 1
+        while new in names:  # that name taken in this file as well
+            new, n = f"manifest_{name}_{n}", n + 1
+        names[names.index(name)] = new
+    return t.rename_columns(names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _foreign(schema: pa.Schema) -> tuple[str, ...]:
+    return tuple(f.name for f in schema if f.name in _OURS and not pa.types.is_null(f.type)
+                 and _family(f.type) != _family(RESULT_SCHEMA.field(f.name).type))
+
+
+def _as_ours(t: pa.Table, names: set[str]) -> pa.Table:
+    for name in names & set(t.column_names):
+        field = RESULT_SCHEMA.field(name)
+        if t.schema.field(name).type != field.type:
+            try:
+                t = t.set_column(t.schema.get_field_index(name), field, t[name].cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # would lose values: Arrow's promotion then
+                pass
+    return t
+
+
+def _as_text(t: pa.Table, names: set[str]) -> pa.Table:
+    for name in names & set(t.column_names):
         col = t[name]
         try:
             col = col.cast(pa.string())
-        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # nested values: as JSON
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # nested or binary values: as JSON
             col = pa.array([None if v is None else json.dumps(v, default=_json_default) for v in col.to_pylist()],
                            pa.string())
         t = t.set_column(t.schema.get_field_index(name), pa.field(name, pa.string()), col)

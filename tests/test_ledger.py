@@ -80,45 +80,60 @@ def test_older_files_without_a_column_read_as_nulls(tmp_path):
 
 
 def test_files_that_disagree_on_a_columns_type_read_as_one_ledger_and_fold(tmp_path, caplog):
-    """A manifest column whose type each run inferred from its own manifest (a shelf mark 12, then "A12"), and
-    an older archive's manifest column named like one of ours that later became ours (``cpu_s`` as text):
-    whole rows of every file still read, and fold, instead of failing the concat."""
+    """A manifest column whose type each run inferred from its own manifest (a shelf mark 12, then "A12"; a
+    64-bit number, then a float), and an older archive's manifest columns named like ones of ours that later
+    became ours (``cpu_s``, ``access_spec``): whole rows of every file still read, nothing rounded, and
+    they fold without a conversion written back, instead of failing the concat."""
     from pipeline import compaction
 
     out = str(tmp_path)
-    old = _rows(["a"], run="r0").append_column("shelf", pa.array([12])).append_column("cpu_s", pa.array(["fast"]))
+    big = 2**53 + 1  # not a float64
+    # an older archive: the manifest's cpu_s and access_spec under what are now our names
+    old = _rows(["a"], run="r0").append_column("shelf", pa.array([12])).append_column("cpu_s", pa.array(["fast"])) \
+        .append_column("access_spec", pa.array([7])).append_column("acc", pa.array([big]))
     new = _rows(["b", "c"], run="r1").append_column("shelf", pa.array(["A12", None])) \
         .append_column("cpu_s", pa.array([1.5, 2.0], pa.float32())).append_column("tags", pa.array(["x", None])) \
         .append_column("access_spec", pa.array(["q90", None])) \
-        .append_column("faces", pa.array([[], None], RESULT_SCHEMA.field("faces").type))
-    old = old.append_column("access_spec", pa.array([7]))  # the manifest's, before access_spec was ours
-    # a manifest column named like our "faces" (not of its type) and a nested one whose type changed
+        .append_column("manifest_access_spec", pa.array(["7a", None])) \
+        .append_column("faces", pa.array([[], None], RESULT_SCHEMA.field("faces").type)) \
+        .append_column("acc", pa.array([1.5, None]))
+    # a manifest column named like our "faces" (not of its kind) and a nested one whose type changed
     mixed = _rows(["d"], run="r2").append_column("faces", pa.array([["a list of text"]])) \
         .append_column("tags", pa.array([["y", "z"]]))
+    uris = []
     for t, run in ((old, "r0"), (new, "r1"), (mixed, "r2")):
-        ledger.write_part(t, ledger.part_uri(out, run, t["image_id"].to_pylist()), CFG)
+        uris.append(ledger.part_uri(out, run, t["image_id"].to_pylist()))
+        ledger.write_part(t, uris[-1], CFG)
     with pytest.raises(pa.ArrowTypeError):  # what reading them did before
         pa.concat_tables([old, new, mixed], promote_options="permissive")
     with caplog.at_level(logging.WARNING, "pipeline.ledger"):
         t = ledger.load_results(out, CFG).sort_by("image_id")
     assert t["image_id"].to_pylist() == ["a", "b", "c", "d"]
     assert t["shelf"].to_pylist() == ["12", "A12", None, None]
+    assert t["acc"].to_pylist() == [str(big), "1.5", None, None]  # text, not rounded through a float
     assert t.schema.field("cpu_s").type == pa.float32() and t["cpu_s"].to_pylist() == [None, 1.5, 2.0, None]
-    assert t["access_spec"].to_pylist() == [None, "q90", None, None] and t["manifest_access_spec"][0].as_py() == 7
     assert t["manifest_cpu_s"].to_pylist() == ["fast", None, None, None]
+    assert t["access_spec"].to_pylist() == [None, "q90", None, None]
+    assert t["manifest_access_spec"].to_pylist() == ["7", "7a", None, None]  # renamed, then text with today's
     assert t["manifest_faces"].to_pylist() == [None, None, None, ["a list of text"]]
     assert t["faces"].to_pylist() == [None, [], None, None]
     assert t["tags"].to_pylist() == [None, "x", None, '["y", "z"]']
     assert "shelf" in caplog.text and "tags" in caplog.text
+    # a file of ours is told from the manifest's by its own columns, whatever else is read with it
+    alone = ledger.load_results(out, CFG, files=[uris[0]])
+    assert "cpu_s" not in alone.column_names and alone["manifest_cpu_s"].to_pylist() == ["fast"]
+    picked = ledger.load_results(out, CFG, columns=["image_id", "cpu_s"]).sort_by("image_id")
+    assert picked.column_names == ["image_id", "cpu_s"] and picked["cpu_s"].to_pylist() == [None, 1.5, 2.0, None]
     # planning's read (status and fingerprint dictionary-encoded per file) keeps our columns as ours
     plan = resume.load_for_planning(out, CFG).sort_by("image_id")
     assert plan["status"].to_pylist() == ["ok"] * 4 and plan["access_spec"].to_pylist() == [None, "q90", None, None]
-    # a fold keeps each file's own types (no lossy conversion written back): files that do not concatenate
-    # as they are go to different files, and the ledger reads the same afterwards
+    # a fold writes no conversion back: rows whose columns are not of one kind go to different files, and
+    # the ledger reads the same afterwards
     assert compaction.fold_loose(out, CFG, by="test")["files_after"] == 3
     folded = [pq.read_schema(p) for p in sorted(tmp_path.glob("_results/fold=*/*.parquet"))]
     assert [s.field("shelf").type for s in folded[:2]] == [pa.int64(), pa.string()]
-    assert folded[0].field("cpu_s").type == pa.string() and folded[2].field("tags").type == pa.list_(pa.string())
+    assert [s.field("acc").type for s in folded[:2]] == [pa.int64(), pa.float64()]
+    assert folded[0].field("manifest_cpu_s").type == pa.string() and folded[2].field("tags").type == pa.list_(pa.string())
     again = ledger.load_results(out, CFG).sort_by("image_id")
     assert again.select(t.column_names).equals(t.select(t.column_names))
 

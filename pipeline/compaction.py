@@ -103,7 +103,7 @@ class _Writer:
                     pass
             if merged is None:
                 self.flush()  # each file keeps its rows' own types; readers reconcile them (ledger.concat)
-            self.schema = merged or t.schema
+            self.schema = t.schema if merged is None else merged
             self.parts.append(t)
             self.rows += t.num_rows
             if self.rows >= ROWS_PER_FILE:

@@ -315,6 +315,11 @@ def concat(tables: list[pa.Table]) -> pa.Table:
     reports and folds read whole rows), nor be rounded: a column whose files hold values of different kinds
     (``kind``) reads as text from every file. Nothing is written back: a fold keeps each file's types
     (``compaction._Writer``)."""
+    try:  # the usual case, in C++: every file spells every column alike (or it is null in some)
+        pa.unify_schemas([t.schema for t in tables])
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
     kinds: dict[str, set] = {}
     types: dict[str, set] = {}
     for t in tables:
@@ -322,18 +327,33 @@ def concat(tables: list[pa.Table]) -> pa.Table:
             if not pa.types.is_null(f.type):
                 kinds.setdefault(f.name, set()).add(kind(f.type))
                 types.setdefault(f.name, set()).add(f.type)
-    text = {n for n, k in kinds.items() if len(k) > 1} - _OURS
+    # not of one kind, or of one kind Arrow will not merge (a dictionary beside plain text, time zones
+    # spelled differently): a manifest's column reads as text, one of ours as our type
+    clash = {n for n, ts in types.items() if len(ts) > 1 and (len(kinds[n]) > 1 or not unifies(tuple(ts)))}
+    text = {n for n in clash if len(kinds[n]) > 1} - _OURS
     if text:
         log.warning("result files disagree on the type of column(s) %s (manifests of different runs); read as "
                     "text", ", ".join(sorted(text)))
-    # ours in several spellings (dictionary-encoded or not, a time zone named "+00:00", wider integers): ours
-    recast = {n for n, ts in types.items() if len(ts) > 1 and n in _OURS and n != "faces"}
-    if text or recast:
-        tables = [_as_text(_as_ours(t, recast), text) for t in tables]
+    tables = [_as_text(_plainly(_as_ours(t, clash & _OURS), clash - _OURS - text), text) for t in tables]
     try:
         return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    rest = {n for n, ts in types.items() if len(ts) > 1} - _OURS - text  # a last resort: all of those as text
+    try:
+        return pa.concat_tables([_as_text(t, rest) for t in tables], promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
         raise StorageError(f"result files disagree on column types that cannot be reconciled: {e}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def unifies(types: tuple[pa.DataType, ...]) -> bool:
+    """Whether Arrow's permissive promotion merges columns of these types."""
+    try:
+        pa.unify_schemas([pa.schema([("c", t)]) for t in types], promote_options="permissive")
+        return True
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return False
 
 
 _OURS = frozenset(RESULT_SCHEMA.names)
@@ -349,15 +369,15 @@ def kind(t: pa.DataType):
     if pa.types.is_large_string(t):
         return pa.string()
     if pa.types.is_signed_integer(t):
-        return "int"
+        return ("int",)
     if pa.types.is_unsigned_integer(t):
-        return "uint"
+        return ("uint",)
     if pa.types.is_floating(t):
-        return "float"
+        return ("float",)
     if pa.types.is_timestamp(t):
         return "timestamp", _utc(t.tz)
     if pa.types.is_list(t) and pa.types.is_struct(t.value_type):
-        return "list<struct>"
+        return ("list<struct>",)
     return t
 
 
@@ -365,7 +385,7 @@ def _family(t: pa.DataType):
     """``kind``, coarser: what tells a column of ours from a manifest's of the same name (any integer for
     an integer of ours, any timestamp for a time)."""
     k = kind(t)
-    return "int" if k == "uint" else "timestamp" if isinstance(k, tuple) else k
+    return ("int",) if k == ("uint",) else ("timestamp",) if isinstance(k, tuple) and k[0] == "timestamp" else k
 
 
 def _utc(tz: str | None) -> str | None:
@@ -389,10 +409,11 @@ def ours_typed(t: pa.Table) -> pa.Table:
     return t.rename_columns(names)
 
 
-@functools.lru_cache(maxsize=1024)
 def _foreign(schema: pa.Schema) -> tuple[str, ...]:
-    return tuple(f.name for f in schema if f.name in _OURS and not pa.types.is_null(f.type)
-                 and _family(f.type) != _family(RESULT_SCHEMA.field(f.name).type))
+    """Columns named like ours whose values are not of our family (the types compared first: ours are
+    always written with our own types)."""
+    return tuple(f.name for f in schema if f.name in _OURS and f.type != RESULT_SCHEMA.field(f.name).type
+                 and not pa.types.is_null(f.type) and _family(f.type) != _family(RESULT_SCHEMA.field(f.name).type))
 
 
 def _as_ours(t: pa.Table, names: set[str]) -> pa.Table:
@@ -403,6 +424,20 @@ def _as_ours(t: pa.Table, names: set[str]) -> pa.Table:
                 t = t.set_column(t.schema.get_field_index(name), field, t[name].cast(field.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # would lose values: Arrow's promotion then
                 pass
+    return t
+
+
+def _plainly(t: pa.Table, names: set[str]) -> pa.Table:
+    """Columns of one kind in spellings Arrow will not merge, spelled alike: dictionaries decoded, a UTC
+    time zone named "UTC"."""
+    for name in names & set(t.column_names):
+        typ = t.schema.field(name).type
+        if pa.types.is_dictionary(typ):
+            typ = typ.value_type
+        if pa.types.is_timestamp(typ) and _utc(typ.tz) == "UTC":
+            typ = pa.timestamp(typ.unit, tz="UTC")
+        if typ != t.schema.field(name).type:
+            t = t.set_column(t.schema.get_field_index(name), name, t[name].cast(typ))
     return t
 
 

@@ -138,6 +138,43 @@ def test_files_that_disagree_on_a_columns_type_read_as_one_ledger_and_fold(tmp_p
     assert again.select(t.column_names).equals(t.select(t.column_names))
 
 
+def test_columns_of_one_kind_in_other_spellings_read_and_fold_without_loss(tmp_path):
+    """A partition column read dictionary-encoded in one run and as text in the next, a time in two zone
+    spellings, integers of two widths: one kind each, read whole; a fold merges integers of two widths but
+    never an integer with a float."""
+    from pipeline import compaction
+
+    out = str(tmp_path)
+    utc = dt.timezone.utc
+    tables = [
+        _rows(["a"], run="r0").append_column("collection", pa.array(["A"]).dictionary_encode())
+        .append_column("seen", pa.array([T0], pa.timestamp("ms", tz="+00:00"))).append_column("n", pa.array([1], pa.int32())),
+        _rows(["b"], run="r1").append_column("collection", pa.array(["B"]))
+        .append_column("seen", pa.array([T0], pa.timestamp("ms", tz="UTC"))).append_column("n", pa.array([2**40])),
+        _rows(["c"], run="r2").append_column("n", pa.array([2.5])),
+    ]
+    for t in tables:
+        run = t["run_id"][0].as_py()
+        ledger.write_part(t, ledger.part_uri(out, run, t["image_id"].to_pylist()), CFG)
+    with pytest.raises(pa.ArrowTypeError):  # what reading them did before
+        pa.concat_tables(tables, promote_options="permissive")
+    t = ledger.load_results(out, CFG).sort_by("image_id")
+    assert t["collection"].to_pylist() == ["A", "B", None]
+    assert [v.astimezone(utc) if v else v for v in t["seen"].to_pylist()] == [T0, T0, None]
+    assert t["n"].to_pylist() == ["1", str(2**40), "2.5"]  # an integer beside a float: text, not rounded
+    assert compaction.fold_loose(out, CFG, by="test")["files_after"] == 3  # none merges as it is
+    assert ledger.load_results(out, CFG).sort_by("image_id").equals(t)
+    # a fold merges integers of two widths (one kind), never an integer with a float
+    out2 = tmp_path / "widths"
+    for run, n in (("r0", pa.array([1], pa.int32())), ("r1", pa.array([2**40])), ("r2", pa.array([2.5]))):
+        ledger.write_part(_rows([run], run=run).append_column("n", n), ledger.part_uri(str(out2), run, [run]), CFG)
+    before = ledger.load_results(str(out2), CFG).sort_by("image_id")
+    assert compaction.fold_loose(str(out2), CFG, by="test")["files_after"] == 2
+    folded = [pq.read_schema(p) for p in sorted(out2.glob("_results/fold=*/*.parquet"))]
+    assert [s.field("n").type for s in folded] == [pa.int64(), pa.float64()]
+    assert ledger.load_results(str(out2), CFG).sort_by("image_id").equals(before)
+
+
 def _s3_ledger(s3fs_client, endpoint, bucket, n=12):
     s3fs_client.mkdir(bucket)
     cfg = StorageConfig(s3_endpoint_url=endpoint, retries=1)

@@ -192,11 +192,10 @@ def _read_columns(path: str | pa.Buffer, fs, columns: list[str] | None) -> pa.Ta
         present = set(f.schema_arrow.names)
         columns = [c for c in columns if c in present]
     t = f.read(columns=columns, use_threads=not small)
-    if _foreign(t.schema):
-        t = ours_typed(t)
-        if columns is not None:  # what was renamed away is not what was asked for
-            t = t.select([c for c in t.column_names if c in columns])
-    return t
+    renamed = _ours_typed(t)
+    if renamed is not t and columns is not None:  # what was renamed away is not what was asked for
+        return renamed.select([c for c in renamed.column_names if c in columns])
+    return renamed
 
 
 def is_torn(uri: str, cfg: StorageConfig) -> bool:
@@ -309,7 +308,7 @@ def _load(output_root: str, cfg: StorageConfig, columns: list[str] | None, torn:
 
 
 def concat(tables: list[pa.Table]) -> pa.Table:
-    """Result rows of several files (each through ``ours_typed``) as one table; a column a file lacks reads
+    """Result rows of several files (each through ``_ours_typed``) as one table; a column a file lacks reads
     as nulls. Runs infer a manifest column's type from their own manifest (a CSV shelf mark 12 in one, "A12"
     or 12.5 in the next), and one such column must not make the whole ledger unreadable (``status``,
     reports and folds read whole rows), nor be rounded: a column whose files hold values of different kinds
@@ -329,7 +328,7 @@ def concat(tables: list[pa.Table]) -> pa.Table:
                 types.setdefault(f.name, set()).add(f.type)
     # not of one kind, or of one kind Arrow will not merge (a dictionary beside plain text, time zones
     # spelled differently): a manifest's column reads as text, one of ours as our type
-    clash = {n for n, ts in types.items() if len(ts) > 1 and (len(kinds[n]) > 1 or not unifies(tuple(ts)))}
+    clash = {n for n, ts in types.items() if len(ts) > 1 and (len(kinds[n]) > 1 or not _unifies(tuple(ts)))}
     text = {n for n in clash if len(kinds[n]) > 1} - _OURS
     if text:
         log.warning("result files disagree on the type of column(s) %s (manifests of different runs); read as "
@@ -347,7 +346,7 @@ def concat(tables: list[pa.Table]) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=4096)
-def unifies(types: tuple[pa.DataType, ...]) -> bool:
+def _unifies(types: tuple[pa.DataType, ...]) -> bool:
     """Whether Arrow's permissive promotion merges columns of these types."""
     try:
         pa.unify_schemas([pa.schema([("c", t)]) for t in types], promote_options="permissive")
@@ -392,7 +391,7 @@ def _utc(tz: str | None) -> str | None:
     return "UTC" if tz in ("UTC", "utc", "Etc/UTC", "Z", "+00:00", "00:00") else tz
 
 
-def ours_typed(t: pa.Table) -> pa.Table:
+def _ours_typed(t: pa.Table) -> pa.Table:
     """``t`` with each column named like one of ours (``schema.RESULT_SCHEMA``) whose values are not of our
     kind renamed ``manifest_<name>``: a manifest's column carried under our name before a later version made
     the name ours (``cpu_s``, ``access_spec``), which the manifest's column is carried as today

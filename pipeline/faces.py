@@ -208,7 +208,11 @@ def paste_mask(shape: tuple[int, ...], affine: np.ndarray) -> tuple[slice, slice
     coordinates. The region is empty when the crop falls outside the image."""
     h, w = shape[:2]
     inv = cv2.invertAffineTransform(affine)
-    corners = np.array([[0, 0, 1], [FACE_SIZE, 0, 1], [0, FACE_SIZE, 1], [FACE_SIZE, FACE_SIZE, 1]], np.float64)
+    # The footprint: the bilinear warp of the crop's 512 ones reaches one crop pixel beyond them (-1 to 512,
+    # ramping to 0), which is several image pixels when a face is enlarged; the region holds all of it, or
+    # the erosions below would not see the zeros around it and leave the mask wider than facexlib's.
+    lo, hi = -1, FACE_SIZE
+    corners = np.array([[lo, lo, 1], [hi, lo, 1], [lo, hi, 1], [hi, hi, 1]], np.float64)
     pts = corners @ inv.T
     x0, y0 = np.floor(pts.min(0)).astype(int) - 2
     x1, y1 = np.ceil(pts.max(0)).astype(int) + 3

@@ -209,18 +209,19 @@ def test_folding_batch_norms_keeps_the_networks_outputs(name):
 
 
 def _paste_reference(master, face_bgr, affine, luminance_only=False):
-    """paste_face as it was written before it blended in place: the plain expression, for bit-identity."""
-    from pipeline.faces import _face_to_master, _luminance_only, paste_mask
+    """paste_face's blend as the plain expression, in float64 and in one piece (no bands, no OpenCV)."""
+    from pipeline.faces import _luminance_only, _warped_face, paste_mask
 
     ys, xs, mask, roi_inv = paste_mask(master.shape, affine)
-    face = cv2.warpAffine(_face_to_master(face_bgr, master), roi_inv, mask.shape[::-1])
+    face = _warped_face(face_bgr, master, roi_inv, mask.shape[::-1]).astype(np.float32)
     region = master[ys, xs]
     colour = region if region.ndim == 2 else region[:, :, :3]
     m = mask if colour.ndim == 2 else mask[:, :, None]
     hi = 65535 if master.dtype == np.uint16 else 255
     if luminance_only and colour.ndim == 3:
         face = _luminance_only(face, colour, float(hi))
-    out = np.clip(np.rint(m * face + (1.0 - m) * colour.astype(np.float32)), 0, hi).astype(master.dtype)
+    c, face = colour.astype(np.float64), face.astype(np.float64)
+    out = np.clip(np.rint(c + m * (face - c)), 0, hi).astype(master.dtype)
     touched = m > 0
     if colour.ndim == 2:
         region[touched] = out[touched]
@@ -230,7 +231,7 @@ def _paste_reference(master, face_bgr, affine, luminance_only=False):
 
 
 @pytest.mark.parametrize("layout", ["bgr", "bgra", "grey", "bgr16", "luminance"])
-def test_paste_in_place_is_bit_identical_to_the_plain_blend(layout):
+def test_paste_in_place_is_the_plain_blend(layout):
     rng = np.random.default_rng(7)
     base = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
     master = {"bgr": base, "luminance": base, "bgra": np.dstack([base, base[:, :, 0]]),
@@ -242,29 +243,35 @@ def test_paste_in_place_is_bit_identical_to_the_plain_blend(layout):
         ours, ref = master.copy(), master.copy()
         paste_face(ours, face, a, luminance_only=layout == "luminance")
         _paste_reference(ref, face, a, luminance_only=layout == "luminance")
-        assert np.array_equal(ours, ref), (layout, angle)
+        diff = np.abs(ours.astype(np.int64) - ref)
+        # float32 rounding: one level where the exact value is near a tie (8 bits: a few pixels in 100,000;
+        # 16 bits, whose levels float32 resolves to ~1/256: a few in 10,000)
+        share = 1e-3 if layout == "bgr16" else 1e-4
+        assert diff.max() <= 1 and (diff > 0).mean() < share, (layout, angle, diff.max(), (diff > 0).mean())
         assert not np.array_equal(ours, master)  # something was pasted
+        if layout == "bgra":
+            assert np.array_equal(ours[..., 3], master[..., 3])
 
 
 def _float_erode(mask, k):
     return cv2.erode(mask, np.ones((k, k), np.uint8))
 
 
-def test_the_wide_erosion_in_8_bits_is_the_float_erosion_rounded_to_levels():
+def test_the_wide_erosion_at_the_windows_corners_is_opencvs_erosion():
     from pipeline.faces import _erode_wide
 
-    for scale, angle in [(0.2, 0.3), (0.3, 0.0), (0.45, -0.5), (1.3, 0.2)]:
+    # footprints whole and cut off by the region's edges (OpenCV clips the window there), even and odd squares
+    for scale, angle, at in [(0.2, 0.3, (900, 800)), (0.3, 0.0, (900, 800)), (0.45, -0.5, (900, 800)),
+                             (1.3, 0.2, (900, 800)), (0.225, 0.0, (900, 800)), (2.5, 0.05, (900, 800)),
+                             (0.4, 0.7, (60, 1580))]:
         a = np.array([[scale * np.cos(angle), -scale * np.sin(angle), 0], [scale * np.sin(angle), scale * np.cos(angle), 0]])
-        a[:, 2] = [256, 256] - a[:, :2] @ np.asarray((900, 800), np.float64)
+        a[:, 2] = [256, 256] - a[:, :2] @ np.asarray(at, np.float64)
         inv = cv2.invertAffineTransform(a)
         mask = cv2.erode(cv2.warpAffine(np.ones((512, 512), np.float32), inv, (1800, 1600)), np.ones((2, 2), np.uint8))
-        for k in (2, 17, 64, 204):
+        for k in (2, 3, 17, 64, 204, 227):
             exact, ours = _float_erode(mask, k), _erode_wide(mask, k)
             assert ours.dtype == np.float32 and ours.shape == exact.shape
-            whole = (exact == 0) | (exact == 1)
-            assert whole.mean() > 0.95 and np.array_equal(ours[whole], exact[whole])  # 0 and 1 kept exactly
-            assert np.array_equal(ours, np.rint(exact * 255).astype(np.float32) / 255), (scale, angle, k)
-            assert np.abs(ours - exact).max() <= 1 / 510 + 1e-7
+            assert np.array_equal(ours, exact), (scale, angle, at, k)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -284,7 +291,7 @@ def test_a_wide_feather_blurred_at_reduced_resolution_stays_close_to_facexlibs_m
         _, _, mask, _ = faces.paste_mask(master.shape, a)
         paste_face(ours, face, a)
         monkeypatch.setattr(faces, "_FEATHER_STEP", 10**9)  # facexlib's full-resolution blur
-        monkeypatch.setattr(faces, "_erode_wide", _float_erode)  # and its float32 erosion
+        monkeypatch.setattr(faces, "_erode_wide", _float_erode)  # and OpenCV's erosion
         _, _, full, _ = faces.paste_mask(master.shape, a)
         ref = master.copy()
         paste_face(ref, face, a)

@@ -25,7 +25,7 @@ ENV_PREFIX = "ARCHIVE_RESTORE_"
 
 # Bump when a code change alters output bytes for the same settings and weights,
 # so that scheduled runs re-process what the old code made.
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2  # 2: paste-back's region holds the crop's whole footprint (faces enlarged over 2x)
 
 
 class _Section(BaseModel):

@@ -1,6 +1,7 @@
 import typing
 import pytest
 
+from pipeline import config
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ConfigError
 
@@ -48,12 +49,18 @@ def _with_output(cfg: RunConfig, **update) -> RunConfig:
     return cfg.model_copy(update={"output": cfg.output.model_copy(update=update)})
 
 
-def test_encoder_settings_and_jpeg_mode_in_the_fingerprint():
+def test_encoder_settings_and_jpeg_mode_in_the_fingerprint(monkeypatch):
+    from pipeline import config
+
     base = RunConfig()
     w = {"GFPGANv1.4": "aa", "retinaface": "bb"}
-    # The defaults' fingerprint is the one computed before output.jpeg_mode, png_level and tiff_compression
-    # existed (value taken from the code at c8d1d2c): archives processed then are not redone by the upgrade.
-    assert base.fingerprint(w) == "db5487900fdb137d"
+    # The defaults' fingerprint at OUTPUT_VERSION 1 is the one computed before output.jpeg_mode, png_level and
+    # tiff_compression existed (value taken from the code at c8d1d2c): archives processed then were not redone
+    # by that upgrade; OUTPUT_VERSION 2 (paste-back's whole footprint) redoes them, as it is meant to.
+    with monkeypatch.context() as m:
+        m.setattr(config, "OUTPUT_VERSION", 1)
+        assert base.fingerprint(w) == "db5487900fdb137d"
+    assert config.OUTPUT_VERSION == 2 and base.fingerprint(w) != "db5487900fdb137d"
     fp = base.fingerprint(w)
     # Lossless encoder settings change no pixel: no GFP-GAN run for them.
     assert _with_output(base, png_level=9).fingerprint(w) == fp
@@ -133,7 +140,8 @@ def test_output_version_keys_detection_reuse_and_version_1_keeps_old_values(monk
     from pipeline import config
     from pipeline.config import DetectConfig, detect_fingerprint
 
-    # The value rows carry from before the version was part of it (computed at 06ea38e).
+    # The value rows carry from before the version was part of it (computed at 06ea38e), at version 1.
+    monkeypatch.setattr(config, "OUTPUT_VERSION", 1)
     assert detect_fingerprint(DetectConfig(), "bb") == "277367903a5c26d1"
     # faces found on the device are said to be (the run's fingerprint leaves it out: test above); its batch
     # size changes nothing
@@ -158,7 +166,7 @@ def test_settings_that_only_add_files_leave_the_fingerprint_but_not_its_legacy_f
         assert changed.accepted_fingerprints(w) == [*resolved, base.fingerprint(w), legacy]
 
 
-def test_the_fingerprint_hashes_the_precision_that_runs():
+def test_the_fingerprint_hashes_the_precision_that_runs(monkeypatch):
     """auto means fp16 on CUDA and fp32 on CPU: other bytes, other fingerprints; the form without a device
     (what versions before computed, auto hashed as the word) stays the pinned defaults' value."""
     w = {"GFPGANv1.4": "aa", "retinaface": "bb"}
@@ -169,7 +177,9 @@ def test_the_fingerprint_hashes_the_precision_that_runs():
                                                                                     "device": device})})
 
     auto = cfg()
-    assert auto.fingerprint(w) == "db5487900fdb137d"  # unresolved: archives made before stay current
+    with monkeypatch.context() as m:  # unresolved: archives made before stayed current (until OUTPUT_VERSION 2)
+        m.setattr(config, "OUTPUT_VERSION", 1)
+        assert auto.fingerprint(w) == "db5487900fdb137d"
     assert auto.fingerprint(w, device="cuda") == cfg("fp16").fingerprint(w) == cfg(device="cuda").fingerprint(w)
     assert auto.fingerprint(w, device="cpu") == cfg("fp32").fingerprint(w) == cfg(device="cpu").fingerprint(w)
     assert auto.fingerprint(w, device="cuda") != auto.fingerprint(w, device="cpu") != auto.fingerprint(w)

@@ -143,6 +143,15 @@ class OutputConfig(_Section):
     access_copy: bool = Field(False, description="Also write an 8-bit JPEG access copy to access/<key>.jpg.")
     access_long_side: int = Field(2048, ge=16, description="Long side of the access copy (only ever downscaled).")
     access_quality: int = Field(85, ge=1, le=100, description="JPEG quality of the access copy.")
+    device: Literal["cpu", "gpu"] = Field(
+        "cpu", description="Where the derivative of a master whose faces were found on the device (detect.device="
+        "gpu) is made. cpu: Compose decodes the master again, pastes the faces back and encodes, on a CPU. gpu: the "
+        "Restore actor pastes them back into the master it decoded and encodes the JPEG there (nvJPEG through "
+        "torchvision on CUDA), with its review crops and access copy; Compose only carries the metadata, signs and "
+        "writes. Applies to colour JPEG derivatives re-encoded (jpeg_mode=reencode) of RGB JPEG masters; grey or "
+        "toned masters (colour_policy), other formats and blocks mode are made on the CPU as before. Pixels "
+        "agree with the CPU's paste within a level or two (tested); the encoder differs, so the bytes do.",
+    )
     colour_policy: Literal["auto", "keep", "force_grey"] = Field(
         "auto", description="auto: monochrome masters (grey, sepia, tinted: found by chroma statistics) get only "
         "the restored faces' luminance, in the master's own tone; keep: paste the restored colour as is; "
@@ -393,7 +402,9 @@ class RunConfig(_Section):
 
 
 # Lossless encoder settings: the derivative's pixels stay the same, so GFP-GAN need not run again for them.
-_NOT_IN_FINGERPRINT = ("png_level", "tiff_compression")
+# And where the derivative is made (output.device): the device's paste agrees with the CPU's within a level or
+# two (tested), as detect.device's faces agree within rounding; switching it must not redo an archive.
+_NOT_IN_FINGERPRINT = ("png_level", "tiff_compression", "device")
 # Settings that only add files: out of the fingerprint (hashed at their defaults), see RunConfig.fingerprint.
 _ADDS_FILES = ("copy_no_face", "access_copy", "access_long_side", "access_quality")
 # Settings added after archives were processed: in the fingerprint only when changed from their default, so

@@ -36,6 +36,7 @@ class Found:
     height: int
     decode_s: float
     detect_s: float
+    master: torch.Tensor | None = None  # (3, H, W) uint8 BGR upright, on the device: only when asked to keep it
 
 
 def _orient(t: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -202,27 +203,41 @@ class DeviceFaces:
                 out.append(RuntimeError(f"the device took no pixels: {type(e).__name__}: {e}"))
         return out
 
-    def __call__(self, data: list, orientations: list[int], pixels: list[int] | None = None) -> list[Found | Exception]:
+    def __call__(self, data: list, orientations: list[int], pixels: list[int] | None = None,
+                 keep: list[bool] | None = None) -> list[Found | Exception]:
         """``data``: the masters' bytes (any bytes-like); ``pixels``: their sizes from the header, which bound
-        how many are decoded at once (``CHUNK_PIXELS``)."""
+        how many are decoded at once (``CHUNK_PIXELS``); ``keep``: whose decoded pixels to hand back
+        (``Found.master``: their derivatives are made on the device, devicepaste.py)."""
+        keep = keep or [False] * len(data)
         pixels = pixels or [0] * len(data)
         out: list[Found | Exception] = []
-        with self.lock:  # one caller at a time: the Restore calls in flight share the decoder and the device
-            # On CUDA all of it on a stream of our own, waited for before each chunk (_chunk): the allocator
-            # then hands nvJPEG (which writes on its own stream, pytorch/vision#9606) no block that kernels
-            # queued by the restoring thread on the default stream, or by an earlier chunk, may still read.
-            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-                a = 0
-                while a < len(data):
-                    b, total = a + 1, pixels[a]
-                    while b < len(data) and b - a < self.batch and total + pixels[b] <= CHUNK_PIXELS:
-                        total += pixels[b]
-                        b += 1
-                    out += self._chunk(data[a:b], orientations[a:b])
-                    a = b
+        with self.using():
+            a = 0
+            while a < len(data):
+                b, total = a + 1, pixels[a]
+                while b < len(data) and b - a < self.batch and total + pixels[b] <= CHUNK_PIXELS:
+                    total += pixels[b]
+                    b += 1
+                out += self._chunk(data[a:b], orientations[a:b], keep[a:b])
+                a = b
         return out
 
-    def _chunk(self, data: list[bytes], orientations: list[int]) -> list[Found | Exception]:
+    @contextlib.contextmanager
+    def using(self):
+        """What work on the device's masters runs under (here, and devicepaste on the masters kept): one caller
+        at a time, as the Restore calls in flight share the decoder and the device; on CUDA a stream of our
+        own, waited for before each chunk (``_chunk``) and at the end, so that the allocator hands nvJPEG
+        (which writes on its own stream, pytorch/vision#9606) no block that kernels queued by the restoring
+        thread on the default stream, or by earlier work here, may still read or write."""
+        with self.lock:
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                try:
+                    yield
+                finally:
+                    if self._stream is not None:
+                        self._stream.synchronize()
+
+    def _chunk(self, data: list[bytes], orientations: list[int], keep: list[bool]) -> list[Found | Exception]:
         if self._stream is not None:  # nothing of a failed chunk's work still pending on blocks nvJPEG may get
             self._stream.synchronize()
         t0 = time.perf_counter()
@@ -253,7 +268,7 @@ class DeviceFaces:
                 affines = [align_matrix(f.landmarks) for f in faces]
                 crops = warp_crops(masters[i], affines).cpu().numpy()
                 results[i] = Found(faces, skipped, crops, affines, masters[i].shape[2], masters[i].shape[1],
-                                   0.0, 0.0)
+                                   0.0, 0.0, masters[i] if keep[i] else None)
             except Exception as e:
                 results[i] = e
         t2 = time.perf_counter()

@@ -202,16 +202,15 @@ def _luminance_only(face: np.ndarray, colour: np.ndarray, hi: float) -> np.ndarr
     return cv2.cvtColor(m, cv2.COLOR_YCrCb2BGR) * hi
 
 
-def paste_mask(shape: tuple[int, ...], affine: np.ndarray) -> tuple[slice, slice, np.ndarray, np.ndarray]:
-    """Where a restored 512x512 crop lands in an image of ``shape`` through the inverse of ``affine``:
-    the region of interest, the blend mask in it (the crop's footprint eroded by 2 px, then shrunk and
-    Gaussian-feathered by 1/20 of its size: facexlib's square mask) and the inverse affine in the region's
-    coordinates. The region is empty when the crop falls outside the image."""
+def paste_region(shape: tuple[int, ...], affine: np.ndarray) -> tuple[slice, slice, np.ndarray]:
+    """Where a restored 512x512 crop lands in an image of ``shape`` through the inverse of ``affine``: the
+    region of interest (empty when the crop falls outside the image) and the inverse affine (crop -> region)
+    in its coordinates."""
     h, w = shape[:2]
     inv = cv2.invertAffineTransform(affine)
     # The footprint: the bilinear warp of the crop's 512 ones reaches one crop pixel beyond them (-1 to 512,
     # ramping to 0), which is several image pixels when a face is enlarged; the region holds all of it, or
-    # the erosions below would not see the zeros around it and leave the mask wider than facexlib's.
+    # the erosions would not see the zeros around it and leave the mask wider than facexlib's.
     lo, hi = -1, FACE_SIZE
     corners = np.array([[lo, lo, 1], [hi, lo, 1], [lo, hi, 1], [hi, hi, 1]], np.float64)
     pts = corners @ inv.T
@@ -219,17 +218,26 @@ def paste_mask(shape: tuple[int, ...], affine: np.ndarray) -> tuple[slice, slice
     x1, y1 = np.ceil(pts.max(0)).astype(int) + 3
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if x1 <= x0 or y1 <= y0:
-        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32), inv
+        return slice(0, 0), slice(0, 0), inv
     roi_inv = inv.copy()
     roi_inv[:, 2] -= (x0, y0)
-    size = (x1 - x0, y1 - y0)
+    return slice(y0, y1), slice(x0, x1), roi_inv
+
+
+def paste_mask(shape: tuple[int, ...], affine: np.ndarray) -> tuple[slice, slice, np.ndarray, np.ndarray]:
+    """``paste_region``'s region and inverse affine, and the blend mask in the region: the crop's footprint
+    eroded by 2 px, then shrunk and Gaussian-feathered by 1/20 of its size (facexlib's square mask)."""
+    ys, xs, roi_inv = paste_region(shape, affine)
+    if ys.stop <= ys.start:
+        return ys, xs, np.zeros((0, 0), np.float32), roi_inv
+    size = (xs.stop - xs.start, ys.stop - ys.start)
     mask = cv2.warpAffine(np.ones((FACE_SIZE, FACE_SIZE), np.float32), roi_inv, size)
     mask = cv2.erode(mask, np.ones((2, 2), np.uint8))
     w_edge = int(float(mask.sum()) ** 0.5) // 20
     if w_edge > 0:
         mask = _erode_wide(mask, 2 * w_edge)
         mask = _feather(mask, w_edge)
-    return slice(y0, y1), slice(x0, x1), mask, roi_inv
+    return ys, xs, mask, roi_inv
 
 
 def _erode_wide(mask: np.ndarray, k: int) -> np.ndarray:

@@ -93,8 +93,13 @@ def _orientation(im: Image.Image) -> int:
 
 
 def _jpeg_truncated(data: bytes) -> bool:
-    # libjpeg fills a truncated scan with grey and only warns; a complete JPEG ends with EOI (FF D9).
-    return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    # libjpeg fills a truncated scan with grey and only warns; a complete JPEG ends with EOI (FF D9), maybe
+    # followed by zeros. (Any bytes-like: the Restore actor reads masters where Arrow holds them.)
+    view = memoryview(data).cast("B")
+    end = len(view)
+    while end and view[end - 1] == 0:
+        end -= 1
+    return bytes(view[max(0, end - 2):end]) != b"\xff\xd9"
 
 
 @dataclass
@@ -171,14 +176,24 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
 
 
 def _is_grey(pixels: np.ndarray, mode: str) -> bool:
-    """Monochrome: by mode, or by chroma statistics. In a grey, sepia or otherwise toned print every pixel's
-    chroma (Cr, Cb around neutral) lies on one line through neutral — one hue, stronger in the highlights
-    — while a colour photo's chroma spreads across hues. So: the principal direction of the chroma
-    vectors, and the spread perpendicular to it (98th percentile, 8-bit levels)."""
+    """Monochrome: by mode, or by chroma statistics (``chroma_is_grey`` of ``grey_step``'s sample)."""
     if pixels.ndim == 2 or mode in ("L", "LA", "1", "I", "I;16", "I;16B", "I;16L"):
         return True
-    step = max(1, int((pixels.shape[0] * pixels.shape[1] / 250_000) ** 0.5))
-    s = np.ascontiguousarray(to_bgr8(pixels[::step, ::step]))
+    step = grey_step(*pixels.shape[:2])
+    return chroma_is_grey(to_bgr8(pixels[::step, ::step]))
+
+
+def grey_step(height: int, width: int) -> int:
+    """The stride of the ~250,000 samples whose chroma decides whether a master is monochrome."""
+    return max(1, int((height * width / 250_000) ** 0.5))
+
+
+def chroma_is_grey(sample_bgr8: np.ndarray) -> bool:
+    """In a grey, sepia or otherwise toned print every pixel's chroma (Cr, Cb around neutral) lies on one
+    line through neutral — one hue, stronger in the highlights — while a colour photo's chroma spreads
+    across hues. So: the principal direction of the chroma vectors, and the spread perpendicular to it
+    (98th percentile, 8-bit levels)."""
+    s = np.ascontiguousarray(sample_bgr8)
     c = cv2.cvtColor(s, cv2.COLOR_BGR2YCrCb)[..., 1:].reshape(-1, 2).astype(np.float64) - 128.0
     _, vecs = np.linalg.eigh(c.T @ c)
     direction = vecs[:, -1]                                  # the dominant hue line through neutral

@@ -289,6 +289,8 @@ class Restore:
             resolved = weights.resolve(cfg.detect.model, cfg, (expected_weights or {}).get(cfg.detect.model))
             detector = FaceDetector(cfg.detect, resolved, device=str(self.restorer.device))
             self.device_faces = DeviceFaces(detector, cfg.detect.gpu_batch)
+        # output.device=gpu: derivatives of the masters decoded here are made here too (devicepaste.py)
+        self.make_here = self.device_faces is not None and cfg.output.device == "gpu"
         if planned == "cuda" and not self.restorer.cuda:
             log.warning("this Restore actor was given a GPU, but torch sees no CUDA device: restoring on CPU "
                         "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
@@ -297,16 +299,17 @@ class Restore:
         c0 = time.thread_time()
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
-        found = {}
+        found, masters = {}, {}
         if self.device_faces is not None:  # before announcing: the queue need not wait while this detects
-            table, found = self._detect_deferred(table)
+            table, found, masters = self._detect_deferred(table)
         # Announced while this call reads its batch: the device thread may wait a moment for its faces
         # rather than run another call's part-filled micro-batch.
         with self.queue.coming() as token:
-            return self._call(table, token, found, c0)
+            return self._call(table, token, found, c0, masters)
 
-    def _call(self, table: pa.Table, token: dict, found: dict, c0: float) -> pa.Table:
-        """``found``: the crops of faces found on the device (``_detect_deferred``), by row."""
+    def _call(self, table: pa.Table, token: dict, found: dict, c0: float, masters: dict) -> pa.Table:
+        """``found``: the crops of faces found on the device (``_detect_deferred``), by row; ``masters``: the
+        pixels there of those whose derivatives are made there (``output.device=gpu``)."""
         cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
                                                                   "faces_json", "restore_s", "restore_device",
                                                                   "cpu_s")}
@@ -325,6 +328,8 @@ class Restore:
                 log.warning("restoring a batch of %d images failed; retrying them one by one", len(todo))
                 parts = {i: self._restore(table.num_rows, [i], [spans[i]], cols, last_try=True) for i in todo}
                 restored = _merge_binary(table.num_rows, {i: p for i, p in parts.items() if p is not None})
+        made = self._make_here(table.num_rows, cols, restored, masters) if masters else {}
+        masters.clear()  # the device's memory back as soon as the derivatives are made
         # this thread's CPU on the batch (parsing, device detection), shared by its rows; the device
         # thread's was added per face in _restore
         share = (time.thread_time() - c0) / max(1, table.num_rows)
@@ -332,34 +337,36 @@ class Restore:
         updates = {"crops": pa.nulls(table.num_rows, pa.large_binary()),  # not needed downstream
                    "restored": restored, **{k: pa.array(cols[k], self.schema.field(k).type)
                                             for k in ("status", "error", "faces_json", "restore_s",
-                                                      "restore_device", "cpu_s")}}
+                                                      "restore_device", "cpu_s")}, **made}
         for name, values in updates.items():
             table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
         return table
 
-    def _detect_deferred(self, table: pa.Table) -> tuple[pa.Table, dict]:
+    def _detect_deferred(self, table: pa.Table) -> tuple[pa.Table, dict, dict]:
         """Decode the batch's deferred JPEG masters (``defer_detect``) on the device, find and align their
         faces there, and fill the columns DecodeDetect fills for the others (faces, status, timings; a
-        failure as it would say it). Returns the table and the crops by row (buffer, start, end: where
-        ``_restore`` reads them). The masters' bytes are read where Arrow holds them, and go on to Compose
+        failure as it would say it). Returns the table, the crops by row (buffer, start, end: where
+        ``_restore`` reads them) and, with ``output.device=gpu``, the decoded masters by row whose
+        derivatives are made here (``_make_here``). The masters' bytes are read where Arrow holds them, and go on to Compose
         only with ``cluster.carry_masters`` (as from DecodeDetect); otherwise Compose reads them again."""
         deferred = table.column("defer_detect").to_pylist()
         status = table.column("status").to_pylist()
         rows = [i for i, (o, s) in enumerate(zip(deferred, status)) if o is not None and s == Status.OK.value]
         if not rows:
-            return table, {}
+            return table, {}, {}
         names = ("status", "error", "n_faces", "faces_skipped", "faces_json", "width", "height", "src_format",
                  "detect_fingerprint", "decode_s", "detect_s", "defer_detect")
         cols = {n: table.column(n).to_pylist() for n in ("image_id", *names)}
         masters = [memoryview(buf)[a:b] for buf, a, b in _binary_rows(table.column("src_bytes"), rows)]
+        keep = [self.make_here and self._made_here(m) for m in masters]
         try:
             found = self.device_faces(masters, [deferred[i] for i in rows],
-                                      [(cols["width"][i] or 0) * (cols["height"][i] or 0) for i in rows])
+                                      [(cols["width"][i] or 0) * (cols["height"][i] or 0) for i in rows], keep)
         except Exception as e:  # the device itself failed (not one master): these rows, not the batch
             log.exception("detection on the device failed for %d masters", len(rows))
             found = [e] * len(rows)
         del masters
-        crops, dropped = {}, []
+        crops, dropped, kept = {}, [], {}
         for i, f in zip(rows, found):
             cols["defer_detect"][i] = None
             try:
@@ -386,6 +393,8 @@ class Restore:
             cols["detect_s"][i] = f.detect_s
             if records:
                 crops[i] = (pa.py_buffer(f.crops), 0, f.crops.nbytes)
+                if f.master is not None:
+                    kept[i] = f.master
             else:
                 cols["status"][i] = Status.NO_FACE.value
                 if not self.cfg.output.copy_no_face:
@@ -401,7 +410,51 @@ class Restore:
             drop[dropped] = True
             src = pc.if_else(pa.array(drop), pa.scalar(None, pa.large_binary()), src)
         table = table.set_column(self.schema.get_field_index("src_bytes"), self.schema.field("src_bytes"), src)
-        return table, crops
+        return table, crops, kept
+
+    def _made_here(self, data) -> bool:
+        """Whether a deferred master's derivative can be made on the device: a colour JPEG re-encoded to JPEG.
+        (Grey masters, luminance-only pastes, blocks mode and other formats are Compose's, on the CPU.)"""
+        o = self.cfg.output
+        if o.jpeg_mode != "reencode" or o.colour_policy == "force_grey" or imageio.output_format("JPEG", o.format) != "JPEG":
+            return False
+        try:
+            return imageio.probe(data, self.cfg.input.max_pixels).mode == "RGB"
+        except Exception:
+            return False
+
+    def _make_here(self, num_rows: int, cols: dict, restored: pa.Array, masters: dict) -> dict[str, pa.Array]:
+        """The derivatives, access copies and review crops of the restored rows among ``masters``, made on the
+        device (devicepaste.py), as columns; a row whose master turns out monochrome (``colour_policy=auto``)
+        or whose making fails is left to Compose, on the CPU."""
+        from . import devicepaste
+
+        o, r = self.cfg.output, self.cfg.review
+        access = parse_access_spec(o.access_spec) if o.access_copy else None
+        crops = (r.crop_size, r.crop_quality) if r.crops else None
+        rows = [i for i in masters if cols["status"][i] == Status.OK.value and restored[i].is_valid]
+        spans = dict(zip(rows, _binary_rows(pa.chunked_array([restored]), rows)))
+        made, made_access, made_review = [None] * num_rows, [None] * num_rows, [None] * num_rows
+        for i in rows:
+            master = masters.pop(i)
+            try:
+                with self.device_faces.using():
+                    if o.colour_policy == "auto" and devicepaste.is_grey(master):
+                        continue  # its faces' luminance only: Compose's paste
+                    buf, a, b = spans[i]
+                    faces = np.frombuffer(buf, np.uint8, count=b - a, offset=a).reshape(-1, FACE_SIZE, FACE_SIZE, 3)
+                    m = devicepaste.make_derivative(master, json.loads(cols["faces_json"][i])["faces"], faces,
+                                                    o.jpeg_quality, access, crops)
+            except Exception as e:
+                log.warning("making the derivative of %s on the device failed (%s: %s): Compose makes it",
+                            cols["image_id"][i], type(e).__name__, e)
+                continue
+            finally:
+                del master
+            made[i], made_access[i] = m.derivative, m.access
+            made_review[i] = [x for pair in m.review for x in pair] if crops else None
+        return {"made": pa.array(made, pa.large_binary()), "made_access": pa.array(made_access, pa.large_binary()),
+                "made_review": pa.array(made_review, pa.list_(pa.large_binary()))}
 
     @staticmethod
     def _fail(cols: dict, i: int, message: str) -> None:
@@ -514,18 +567,21 @@ class Compose:
         return keys.written_name(row["output_key"], row["image_id"], fmt, self.cfg.output.format)
 
     def _write_access_copy(self, row: dict, master, restored: bool, parent: tuple[bytes, str, str, str],
-                           name: str | None = None, spec: str | None = None) -> None:
+                           name: str | None = None, spec: str | None = None, jpeg: bytes | None = None) -> None:
         """A small 8-bit JPEG for browsing and the web; the derivative stays the archival master copy.
         ``name`` (below access/) defaults to the planned key's; ``spec`` (``OutputConfig.access_spec``) to
-        the settings'."""
+        the settings'. ``jpeg``: the copy already made (on the device, with the settings' spec)."""
         spec = spec or self.cfg.output.access_spec or OutputConfig(access_copy=True).access_spec
-        long_side, quality = parse_access_spec(spec)
-        px = imageio.to8(master)
-        h, w = px.shape[:2]
-        if max(h, w) > long_side:
-            f = long_side / max(h, w)
-            px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-        data = imageio.encode(px, ".jpg", quality)
+        if jpeg is not None:
+            data = jpeg
+        else:
+            long_side, quality = parse_access_spec(spec)
+            px = imageio.to8(master)
+            h, w = px.shape[:2]
+            if max(h, w) > long_side:
+                f = long_side / max(h, w)
+                px = cv2.resize(px, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+            data = imageio.encode(px, ".jpg", quality)
         data, _ = metadata.carry(row["src_bytes"], data, "JPEG", restored=restored, software=self.software)
         name = name or keys.derivative_key(row["output_key"], "JPEG")
         if row.get("c2pa_signed"):  # signed exactly when its derivative is; its parent: the derivative
@@ -617,6 +673,10 @@ class Compose:
                    compose_s=time.perf_counter() - t0 if t0 else None, finished_at=datetime.now(timezone.utc))
 
     def _write_restored(self, row: dict, faces: list[dict]) -> None:
+        if self._made_on_device(row, faces):
+            self.write_derivative(row, None, None, faces, made=(row["made"], row.get("made_access"),
+                                                                row.get("made_review")))
+            return
         img = imageio.decode(row["src_bytes"], self.cfg.input.max_pixels)
         pixels = img.pixels.copy()
         policy = self.cfg.output.colour_policy
@@ -629,20 +689,34 @@ class Compose:
                                           luminance_only=luminance_only))
         self.write_derivative(row, img, pixels, faces, changed=changed)
 
-    def write_derivative(self, row: dict, img: imageio.Decoded, pixels: np.ndarray, faces: list[dict],
+    def _made_on_device(self, row: dict, faces: list[dict]) -> bool:
+        """Whether the Restore actor made this row's derivative on its device (``output.device=gpu``), with
+        everything else the settings ask of it."""
+        if row.get("made") is None or imageio.output_format(row["src_format"], self.cfg.output.format) != "JPEG":
+            return False
+        if self.cfg.output.access_copy and row.get("made_access") is None:
+            return False
+        return not self.cfg.review.crops or len(row.get("made_review") or []) == 2 * len(faces)
+
+    def write_derivative(self, row: dict, img: imageio.Decoded | None, pixels: np.ndarray | None, faces: list[dict],
                          name: str | None = None, changed: list | None = None,
-                         access: tuple[str, str | None] | bool | None = None) -> None:
+                         access: tuple[str, str | None] | bool | None = None,
+                         made: tuple[bytes, bytes | None, list[bytes] | None] | None = None) -> None:
         """Encode ``pixels`` (the master ``img`` with ``faces`` pasted as their ``action`` says), carry the
         master's metadata, sign, write the derivative, its access copy and review crops. ``name``: the
         derivative's name below images/ (default: from the planned key). ``changed``: the regions where
         ``pixels`` differ from the master's, as ``paste_face`` returns them (None: anywhere). ``access``:
         the access copy's (name, spec), or False for none (a review keeps what the row had); None: as the
-        settings say."""
+        settings say. ``made``: instead of ``img`` and ``pixels``, the JPEGs made on the device
+        (devicepaste.Made: the derivative, the access copy, the review crops), before metadata."""
         fmt = imageio.output_format(row["src_format"], self.cfg.output.format)
-        data, encode_note = self._encode(row, img, pixels, fmt, changed)
+        if made is not None:
+            data, encode_note = made[0], None
+        else:
+            data, encode_note = self._encode(row, img, pixels, fmt, changed)
         restored_any = any(f.get("action") == "restored" for f in faces)
         data, note = metadata.carry(row["src_bytes"], data, fmt, restored=restored_any, software=self.software,
-                                    copy_icc=not img.cmyk)
+                                    copy_icc=made is not None or not img.cmyk)
         note = "; ".join(x for x in (encode_note, note) if x) or None
         name = name or self._out_name(row, fmt)
         row["c2pa_signed"] = None
@@ -661,9 +735,9 @@ class Compose:
         access = self.cfg.output.access_copy if access is None else access
         if access:
             self._write_access_copy(row, pixels, restored_any, (data, posixpath.basename(name), fmt, row["out_sha256"]),
-                                    *(access if isinstance(access, tuple) else ()))
+                                    *(access if isinstance(access, tuple) else ()), jpeg=made and made[1])
         if self.cfg.review.crops:
-            self._write_review_crops(row, img.pixels, pixels, faces)
+            self._write_review_crops(row, img and img.pixels, pixels, faces, jpegs=made and made[2])
 
     def _encode(self, row: dict, img: imageio.Decoded, pixels: np.ndarray, fmt: str,
                 changed: list | None) -> tuple[bytes, str | None]:
@@ -686,17 +760,23 @@ class Compose:
         return imageio.encode(pixels, imageio.FORMATS[fmt], o.jpeg_quality, o.webp_quality, o.png_level,
                               o.tiff_compression), note
 
-    def _write_review_crops(self, row: dict, before: np.ndarray, after: np.ndarray, faces: list[dict]) -> None:
+    def _write_review_crops(self, row: dict, before: np.ndarray | None, after: np.ndarray | None,
+                            faces: list[dict], jpegs: list[bytes] | None = None) -> None:
         """Each face's before/after pair for the review page (review.py). They only help a curator: one that
-        cannot be written becomes a note, and the image stays done."""
+        cannot be written becomes a note, and the image stays done. ``jpegs``: the pairs already made (on the
+        device), face by face."""
         r = self.cfg.review
         try:
             for i, f in enumerate(faces):
-                box = review.crop_box(f["bbox"], before.shape[1], before.shape[0])
                 uris = []
-                for name, px in zip(review.crop_names(row["output_key"], i), (before, after)):
+                for j, (name, px) in enumerate(zip(review.crop_names(row["output_key"], i), (before, after))):
+                    if jpegs is not None:
+                        data = jpegs[2 * i + j]
+                    else:
+                        data = review.crop_jpeg(px, review.crop_box(f["bbox"], px.shape[1], px.shape[0]),
+                                                r.crop_size, r.crop_quality)
                     uri = storage.join(self.review_root, name)
-                    self._write(uri, "review", review.crop_jpeg(px, box, r.crop_size, r.crop_quality), row)
+                    self._write(uri, "review", data, row)
                     uris.append(uri)
                 f["review_before"], f["review_after"] = uris
         except Fenced:

@@ -281,7 +281,7 @@ def test_masters_go_on_with_carry_masters_and_a_failing_device_fails_its_rows_no
     stage = Restore(gpu)
     chunks = []
     real = stage.device_faces._chunk
-    monkeypatch.setattr(stage.device_faces, "_chunk", lambda d, o: chunks.append(len(d)) or real(d, o))
+    monkeypatch.setattr(stage.device_faces, "_chunk", lambda d, o, k: chunks.append(len(d)) or real(d, o, k))
     monkeypatch.setattr(devicefaces, "CHUNK_PIXELS", 1)
     one = stage(DecodeDetect(gpu, root=str(src) + "/")(dict(batch))).to_pylist()
     assert chunks == [1, 1, 1, 1] and [r["n_faces"] for r in one] == [r["n_faces"] for r in rows]

@@ -1,0 +1,166 @@
+"""output.device=gpu: derivatives made on the restoring device (devicepaste.py), run here on CPU (the same
+code; the tests' logical GPU has no CUDA), against the CPU's paste-back and Compose they replace."""
+
+import io
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import devicepaste, imageio
+from pipeline.config import load_config
+from pipeline.faces import paste_face, paste_mask
+from pipeline.stages import Compose, DecodeDetect, Restore
+
+from conftest import IMAGES, need, test_overrides
+
+
+def _affine(scale, angle, at):
+    a = np.array([[scale * np.cos(angle), -scale * np.sin(angle), 0], [scale * np.sin(angle), scale * np.cos(angle), 0]])
+    a[:, 2] = [256, 256] - a[:, :2] @ np.asarray(at, np.float64)
+    return a
+
+
+def _facexlib_mask(shape, affine):
+    """facexlib's paste mask (FaceRestoreHelper.paste_faces_to_input_image), over the whole image."""
+    h, w = shape[:2]
+    m = cv2.warpAffine(np.ones((512, 512), np.float32), cv2.invertAffineTransform(affine), (w, h))
+    m = cv2.erode(m, np.ones((2, 2), np.uint8))
+    w_edge = int(float(m.sum()) ** 0.5) // 20
+    if w_edge == 0:
+        return m
+    m = cv2.erode(m, np.ones((2 * w_edge, 2 * w_edge), np.uint8))
+    return cv2.GaussianBlur(m, (2 * w_edge + 1, 2 * w_edge + 1), 0)
+
+
+# faces from 1,400 px wide (square to the axes, turned, cut off by an edge and a corner) down to a few pixels
+# (feathers of 0-3 px, where OpenCV's Gaussian kernels are tabulated)
+CASES = [(0.3, 0.0, (900, 800)), (0.35, 0.3, (900, 800)), (0.45, -0.5, (60, 900)), (0.4, 0.2, (1590, 1190)),
+         (1.3, 0.1, (700, 500)), (6.0, 0.2, (300, 300)), (12.0, 0.0, (1000, 400)), (40.0, 0.5, (500, 500))]
+
+
+@pytest.mark.parametrize("scale,angle,at", CASES)
+def test_the_devices_mask_is_facexlibs(scale, angle, at):
+    shape = (1200, 1600)
+    a = _affine(scale, angle, at)
+    ys, xs, _, roi_inv = paste_mask(shape, a)
+    ours = np.zeros(shape, np.float32)
+    ours[ys, xs] = devicepaste.paste_mask(roi_inv, (xs.stop - xs.start, ys.stop - ys.start), torch.device("cpu")).numpy()
+    ref = _facexlib_mask(shape, a)
+    assert ref.max() > 0.5
+    # float32 coordinates, summed and rounded in another order: ~1e-3 where a tiny face's rim is steep
+    assert np.abs(ours - ref).max() < 2e-3, (scale, angle, at)
+
+
+@pytest.mark.parametrize("scale,angle,at", CASES)
+def test_the_devices_paste_is_the_cpus_within_a_level(scale, angle, at):
+    rng = np.random.default_rng(5)
+    master = rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    a = _affine(scale, angle, at)
+    ref = master.copy()
+    paste_face(ref, face, a)
+    t = torch.from_numpy(master.copy()).permute(2, 0, 1)
+    devicepaste.paste_face(t, torch.from_numpy(face).permute(2, 0, 1), a)
+    ours = t.permute(1, 2, 0).numpy()
+    diff = np.abs(ours.astype(int) - ref)
+    assert not np.array_equal(ours, master)
+    # the warp's rounding (OpenCV's fixed point against float bilinear) and the CPU's reduced-resolution feather
+    assert diff.max() <= 2 and (diff > 1).mean() < 1e-4 and (diff > 0).mean() < 0.03, (diff.max(), (diff > 0).mean())
+    ys, xs, mask, _ = paste_mask(master.shape, a)
+    outside = np.ones(master.shape[:2], bool)
+    outside[ys, xs] = mask == 0
+    assert np.array_equal(ours[outside], master[outside])  # nothing outside the CPU's mask moves
+
+
+# ---- the stages -----------------------------------------------------------------------------------------
+
+
+def _jpeg(bgr: np.ndarray, orientation: int = 1, grey: bool = False) -> bytes:
+    im = Image.fromarray(bgr[:, :, ::-1]).convert("L" if grey else "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    src = tmp_path_factory.mktemp("in")
+    shutil.copy(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"), src / "blake.jpg")
+    bgr = imageio.to_bgr8(imageio.decode((IMAGES / "whole/codeformer_00.jpg").read_bytes(), 10**9).pixels)
+    (src / "rotated.jpg").write_bytes(_jpeg(np.ascontiguousarray(np.rot90(bgr, -1)), orientation=8))
+    (src / "grey.jpg").write_bytes(_jpeg(bgr, grey=True))  # a grey JPEG: Compose's
+    toned = imageio.to_bgr8(imageio.decode(need(IMAGES / "gray/Hepburn01.png").read_bytes(), 10**9).pixels)
+    (src / "toned.jpg").write_bytes(_jpeg(toned))  # an RGB JPEG of a monochrome print: Compose's (luminance)
+    shutil.copy(need(IMAGES / "whole/codeformer_02.png"), src / "four faces.png")  # detected on CPU
+    names = ["blake.jpg", "rotated.jpg", "grey.jpg", "toned.jpg", "four faces.png"]
+    return src, {"image_id": np.array([f"id{i}" for i in range(len(names))], object),
+                 "uri": np.array([str(src / n) for n in names], object)}
+
+
+def _run(weights_dir, out, src, batch, **settings):
+    cfg = load_config(None, test_overrides(weights_dir, out, **{"detect.device": "gpu", **settings}), environ={})
+    work = Restore(cfg)(DecodeDetect(cfg, root=str(src) + "/")(dict(batch)))
+    rows = Compose(cfg, run_id="r1", fingerprint="fp", untrained=True)(work).to_pylist()
+    return work.to_pylist(), rows
+
+
+def _pixels(uri):
+    return imageio.decode(open(uri, "rb").read(), 10**9)
+
+
+def test_derivatives_made_on_the_device_are_the_cpus(weights_dir, sources, tmp_path):
+    src, batch = sources
+    extra = {"output.access_copy": True, "output.access_long_side": 640}
+    work_cpu, cpu = _run(weights_dir, tmp_path / "cpu", src, batch, **extra)
+    work, dev = _run(weights_dir, tmp_path / "gpu", src, batch, **{"output.device": "gpu", **extra})
+    # made on the device: the colour JPEGs; the grey and toned ones (luminance only) and the PNG by Compose
+    assert [r["made"] is not None for r in work] == [True, True, False, False, False]
+    assert all(r["made"] is None for r in work_cpu)
+    assert [r["status"] for r in dev] == [r["status"] for r in cpu] == ["ok"] * 5
+    for c, d in zip(cpu, dev):
+        a, b = _pixels(c["output_uri"]), _pixels(d["output_uri"])
+        assert a.pixels.shape == b.pixels.shape and b.orientation == 1  # upright, written without a rotation
+        diff = np.abs(a.pixels.astype(int) - b.pixels)
+        assert diff.mean() < 0.5 and np.percentile(diff, 99.9) <= 6, (c["uri"], diff.mean())
+        # the master's metadata carried and the edit said, as on the CPU
+        assert Image.open(d["output_uri"]).info.get("icc_profile") == Image.open(c["output_uri"]).info.get("icc_profile")
+        assert (Image.open(d["output_uri"]).getexif().get(0x0131) or "") == (Image.open(c["output_uri"]).getexif().get(0x0131) or "")
+        ac, ad = _pixels(c["access_uri"]), _pixels(d["access_uri"])
+        assert ac.pixels.shape == ad.pixels.shape and max(ad.pixels.shape[:2]) <= 640
+        assert np.abs(ac.pixels.astype(int) - ad.pixels).mean() < 1.0
+        for fc, fd in zip(c["faces"], d["faces"]):
+            assert fd["review_before"] and fd["review_after"]
+            for k in ("review_before", "review_after"):
+                pc, pd = _pixels(fc[k]), _pixels(fd[k])
+                assert pc.pixels.shape == pd.pixels.shape
+                assert np.abs(pc.pixels.astype(int) - pd.pixels).mean() < 2.0  # the CPU's preview samples
+    # a face a curator rejected, or QA kept original, is not pasted on the device either
+    blake = json.loads(work[0]["faces_json"])["faces"]
+    assert all(f["action"] == "restored" for f in blake)
+
+
+def test_a_derivative_the_device_cannot_make_is_composeds(weights_dir, sources, tmp_path, monkeypatch):
+    src, batch = sources
+    # blocks mode and other output formats are the CPU's
+    for settings in ({"output.jpeg_mode": "blocks"}, {"output.format": "png"}, {"output.colour_policy": "force_grey"}):
+        work, rows = _run(weights_dir, tmp_path / next(iter(settings.values())), src, batch,
+                          **{"output.device": "gpu", **settings})
+        assert all(r["made"] is None for r in work), settings
+        assert [r["status"] for r in rows] == ["ok"] * 5
+    # a failure on the device: Compose makes it, from the restored faces, as without output.device
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(devicepaste, "make_derivative", broken)
+    work, rows = _run(weights_dir, tmp_path / "failed", src, batch, **{"output.device": "gpu"})
+    assert all(r["made"] is None for r in work)
+    assert [r["status"] for r in rows] == ["ok"] * 5 and all(r["out_sha256"] for r in rows)
+

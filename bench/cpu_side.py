@@ -21,11 +21,18 @@ detection copy, detection and crops move to the GPU actor. That path (``devicefa
 also timed here, on this CPU, for information only (``info.device_faces_on_cpu``): on a GPU it costs GPU
 time, which this machine cannot measure.
 
+With ``output.device=gpu`` as well, the Restore actor pastes, encodes and crops on the device
+(``devicepaste.make_derivative``): the CPU side is DecodeDetect's read, hash and header, the Restore actor
+host's header mode and monochrome test of the device's sample (``gm.mode``, ``gm.grey``), and Compose's
+read, hash, metadata and writes of the device's JPEGs (``gm.*``). The device's work is timed on this CPU
+for information only (``info.device_paste_on_cpu``).
+
 Cores per GPU: at 800 faces/s per H100 (the GFP-GAN figure these numbers are set against) and two faces
 per image, a GPU takes 400 images/s, so it needs 400 x (CPU seconds per image) cores. The last line is
 `cpu_ms_per_12mp_jpeg=<ms> cores_per_h100=<n> gpu_detect_cpu_ms_per_12mp_jpeg=<ms>
-gpu_detect_cores_per_h100=<n>` (12 MP JPEG; the first pair with detection on CPU, the second with
-``detect.device=gpu``).
+gpu_detect_cores_per_h100=<n> gpu_made_cpu_ms_per_12mp_jpeg=<ms> gpu_made_cores_per_h100=<n>` (12 MP JPEG;
+the first pair with detection on CPU, the second with ``detect.device=gpu``, the third with
+``output.device=gpu`` too).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline import imageio, jpegblocks, metadata, review, storage, weights  # noqa: E402
+from pipeline import devicepaste, imageio, jpegblocks, metadata, review, storage, weights  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.devicefaces import DeviceFaces  # noqa: E402
 from pipeline.faces import FaceDetector, align_matrix, paste_face, warp_face  # noqa: E402
@@ -130,10 +137,28 @@ def one_image(path: Path, cfg, detector: FaceDetector, official, device_faces, o
         for i, f in enumerate(faces) for k, px in (("before", img2.pixels), ("after", pixels))])
     if resnet50 is not None:  # the shipped default detector on the same copy (its cost, not its faces)
         step("info.detect_resnet50", lambda: resnet50.detect(small))
+    if img.format == "JPEG":  # output.device=gpu: the device made the derivative and its review crops
+        step("gm.mode", lambda: imageio.probe(data, cfg.input.max_pixels).mode)  # Restore._made_here
+        g = imageio.grey_step(h, w)  # the monochrome test's sample comes to the host (devicepaste.is_grey)
+        step("gm.grey", lambda: imageio.chroma_is_grey(np.ascontiguousarray(bgr[::g, ::g])))
+        records = [{"bbox": (f.bbox / s).tolist(), "affine": align_matrix(f.landmarks / s).ravel().tolist(),
+                    "action": "restored"} for f in faces]
+        master = torch.from_numpy(img2.pixels.copy()).permute(2, 0, 1)
+        made = devicepaste.make_derivative(master, records, np.stack(crops), cfg.output.jpeg_quality, None,
+                                           (cfg.review.crop_size, cfg.review.crop_quality))
+        made_data, _ = step("gm.metadata", lambda: metadata.carry(data2, made.derivative, "JPEG", restored=True,
+                                                                  software="bench"))
+        step("gm.write", lambda: storage.write_bytes(str(out / ("made-" + path.name)), made_data, cfg.storage))
+        step("gm.review_writes", lambda: [storage.write_bytes(str(out / f"made-{path.name}-{i}-{k}.jpg"), b, cfg.storage)
+                                          for i, pair in enumerate(made.review) for k, b in zip(("b", "a"), pair)])
     if img.format == "JPEG":  # last: its large float temporaries must not disturb the steps timed above
         head = imageio.probe(data, cfg.input.max_pixels)
         found = step("info.device_faces_on_cpu", lambda: device_faces([data], [head.orientation])[0])
         assert len(found.faces) >= FACES_PER_IMAGE, f"{path.name}: the device path found {len(found.faces)} faces"
+        master = torch.from_numpy(img2.pixels.copy()).permute(2, 0, 1)
+        step("info.device_paste_on_cpu", lambda: devicepaste.make_derivative(
+            master, records, np.stack(crops), cfg.output.jpeg_quality, None,
+            (cfg.review.crop_size, cfg.review.crop_quality)))
     return t
 
 
@@ -185,6 +210,11 @@ def main() -> None:
                     print(f"  with detect.device=gpu: DecodeDetect {(gpu - c) * 1000:.0f} ms + Compose {c * 1000:.0f} ms "
                           f"= {gpu * 1000:.0f} ms of CPU; cores per H100: {FACES_PER_S / FACES_PER_IMAGE * gpu:.0f} "
                           f"(the device path on this CPU: {med['info.device_faces_on_cpu'] * 1000:.0f} ms)")
+                if "gm.metadata" in med:
+                    made = cpu_side_gpu_made(med)
+                    print(f"  with detect.device=gpu and output.device=gpu: {made * 1000:.0f} ms of CPU; cores per H100: "
+                          f"{FACES_PER_S / FACES_PER_IMAGE * made:.1f} (the device's paste, encode and crops on this CPU: "
+                          f"{med['info.device_paste_on_cpu'] * 1000:.0f} ms)")
                 if "alt.encode_blocks" in med:
                     blocks = total - med["c.encode"] + med["alt.encode_blocks"]
                     print(f"  with output.jpeg_mode=blocks: encode {med['alt.encode_blocks'] * 1000:.0f} ms instead of "
@@ -197,9 +227,19 @@ def main() -> None:
     r = results.get(("jpeg", 12))
     total = sum(v for k, v in r.items() if k.startswith(("dd.", "c."))) if r else float("nan")
     gpu = cpu_side_gpu_detect(r) if r else float("nan")
+    made = cpu_side_gpu_made(r) if r else float("nan")
     per = FACES_PER_S / FACES_PER_IMAGE
     print(f"cpu_ms_per_12mp_jpeg={total * 1000:.1f} cores_per_h100={per * total:.1f} "
-          f"gpu_detect_cpu_ms_per_12mp_jpeg={gpu * 1000:.1f} gpu_detect_cores_per_h100={per * gpu:.1f}")
+          f"gpu_detect_cpu_ms_per_12mp_jpeg={gpu * 1000:.1f} gpu_detect_cores_per_h100={per * gpu:.1f} "
+          f"gpu_made_cpu_ms_per_12mp_jpeg={made * 1000:.1f} gpu_made_cores_per_h100={per * made:.1f}")
+
+
+def cpu_side_gpu_made(med: dict[str, float]) -> float:
+    """CPU seconds of a JPEG master with detect.device=gpu and output.device=gpu: DecodeDetect reads, hashes
+    and probes; the Restore actor's host reads the header's mode and tests the monochrome sample; Compose reads
+    and hashes the master again, carries its metadata into the device's JPEG and writes it and the crops."""
+    return sum(med[k] for k in ("dd.read", "dd.sha256", "gpu.probe", "c.read", "c.sha256")) + \
+        sum(v for k, v in med.items() if k.startswith("gm."))
 
 
 def cpu_side_gpu_detect(med: dict[str, float]) -> float:

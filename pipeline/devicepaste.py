@@ -1,7 +1,8 @@
 """Derivatives made on the restoring device (``output.device=gpu``): a JPEG master that was decoded there to
 find its faces (devicefaces.py) gets its restored faces pasted back on the device, as ``faces.paste_face``
-pastes them (facexlib's mask, the 8-bit warp, the blend: within one level, tested), and is encoded there
-(nvJPEG through torchvision on CUDA; libjpeg on CPU), with its review crops and access copy. Compose then
+pastes them (facexlib's mask, the 8-bit warp, the blend: within two levels, more than one at < 1e-4 of the
+pixels, tested), and is encoded there (nvJPEG through torchvision on CUDA, which writes 4:4:4 chroma;
+libjpeg on CPU, 4:2:0 as OpenCV), with its review crops and access copy. Compose then
 only carries the metadata, signs and writes: no second decode, paste or encode on a CPU.
 
 Used by ``stages.Restore``; torch is imported at the top, as this module only runs where torch does.
@@ -58,8 +59,12 @@ def _blur(m: torch.Tensor, ksize: int) -> torch.Tensor:
         raise Unsupported(f"a paste region of {tuple(m.shape)} px is narrower than its feather ({r} px)")
     g = torch.from_numpy(cv2.getGaussianKernel(ksize, 0).astype(np.float32).ravel()).to(m.device)
     x = F.pad(m[None, None], (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, g.view(1, 1, 1, -1))
-    return F.conv2d(x, g.view(1, 1, -1, 1))[0, 0]
+    cudnn = torch.backends.cudnn
+    # in float32 proper: cuDNN may take TF32 for float32 convolutions (Ampere and later), ~5e-4 off the mask
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
+        x = F.conv2d(x, g.view(1, 1, 1, -1))
+        return F.conv2d(x, g.view(1, 1, -1, 1))[0, 0]
 
 
 def paste_mask(roi_inv: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -126,13 +131,34 @@ def _jpegs(images: list[torch.Tensor], qualities: list[int]) -> list[bytes]:
         encoded = encode_jpeg([images[i].flip(0).contiguous() for i in idx], quality=q)
         for i, e in zip(idx, encoded):
             out[i] = e.cpu().numpy().tobytes()
+            _check_jpeg(out[i], images[i].shape[1:])
     return out
 
 
+def _check_jpeg(data: bytes, hw: tuple[int, int]) -> None:
+    """A JPEG the encoder made is whole (SOI, EOI) and says the size it was given, or the row is Compose's:
+    CUDA encoders have handed back broken files in threaded processes (pytorch/vision#8587, #9060)."""
+    try:
+        head = imageio.probe(data, 1 << 62)
+    except Exception as e:
+        raise RuntimeError(f"the device's JPEG encoder gave a broken file: {e}") from None
+    if data[:2] != b"\xff\xd8" or head.format != "JPEG" or head.stored_size != (hw[1], hw[0]):
+        raise RuntimeError(f"the device's JPEG encoder gave a {head.format} of {head.stored_size} for {hw[::-1]}")
+
+
+# A monochrome test this close to its bound is left to Compose: the device's decoder (nvJPEG) rounds otherwise
+# than the host's, and a print judged colour here but grey there would get colour faces.
+GREY_MARGIN = 0.5
+
+
 def is_grey(master: torch.Tensor) -> bool:
-    """``imageio.decode``'s monochrome test of a (3, H, W) uint8 BGR master: its chroma sample, on the host."""
+    """``imageio.decode``'s monochrome test of a (3, H, W) uint8 BGR master: its chroma sample, on the host.
+    Raises Unsupported near the bound."""
     step = imageio.grey_step(*master.shape[1:])
-    return imageio.chroma_is_grey(master[:, ::step, ::step].permute(1, 2, 0).cpu().numpy())
+    spread = imageio.chroma_spread(master[:, ::step, ::step].permute(1, 2, 0).cpu().numpy())
+    if abs(spread - imageio.GREY_SPREAD) < GREY_MARGIN:
+        raise Unsupported(f"monochrome or not: its chroma spread {spread:.2f} is near {imageio.GREY_SPREAD}")
+    return spread <= imageio.GREY_SPREAD
 
 
 def make_derivative(master: torch.Tensor, faces: list[dict], restored: np.ndarray, quality: int,

@@ -95,11 +95,15 @@ def _orientation(im: Image.Image) -> int:
 def _jpeg_truncated(data: bytes) -> bool:
     # libjpeg fills a truncated scan with grey and only warns; a complete JPEG ends with EOI (FF D9), maybe
     # followed by zeros. (Any bytes-like: the Restore actor reads masters where Arrow holds them.)
-    view = memoryview(data).cast("B")
-    end = len(view)
-    while end and view[end - 1] == 0:
-        end -= 1
-    return bytes(view[max(0, end - 2):end]) != b"\xff\xd9"
+    a = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+    end = len(a)
+    while end:  # the last non-zero byte, a block at a time from the end (a padded file: a few blocks)
+        nz = np.flatnonzero(a[max(0, end - 65536):end])
+        if nz.size:
+            end = max(0, end - 65536) + int(nz[-1]) + 1
+            break
+        end = max(0, end - 65536)
+    return a[max(0, end - 2):end].tobytes() != b"\xff\xd9"
 
 
 @dataclass
@@ -188,7 +192,10 @@ def grey_step(height: int, width: int) -> int:
     return max(1, int((height * width / 250_000) ** 0.5))
 
 
-def chroma_is_grey(sample_bgr8: np.ndarray) -> bool:
+GREY_SPREAD = 2.5  # chroma_spread's bound for a monochrome master; measured: toned prints <= 1, colour >= 3.4
+
+
+def chroma_spread(sample_bgr8: np.ndarray) -> float:
     """In a grey, sepia or otherwise toned print every pixel's chroma (Cr, Cb around neutral) lies on one
     line through neutral — one hue, stronger in the highlights — while a colour photo's chroma spreads
     across hues. So: the principal direction of the chroma vectors, and the spread perpendicular to it
@@ -198,7 +205,12 @@ def chroma_is_grey(sample_bgr8: np.ndarray) -> bool:
     _, vecs = np.linalg.eigh(c.T @ c)
     direction = vecs[:, -1]                                  # the dominant hue line through neutral
     perpendicular = np.abs(c @ np.array([-direction[1], direction[0]]))
-    return bool(np.percentile(perpendicular, 98) <= 2.5)  # measured: toned prints <= 1, colour photos >= 3.4
+    return float(np.percentile(perpendicular, 98))
+
+
+def chroma_is_grey(sample_bgr8: np.ndarray) -> bool:
+    """A monochrome master's sample (``chroma_spread``)."""
+    return chroma_spread(sample_bgr8) <= GREY_SPREAD
 
 
 def to8(pixels: np.ndarray) -> np.ndarray:

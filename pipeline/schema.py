@@ -108,10 +108,12 @@ WORK_SCHEMA = pa.schema(
         ("cpu_s", pa.float32()),             # CPU seconds so far (see RESULT_SCHEMA)
         ("defer_detect", pa.int8()),         # detect.device=gpu: the EXIF orientation of a JPEG master whose
                                              # faces the Restore actor finds (null: found by DecodeDetect)
-        ("made", pa.large_binary()),          # output.device=gpu: the derivative's JPEG made by the Restore actor
-                                             # (before metadata; null: Compose makes it on the CPU)
-        ("made_access", pa.large_binary()),   # and its access copy's JPEG (null: none, or made by Compose)
-        ("made_review", pa.list_(pa.large_binary())),  # and its review crops: before, after of each face
+        # output.device=gpu: the derivative's JPEG made by the Restore actor (before metadata; null: Compose
+        # makes it on the CPU), its access copy's and its review crops (before, after of each face). Named
+        # with "_", which is reserved already: no manifest column is renamed for them.
+        ("_made", pa.large_binary()),
+        ("_made_access", pa.large_binary()),
+        ("_made_review", pa.list_(pa.large_binary())),
     ]
 )
 

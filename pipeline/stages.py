@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Union
@@ -247,6 +248,10 @@ def _binary_column(flat: np.ndarray, rows: list[int], sizes: list[int], num_rows
                                             null_count=num_rows - len(rows))
 
 
+# Pixels of masters a Restore actor keeps on its device, at most, for their derivatives (output.device=gpu),
+# over its calls in flight: 3 bytes a pixel, so ~1.2 GB beside the models and the restoring batches.
+KEEP_PIXELS = 400_000_000
+
 # Faces the device thread restores in one run of micro-batches, at most (unless one call brings more):
 # a few micro-batches, so that faces of the calls queued behind fill them, and results go back soon.
 CHUNK_MICRO_BATCHES = 4
@@ -289,8 +294,11 @@ class Restore:
             resolved = weights.resolve(cfg.detect.model, cfg, (expected_weights or {}).get(cfg.detect.model))
             detector = FaceDetector(cfg.detect, resolved, device=str(self.restorer.device))
             self.device_faces = DeviceFaces(detector, cfg.detect.gpu_batch)
-        # output.device=gpu: derivatives of the masters decoded here are made here too (devicepaste.py)
+        # output.device=gpu: derivatives of the masters decoded here are made here too (devicepaste.py); the
+        # masters kept for it from detection until their faces are restored are bounded (KEEP_PIXELS)
         self.make_here = self.device_faces is not None and cfg.output.device == "gpu"
+        self._kept_pixels = 0
+        self._kept_lock = threading.Lock()
         if planned == "cuda" and not self.restorer.cuda:
             log.warning("this Restore actor was given a GPU, but torch sees no CUDA device: restoring on CPU "
                         "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
@@ -299,13 +307,18 @@ class Restore:
         c0 = time.thread_time()
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
-        found, masters = {}, {}
-        if self.device_faces is not None:  # before announcing: the queue need not wait while this detects
-            table, found, masters = self._detect_deferred(table)
-        # Announced while this call reads its batch: the device thread may wait a moment for its faces
-        # rather than run another call's part-filled micro-batch.
-        with self.queue.coming() as token:
-            return self._call(table, token, found, c0, masters)
+        found, masters, held = {}, {}, [0]
+        try:
+            if self.device_faces is not None:  # before announcing: the queue need not wait while this detects
+                table, found, masters = self._detect_deferred(table, held)
+            # Announced while this call reads its batch: the device thread may wait a moment for its faces
+            # rather than run another call's part-filled micro-batch.
+            with self.queue.coming() as token:
+                return self._call(table, token, found, c0, masters)
+        finally:
+            masters.clear()
+            with self._kept_lock:
+                self._kept_pixels -= held[0]
 
     def _call(self, table: pa.Table, token: dict, found: dict, c0: float, masters: dict) -> pa.Table:
         """``found``: the crops of faces found on the device (``_detect_deferred``), by row; ``masters``: the
@@ -342,12 +355,13 @@ class Restore:
             table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
         return table
 
-    def _detect_deferred(self, table: pa.Table) -> tuple[pa.Table, dict, dict]:
+    def _detect_deferred(self, table: pa.Table, held: list[int]) -> tuple[pa.Table, dict, dict]:
         """Decode the batch's deferred JPEG masters (``defer_detect``) on the device, find and align their
         faces there, and fill the columns DecodeDetect fills for the others (faces, status, timings; a
         failure as it would say it). Returns the table, the crops by row (buffer, start, end: where
         ``_restore`` reads them) and, with ``output.device=gpu``, the decoded masters by row whose
-        derivatives are made here (``_make_here``). The masters' bytes are read where Arrow holds them, and go on to Compose
+        derivatives are made here (``_make_here``); ``held[0]`` counts their pixels, which the caller gives
+        back to ``KEEP_PIXELS`` when it is done with them. The masters' bytes are read where Arrow holds them, and go on to Compose
         only with ``cluster.carry_masters`` (as from DecodeDetect); otherwise Compose reads them again."""
         deferred = table.column("defer_detect").to_pylist()
         status = table.column("status").to_pylist()
@@ -358,7 +372,8 @@ class Restore:
                  "detect_fingerprint", "decode_s", "detect_s", "defer_detect")
         cols = {n: table.column(n).to_pylist() for n in ("image_id", *names)}
         masters = [memoryview(buf)[a:b] for buf, a, b in _binary_rows(table.column("src_bytes"), rows)]
-        keep = [self.make_here and self._made_here(m) for m in masters]
+        keep = [self.make_here and self._made_here(m) and self._hold(cols["width"][i], cols["height"][i], held)
+                for i, m in zip(rows, masters)]
         try:
             found = self.device_faces(masters, [deferred[i] for i in rows],
                                       [(cols["width"][i] or 0) * (cols["height"][i] or 0) for i in rows], keep)
@@ -412,6 +427,17 @@ class Restore:
         table = table.set_column(self.schema.get_field_index("src_bytes"), self.schema.field("src_bytes"), src)
         return table, crops, kept
 
+    def _hold(self, width: int | None, height: int | None, held: list[int]) -> bool:
+        """Room for one more kept master of ``width`` x ``height`` within ``KEEP_PIXELS`` (added to ``held``); a
+        master beyond it has its derivative made by Compose."""
+        n = (width or 0) * (height or 0)
+        with self._kept_lock:
+            if not n or self._kept_pixels + n > KEEP_PIXELS:
+                return False
+            self._kept_pixels += n
+        held[0] += n
+        return True
+
     def _made_here(self, data) -> bool:
         """Whether a deferred master's derivative can be made on the device: a colour JPEG re-encoded to JPEG.
         (Grey masters, luminance-only pastes, blocks mode and other formats are Compose's, on the CPU.)"""
@@ -427,8 +453,11 @@ class Restore:
         """The derivatives, access copies and review crops of the restored rows among ``masters``, made on the
         device (devicepaste.py), as columns; a row whose master turns out monochrome (``colour_policy=auto``)
         or whose making fails is left to Compose, on the CPU."""
-        from . import devicepaste
-
+        try:
+            from . import devicepaste
+        except Exception as e:  # e.g. a torchvision without its image operations: Compose makes them all
+            log.warning("derivatives cannot be made on the device (%s: %s): Compose makes them", type(e).__name__, e)
+            return {}
         o, r = self.cfg.output, self.cfg.review
         access = parse_access_spec(o.access_spec) if o.access_copy else None
         crops = (r.crop_size, r.crop_quality) if r.crops else None
@@ -445,6 +474,9 @@ class Restore:
                     faces = np.frombuffer(buf, np.uint8, count=b - a, offset=a).reshape(-1, FACE_SIZE, FACE_SIZE, 3)
                     m = devicepaste.make_derivative(master, json.loads(cols["faces_json"][i])["faces"], faces,
                                                     o.jpeg_quality, access, crops)
+            except devicepaste.Unsupported as e:
+                log.info("%s: its derivative is made by Compose: %s", cols["image_id"][i], e)
+                continue
             except Exception as e:
                 log.warning("making the derivative of %s on the device failed (%s: %s): Compose makes it",
                             cols["image_id"][i], type(e).__name__, e)
@@ -453,8 +485,8 @@ class Restore:
                 del master
             made[i], made_access[i] = m.derivative, m.access
             made_review[i] = [x for pair in m.review for x in pair] if crops else None
-        return {"made": pa.array(made, pa.large_binary()), "made_access": pa.array(made_access, pa.large_binary()),
-                "made_review": pa.array(made_review, pa.list_(pa.large_binary()))}
+        return {"_made": pa.array(made, pa.large_binary()), "_made_access": pa.array(made_access, pa.large_binary()),
+                "_made_review": pa.array(made_review, pa.list_(pa.large_binary()))}
 
     @staticmethod
     def _fail(cols: dict, i: int, message: str) -> None:
@@ -674,8 +706,8 @@ class Compose:
 
     def _write_restored(self, row: dict, faces: list[dict]) -> None:
         if self._made_on_device(row, faces):
-            self.write_derivative(row, None, None, faces, made=(row["made"], row.get("made_access"),
-                                                                row.get("made_review")))
+            self.write_derivative(row, None, None, faces, made=(row["_made"], row.get("_made_access"),
+                                                                row.get("_made_review")))
             return
         img = imageio.decode(row["src_bytes"], self.cfg.input.max_pixels)
         pixels = img.pixels.copy()
@@ -692,11 +724,11 @@ class Compose:
     def _made_on_device(self, row: dict, faces: list[dict]) -> bool:
         """Whether the Restore actor made this row's derivative on its device (``output.device=gpu``), with
         everything else the settings ask of it."""
-        if row.get("made") is None or imageio.output_format(row["src_format"], self.cfg.output.format) != "JPEG":
+        if row.get("_made") is None or imageio.output_format(row["src_format"], self.cfg.output.format) != "JPEG":
             return False
-        if self.cfg.output.access_copy and row.get("made_access") is None:
+        if self.cfg.output.access_copy and row.get("_made_access") is None:
             return False
-        return not self.cfg.review.crops or len(row.get("made_review") or []) == 2 * len(faces)
+        return not self.cfg.review.crops or len(row.get("_made_review") or []) == 2 * len(faces)
 
     def write_derivative(self, row: dict, img: imageio.Decoded | None, pixels: np.ndarray | None, faces: list[dict],
                          name: str | None = None, changed: list | None = None,

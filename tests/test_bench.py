@@ -65,8 +65,11 @@ def test_cpu_side_prints_its_figures():
     assert r.returncode == 0, r.stderr[-3000:]
     figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     assert set(figures) == {"cpu_ms_per_12mp_jpeg", "cores_per_h100", "gpu_detect_cpu_ms_per_12mp_jpeg",
-                            "gpu_detect_cores_per_h100"}
+                            "gpu_detect_cores_per_h100", "gpu_made_cpu_ms_per_12mp_jpeg", "gpu_made_cores_per_h100"}
     assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
     # with detection on the device, the CPU side is read + hash + header + Compose: all timed steps printed
     assert "gpu.probe" in r.stdout and "info.device_faces_on_cpu" in r.stdout and "with detect.device=gpu" in r.stdout
     assert "baseline.detect_facexlib" in r.stdout and "c.review_crops" in r.stdout
+    # and with the derivatives made on the device too: what stays on a CPU, and the device's work timed here
+    assert "gm.grey" in r.stdout and "gm.review_writes" in r.stdout and "info.device_paste_on_cpu" in r.stdout
+    assert float(figures["gpu_made_cpu_ms_per_12mp_jpeg"]) < float(figures["gpu_detect_cpu_ms_per_12mp_jpeg"])

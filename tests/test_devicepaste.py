@@ -121,8 +121,8 @@ def test_derivatives_made_on_the_device_are_the_cpus(weights_dir, sources, tmp_p
     work_cpu, cpu = _run(weights_dir, tmp_path / "cpu", src, batch, **extra)
     work, dev = _run(weights_dir, tmp_path / "gpu", src, batch, **{"output.device": "gpu", **extra})
     # made on the device: the colour JPEGs; the grey and toned ones (luminance only) and the PNG by Compose
-    assert [r["made"] is not None for r in work] == [True, True, False, False, False]
-    assert all(r["made"] is None for r in work_cpu)
+    assert [r["_made"] is not None for r in work] == [True, True, False, False, False]
+    assert all(r["_made"] is None for r in work_cpu)
     assert [r["status"] for r in dev] == [r["status"] for r in cpu] == ["ok"] * 5
     for c, d in zip(cpu, dev):
         a, b = _pixels(c["output_uri"]), _pixels(d["output_uri"])
@@ -148,12 +148,13 @@ def test_derivatives_made_on_the_device_are_the_cpus(weights_dir, sources, tmp_p
 
 def test_a_derivative_the_device_cannot_make_is_composeds(weights_dir, sources, tmp_path, monkeypatch):
     src, batch = sources
+    batch = {k: v[:2] for k, v in batch.items()}  # the two colour JPEGs the device makes otherwise
     # blocks mode and other output formats are the CPU's
     for settings in ({"output.jpeg_mode": "blocks"}, {"output.format": "png"}, {"output.colour_policy": "force_grey"}):
         work, rows = _run(weights_dir, tmp_path / next(iter(settings.values())), src, batch,
                           **{"output.device": "gpu", **settings})
-        assert all(r["made"] is None for r in work), settings
-        assert [r["status"] for r in rows] == ["ok"] * 5
+        assert all(r["_made"] is None for r in work), settings
+        assert [r["status"] for r in rows] == ["ok"] * 2
     # a failure on the device: Compose makes it, from the restored faces, as without output.device
 
     def broken(*a, **k):
@@ -161,6 +162,85 @@ def test_a_derivative_the_device_cannot_make_is_composeds(weights_dir, sources, 
 
     monkeypatch.setattr(devicepaste, "make_derivative", broken)
     work, rows = _run(weights_dir, tmp_path / "failed", src, batch, **{"output.device": "gpu"})
-    assert all(r["made"] is None for r in work)
-    assert [r["status"] for r in rows] == ["ok"] * 5 and all(r["out_sha256"] for r in rows)
+    assert all(r["_made"] is None for r in work)
+    assert [r["status"] for r in rows] == ["ok"] * 2 and all(r["out_sha256"] for r in rows)
 
+
+
+def _face_records(shape, at_list, scale=1.5):
+    out = []
+    for at in at_list:
+        a = _affine(scale, 0.1, at)
+        x, y = at
+        out.append({"bbox": [x - 100, y - 100, x + 100, y + 100], "affine": a.ravel().tolist(), "action": "restored"})
+    return out
+
+
+def test_only_faces_whose_action_is_restored_are_pasted():
+    rng = np.random.default_rng(2)
+    master = rng.integers(0, 256, (900, 1400, 3), dtype=np.uint8)
+    faces = _face_records(master.shape, [(250, 300), (700, 450), (1150, 600)])
+    faces[1]["action"], faces[2]["action"] = "kept_original", "reverted"
+    restored = rng.integers(0, 256, (3, 512, 512, 3), dtype=np.uint8)
+    t = torch.from_numpy(master.copy()).permute(2, 0, 1)
+    made = devicepaste.make_derivative(t, faces, restored, 95, None, (128, 90))
+    ours = t.permute(1, 2, 0).numpy()
+    changed = (ours != master).any(2)
+    assert changed[:, :480].any() and not changed[:, 480:].any()  # the first face only
+    # the "before" crops are the master's, the "after" ones the derivative's: the pasted face's differ
+    before, after = (_pixels_of(b) for b in made.review[0])
+    assert np.abs(before.astype(int) - after).mean() > 10
+    for b, a in made.review[1:]:
+        assert np.abs(_pixels_of(b).astype(int) - _pixels_of(a)).mean() < 1.0
+
+
+def _pixels_of(jpeg: bytes) -> np.ndarray:
+    return imageio.decode(jpeg, 10**9).pixels
+
+
+def test_a_region_narrower_than_its_feather_is_composes():
+    # OpenCV reflects a border again past a mirrored copy; torch's reflect pad refuses: such a sliver of a huge
+    # face (a region of a few pixels, a feather wider) goes to Compose
+    assert devicepaste._blur(torch.ones(40, 30), 13).shape == (40, 30)
+    with pytest.raises(devicepaste.Unsupported):
+        devicepaste._blur(torch.ones(4000, 5), 13)
+
+
+def test_a_broken_jpeg_from_the_encoder_is_refused(monkeypatch):
+    real = devicepaste.encode_jpeg
+    monkeypatch.setattr(devicepaste, "encode_jpeg", lambda imgs, quality: [e[: len(e) // 2] for e in real(imgs, quality=quality)])
+    master = torch.zeros((3, 200, 300), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="broken"):
+        devicepaste.make_derivative(master, [], np.zeros((0, 512, 512, 3), np.uint8), 90, None, None)
+
+
+def test_a_monochrome_test_near_its_bound_is_left_to_the_host(monkeypatch):
+    master = torch.zeros((3, 100, 100), dtype=torch.uint8)
+    for spread, expect in ((0.8, True), (4.0, False)):
+        monkeypatch.setattr(imageio, "chroma_spread", lambda s, v=spread: v)
+        assert devicepaste.is_grey(master) is expect
+    monkeypatch.setattr(imageio, "chroma_spread", lambda s: imageio.GREY_SPREAD + 0.2)
+    with pytest.raises(devicepaste.Unsupported):
+        devicepaste.is_grey(master)
+
+
+def test_kept_masters_are_bounded_and_given_back(weights_dir, sources, tmp_path, monkeypatch):
+    from pipeline import stages
+
+    src, batch = sources
+    cfg = load_config(None, test_overrides(weights_dir, tmp_path, **{"detect.device": "gpu", "output.device": "gpu",
+                                                                     "review.crops": False,
+                                                                     "output.access_copy": True}), environ={})
+    stage = Restore(cfg)
+    work = DecodeDetect(cfg, root=str(src) + "/")(dict(batch))
+    rows = stage(work).to_pylist()
+    # access copy without review crops: both as asked
+    assert rows[0]["_made"] and rows[0]["_made_access"] and rows[0]["_made_review"] is None
+    assert stage._kept_pixels == 0
+    blake = Image.open(src / "blake.jpg").size
+    monkeypatch.setattr(stages, "KEEP_PIXELS", blake[0] * blake[1])  # room for the first master only
+    rows = stage(work).to_pylist()
+    assert [r["_made"] is not None for r in rows] == [True, False, False, False, False]
+    assert stage._kept_pixels == 0
+    out = Compose(cfg, run_id="r1", fingerprint="fp", untrained=True)(stage(work)).to_pylist()
+    assert [r["status"] for r in out] == ["ok"] * 5 and all(r["access_uri"] for r in out)

@@ -95,3 +95,11 @@ def test_png_level_is_lossless_and_trades_size():
         assert np.array_equal(imageio.decode(data, 10**8).pixels, img)
         sizes[level] = len(data)
     assert sizes[0] > sizes[None] and sizes[0] > sizes[9]  # level 0 stores; the others compress
+
+
+def test_a_jpeg_padded_with_zeros_is_whole_and_one_cut_short_is_not():
+    from pipeline.imageio import _jpeg_truncated
+
+    whole = b"\xff\xd8" + b"x" * 100 + b"\xff\xd9"
+    assert not _jpeg_truncated(whole) and not _jpeg_truncated(memoryview(whole + b"\x00" * 200_000))
+    assert _jpeg_truncated(whole[:-1] + b"\x00" * 70_000) and _jpeg_truncated(b"") and _jpeg_truncated(b"\x00" * 10)

@@ -244,3 +244,38 @@ def test_kept_masters_are_bounded_and_given_back(weights_dir, sources, tmp_path,
     assert stage._kept_pixels == 0
     out = Compose(cfg, run_id="r1", fingerprint="fp", untrained=True)(stage(work)).to_pylist()
     assert [r["status"] for r in out] == ["ok"] * 5 and all(r["access_uri"] for r in out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_paste_and_the_encoder_are_the_cpus_within_rounding():
+    """cuDNN's blur, grid_sample and nvJPEG's encoder on a real GPU: the mask within 2e-3 of facexlib's, the
+    paste within 2 levels of the CPU's, and the JPEG whole, at its size, close to libjpeg's (nvJPEG writes
+    4:4:4 chroma through torchvision: README)."""
+    shape = (1200, 1600)
+    rng = np.random.default_rng(5)
+    master = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    for _ in range(2):  # the second time through: nothing left over from the first (streams, buffers)
+        for scale, angle, at in CASES:
+            a = _affine(scale, angle, at)
+            ys, xs, _, roi_inv = paste_mask(shape, a)
+            m = np.zeros(shape, np.float32)
+            m[ys, xs] = devicepaste.paste_mask(roi_inv, (xs.stop - xs.start, ys.stop - ys.start),
+                                               torch.device("cuda")).cpu().numpy()
+            assert np.abs(m - _facexlib_mask(shape, a)).max() < 2e-3, (scale, angle, at)
+            ref = master.copy()
+            paste_face(ref, face, a)
+            t = torch.from_numpy(master.copy()).permute(2, 0, 1).cuda()
+            devicepaste.paste_face(t, torch.from_numpy(face).permute(2, 0, 1).cuda(), a)
+            assert np.abs(t.permute(1, 2, 0).cpu().numpy().astype(int) - ref).max() <= 2, (scale, angle, at)
+        photo = cv2.resize(imageio.to_bgr8(imageio.decode(need(IMAGES / "whole/gfpgan_00.jpg").read_bytes(),
+                                                          10**9).pixels), (1297, 1920))
+        t = torch.from_numpy(photo).permute(2, 0, 1).contiguous().cuda()
+        smooth = cv2.resize(photo[300:1100, 200:1000], (512, 512), interpolation=cv2.INTER_AREA)
+        made = devicepaste.make_derivative(t, _face_records(photo.shape, [(600, 700)]), smooth[None], 95, (640, 85),
+                                           (256, 88))
+        ours = _pixels_of(made.derivative)
+        expected = t.permute(1, 2, 0).cpu().numpy()
+        assert ours.shape == expected.shape and np.abs(ours.astype(int) - expected).mean() < 3  # q95 (libjpeg 4:2:0: 2.3)
+        assert max(_pixels_of(made.access).shape[:2]) == 640 and len(made.review) == 1

@@ -73,6 +73,20 @@ def test_overrides(weights_dir: Path, out: Path, manifest: Path | str | None = N
 test_overrides.__test__ = False  # a helper, not a test
 
 
+def jpeg_of(bgr, orientation: int = 1, grey: bool = False) -> bytes:
+    """A JPEG (quality 92) of 8-bit BGR pixels, RGB or grey, with an EXIF orientation."""
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(bgr[:, :, ::-1]).convert("L" if grey else "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray with 2 CPUs and 1 logical GPU: the GPU actor path is scheduled as on a cluster."""

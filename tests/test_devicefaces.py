@@ -19,7 +19,7 @@ from pipeline.devicefaces import DeviceFaces, _orient, area_resize, warp_crops
 from pipeline.faces import BORDER_VALUE, FaceDetector, align_matrix, warp_face
 from pipeline.stages import Compose, DecodeDetect, Restore
 
-from conftest import IMAGES, need, test_overrides
+from conftest import IMAGES, jpeg_of, need, test_overrides
 
 
 @pytest.mark.parametrize("size", [(3024, 4032, 1200, 1600), (1297, 1920, 1081, 1600), (1000, 777, 500, 389),
@@ -70,15 +70,6 @@ def detector(weights_dir):
     return FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
 
 
-def _jpeg(bgr: np.ndarray, orientation: int = 1, grey: bool = False) -> bytes:
-    im = Image.fromarray(bgr[:, :, ::-1]).convert("L" if grey else "RGB")
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=92, exif=exif.tobytes())
-    return buf.getvalue()
-
-
 def _masters():
     """JPEGs of the shared photos: as they are, scaled up past the detection copy's long side, rotated by
     EXIF, and grey."""
@@ -86,12 +77,12 @@ def _masters():
     for rel in ("whole/gfpgan_Blake_Lively.jpg", "whole/codeformer_00.jpg", "whole/gfpgan_00.jpg",
                 "old/old_a.png", "identity/" + sorted(p.name for p in (IMAGES / "identity").glob("*.jpg"))[0]):
         bgr = imageio.to_bgr8(imageio.decode(need(IMAGES / rel).read_bytes(), 10**9).pixels)
-        out.append((rel, _jpeg(bgr)))
+        out.append((rel, jpeg_of(bgr)))
     big = imageio.to_bgr8(imageio.decode((IMAGES / "whole/codeformer_00.jpg").read_bytes(), 10**9).pixels)
     big = cv2.resize(big, None, fx=2.6, fy=2.6, interpolation=cv2.INTER_CUBIC)
-    out.append(("scaled past 1,600 px", _jpeg(big)))
-    out.append(("EXIF 6", _jpeg(np.ascontiguousarray(np.rot90(big)), orientation=6)))
-    out.append(("grey", _jpeg(big, grey=True)))
+    out.append(("scaled past 1,600 px", jpeg_of(big)))
+    out.append(("EXIF 6", jpeg_of(np.ascontiguousarray(np.rot90(big)), orientation=6)))
+    out.append(("grey", jpeg_of(big, grey=True)))
     return out
 
 
@@ -203,13 +194,13 @@ def sources(tmp_path_factory):
     shutil.copy(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"), src / "blake.jpg")
     shutil.copy(need(IMAGES / "whole/codeformer_02.png"), src / "four faces.png")  # detected on CPU
     bgr = imageio.to_bgr8(imageio.decode((IMAGES / "whole/codeformer_00.jpg").read_bytes(), 10**9).pixels)
-    (src / "rotated.jpg").write_bytes(_jpeg(np.ascontiguousarray(np.rot90(bgr, -1)), orientation=8))
-    (src / "noface.jpg").write_bytes(_jpeg(np.full((300, 400, 3), 90, np.uint8)))
+    (src / "rotated.jpg").write_bytes(jpeg_of(np.ascontiguousarray(np.rot90(bgr, -1)), orientation=8))
+    (src / "noface.jpg").write_bytes(jpeg_of(np.full((300, 400, 3), 90, np.uint8)))
     cmyk = io.BytesIO()
     Image.open(IMAGES / "whole/gfpgan_00.jpg").convert("CMYK").save(cmyk, "JPEG", quality=92)
     (src / "cmyk.jpg").write_bytes(cmyk.getvalue())  # detected on CPU
     (src / "text.jpg").write_text("not an image")
-    (src / "no tables.jpg").write_bytes(_without_quantisation_tables(_jpeg(bgr[:200, :200])))
+    (src / "no tables.jpg").write_bytes(_without_quantisation_tables(jpeg_of(bgr[:200, :200])))
     names = ["blake.jpg", "four faces.png", "rotated.jpg", "noface.jpg", "cmyk.jpg", "text.jpg", "no tables.jpg"]
     return src, {"image_id": np.array([f"id{i}" for i in range(len(names))], object),
                  "uri": np.array([str(src / n) for n in names], object)}

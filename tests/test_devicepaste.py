@@ -1,7 +1,6 @@
 """output.device=gpu: derivatives made on the restoring device (devicepaste.py), run here on CPU (the same
 code; the tests' logical GPU has no CUDA), against the CPU's paste-back and Compose they replace."""
 
-import io
 import json
 import shutil
 
@@ -16,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.faces import paste_face, paste_mask
 from pipeline.stages import Compose, DecodeDetect, Restore
 
-from conftest import IMAGES, need, test_overrides
+from conftest import IMAGES, jpeg_of, need, test_overrides
 
 
 def _affine(scale, angle, at):
@@ -80,24 +79,15 @@ def test_the_devices_paste_is_the_cpus_within_a_level(scale, angle, at):
 # ---- the stages -----------------------------------------------------------------------------------------
 
 
-def _jpeg(bgr: np.ndarray, orientation: int = 1, grey: bool = False) -> bytes:
-    im = Image.fromarray(bgr[:, :, ::-1]).convert("L" if grey else "RGB")
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=92, exif=exif.tobytes())
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     src = tmp_path_factory.mktemp("in")
     shutil.copy(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"), src / "blake.jpg")
     bgr = imageio.to_bgr8(imageio.decode((IMAGES / "whole/codeformer_00.jpg").read_bytes(), 10**9).pixels)
-    (src / "rotated.jpg").write_bytes(_jpeg(np.ascontiguousarray(np.rot90(bgr, -1)), orientation=8))
-    (src / "grey.jpg").write_bytes(_jpeg(bgr, grey=True))  # a grey JPEG: Compose's
+    (src / "rotated.jpg").write_bytes(jpeg_of(np.ascontiguousarray(np.rot90(bgr, -1)), orientation=8))
+    (src / "grey.jpg").write_bytes(jpeg_of(bgr, grey=True))  # a grey JPEG: Compose's
     toned = imageio.to_bgr8(imageio.decode(need(IMAGES / "gray/Hepburn01.png").read_bytes(), 10**9).pixels)
-    (src / "toned.jpg").write_bytes(_jpeg(toned))  # an RGB JPEG of a monochrome print: Compose's (luminance)
+    (src / "toned.jpg").write_bytes(jpeg_of(toned))  # an RGB JPEG of a monochrome print: Compose's (luminance)
     shutil.copy(need(IMAGES / "whole/codeformer_02.png"), src / "four faces.png")  # detected on CPU
     names = ["blake.jpg", "rotated.jpg", "grey.jpg", "toned.jpg", "four faces.png"]
     return src, {"image_id": np.array([f"id{i}" for i in range(len(names))], object),
@@ -164,7 +154,6 @@ def test_a_derivative_the_device_cannot_make_is_composeds(weights_dir, sources, 
     work, rows = _run(weights_dir, tmp_path / "failed", src, batch, **{"output.device": "gpu"})
     assert all(r["_made"] is None for r in work)
     assert [r["status"] for r in rows] == ["ok"] * 2 and all(r["out_sha256"] for r in rows)
-
 
 
 def _face_records(shape, at_list, scale=1.5):

@@ -57,14 +57,12 @@ def _blur(m: torch.Tensor, ksize: int) -> torch.Tensor:
     r = ksize // 2
     if r >= min(m.shape):  # OpenCV reflects again beyond a mirrored copy; a sliver of a face: the CPU's work
         raise Unsupported(f"a paste region of {tuple(m.shape)} px is narrower than its feather ({r} px)")
-    g = torch.from_numpy(cv2.getGaussianKernel(ksize, 0).astype(np.float32).ravel()).to(m.device)
-    x = F.pad(m[None, None], (r, r, r, r), mode="reflect")
-    cudnn = torch.backends.cudnn
-    # in float32 proper: cuDNN may take TF32 for float32 convolutions (Ampere and later), ~5e-4 off the mask
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                     allow_tf32=False):
-        x = F.conv2d(x, g.view(1, 1, 1, -1))
-        return F.conv2d(x, g.view(1, 1, -1, 1))[0, 0]
+    # In float64: cuDNN may take TF32 for float32 convolutions (Ampere and later: ~5e-4 off the mask), and its
+    # flags are the process's, which the restoring thread uses meanwhile; float64 never goes through TF32.
+    g = torch.from_numpy(cv2.getGaussianKernel(ksize, 0).ravel()).to(m.device)
+    x = F.pad(m[None, None].double(), (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, g.view(1, 1, 1, -1))
+    return F.conv2d(x, g.view(1, 1, -1, 1))[0, 0].float()
 
 
 def paste_mask(roi_inv: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:

@@ -307,22 +307,22 @@ class Restore:
         c0 = time.thread_time()
         table = batch if isinstance(batch, pa.Table) else rows_to_table(_rows(batch), self.schema)
         table = table.select(self.schema.names).cast(self.schema)  # zero-copy when it already conforms
-        found, masters, held = {}, {}, [0]
+        found, masters, held = {}, {}, {}
         try:
             if self.device_faces is not None:  # before announcing: the queue need not wait while this detects
                 table, found, masters = self._detect_deferred(table, held)
             # Announced while this call reads its batch: the device thread may wait a moment for its faces
             # rather than run another call's part-filled micro-batch.
             with self.queue.coming() as token:
-                return self._call(table, token, found, c0, masters)
+                return self._call(table, token, found, c0, masters, held)
         finally:
             masters.clear()
-            with self._kept_lock:
-                self._kept_pixels -= held[0]
+            self._release(held, list(held))
 
-    def _call(self, table: pa.Table, token: dict, found: dict, c0: float, masters: dict) -> pa.Table:
+    def _call(self, table: pa.Table, token: dict, found: dict, c0: float, masters: dict, held: dict) -> pa.Table:
         """``found``: the crops of faces found on the device (``_detect_deferred``), by row; ``masters``: the
-        pixels there of those whose derivatives are made there (``output.device=gpu``)."""
+        pixels there of those whose derivatives are made there (``output.device=gpu``), ``held`` their share
+        of ``KEEP_PIXELS``."""
         cols = {name: table.column(name).to_pylist() for name in ("image_id", "status", "error", "n_faces",
                                                                   "faces_json", "restore_s", "restore_device",
                                                                   "cpu_s")}
@@ -341,8 +341,9 @@ class Restore:
                 log.warning("restoring a batch of %d images failed; retrying them one by one", len(todo))
                 parts = {i: self._restore(table.num_rows, [i], [spans[i]], cols, last_try=True) for i in todo}
                 restored = _merge_binary(table.num_rows, {i: p for i, p in parts.items() if p is not None})
-        made = self._make_here(table.num_rows, cols, restored, masters) if masters else {}
+        made = self._make_here(table.num_rows, cols, restored, masters, held) if masters else {}
         masters.clear()  # the device's memory back as soon as the derivatives are made
+        self._release(held, list(held))
         # this thread's CPU on the batch (parsing, device detection), shared by its rows; the device
         # thread's was added per face in _restore
         share = (time.thread_time() - c0) / max(1, table.num_rows)
@@ -355,14 +356,15 @@ class Restore:
             table = table.set_column(self.schema.get_field_index(name), self.schema.field(name), values)
         return table
 
-    def _detect_deferred(self, table: pa.Table, held: list[int]) -> tuple[pa.Table, dict, dict]:
+    def _detect_deferred(self, table: pa.Table, held: dict[int, int]) -> tuple[pa.Table, dict, dict]:
         """Decode the batch's deferred JPEG masters (``defer_detect``) on the device, find and align their
         faces there, and fill the columns DecodeDetect fills for the others (faces, status, timings; a
         failure as it would say it). Returns the table, the crops by row (buffer, start, end: where
         ``_restore`` reads them) and, with ``output.device=gpu``, the decoded masters by row whose
-        derivatives are made here (``_make_here``); ``held[0]`` counts their pixels, which the caller gives
-        back to ``KEEP_PIXELS`` when it is done with them. The masters' bytes are read where Arrow holds them, and go on to Compose
-        only with ``cluster.carry_masters`` (as from DecodeDetect); otherwise Compose reads them again."""
+        derivatives are made here (``_make_here``), whose pixels ``held`` holds by row (given back to
+        ``KEEP_PIXELS`` as each is done with). The masters' bytes are read where Arrow holds them, and go on
+        to Compose only with ``cluster.carry_masters`` (as from DecodeDetect); otherwise Compose reads them
+        again."""
         deferred = table.column("defer_detect").to_pylist()
         status = table.column("status").to_pylist()
         rows = [i for i, (o, s) in enumerate(zip(deferred, status)) if o is not None and s == Status.OK.value]
@@ -372,8 +374,11 @@ class Restore:
                  "detect_fingerprint", "decode_s", "detect_s", "defer_detect")
         cols = {n: table.column(n).to_pylist() for n in ("image_id", *names)}
         masters = [memoryview(buf)[a:b] for buf, a, b in _binary_rows(table.column("src_bytes"), rows)]
-        keep = [self.make_here and self._made_here(m) and self._hold(cols["width"][i], cols["height"][i], held)
-                for i, m in zip(rows, masters)]
+        wanted = [self.make_here and self._made_here(m) for m in masters]
+        keep = [w and self._hold(cols["width"][i], cols["height"][i], held, i) for i, w in zip(rows, wanted)]
+        if sum(wanted) > sum(keep):
+            log.info("%d masters over KEEP_PIXELS kept on the device: Compose makes their derivatives",
+                     sum(wanted) - sum(keep))
         try:
             found = self.device_faces(masters, [deferred[i] for i in rows],
                                       [(cols["width"][i] or 0) * (cols["height"][i] or 0) for i in rows], keep)
@@ -425,31 +430,41 @@ class Restore:
             drop[dropped] = True
             src = pc.if_else(pa.array(drop), pa.scalar(None, pa.large_binary()), src)
         table = table.set_column(self.schema.get_field_index("src_bytes"), self.schema.field("src_bytes"), src)
+        self._release(held, [i for i in list(held) if i not in kept])  # no faces, failed: nothing kept
         return table, crops, kept
 
-    def _hold(self, width: int | None, height: int | None, held: list[int]) -> bool:
-        """Room for one more kept master of ``width`` x ``height`` within ``KEEP_PIXELS`` (added to ``held``); a
+    def _hold(self, width: int | None, height: int | None, held: dict[int, int], row: int) -> bool:
+        """Room for one more kept master of ``width`` x ``height`` within ``KEEP_PIXELS`` (``held[row]``); a
         master beyond it has its derivative made by Compose."""
         n = (width or 0) * (height or 0)
         with self._kept_lock:
             if not n or self._kept_pixels + n > KEEP_PIXELS:
                 return False
             self._kept_pixels += n
-        held[0] += n
+        held[row] = n
         return True
+
+    def _release(self, held: dict[int, int], rows: list[int]) -> None:
+        """Give ``rows``' kept pixels back to ``KEEP_PIXELS``."""
+        n = sum(held.pop(i, 0) for i in rows)
+        if n:
+            with self._kept_lock:
+                self._kept_pixels -= n
 
     def _made_here(self, data) -> bool:
         """Whether a deferred master's derivative can be made on the device: a colour JPEG re-encoded to JPEG.
         (Grey masters, luminance-only pastes, blocks mode and other formats are Compose's, on the CPU.)"""
         o = self.cfg.output
-        if o.jpeg_mode != "reencode" or o.colour_policy == "force_grey" or imageio.output_format("JPEG", o.format) != "JPEG":
+        if (o.jpeg_mode != "reencode" or o.colour_policy == "force_grey"
+                or imageio.output_format("JPEG", o.format) != "JPEG"):
             return False
         try:
             return imageio.probe(data, self.cfg.input.max_pixels).mode == "RGB"
         except Exception:
             return False
 
-    def _make_here(self, num_rows: int, cols: dict, restored: pa.Array, masters: dict) -> dict[str, pa.Array]:
+    def _make_here(self, num_rows: int, cols: dict, restored: pa.Array, masters: dict,
+                   held: dict[int, int]) -> dict[str, pa.Array]:
         """The derivatives, access copies and review crops of the restored rows among ``masters``, made on the
         device (devicepaste.py), as columns; a row whose master turns out monochrome (``colour_policy=auto``)
         or whose making fails is left to Compose, on the CPU."""
@@ -483,6 +498,7 @@ class Restore:
                 continue
             finally:
                 del master
+                self._release(held, [i])
             made[i], made_access[i] = m.derivative, m.access
             made_review[i] = [x for pair in m.review for x in pair] if crops else None
         return {"_made": pa.array(made, pa.large_binary()), "_made_access": pa.array(made_access, pa.large_binary()),

@@ -120,8 +120,9 @@ def test_derivatives_made_on_the_device_are_the_cpus(weights_dir, sources, tmp_p
         diff = np.abs(a.pixels.astype(int) - b.pixels)
         assert diff.mean() < 0.5 and np.percentile(diff, 99.9) <= 6, (c["uri"], diff.mean())
         # the master's metadata carried and the edit said, as on the CPU
-        assert Image.open(d["output_uri"]).info.get("icc_profile") == Image.open(c["output_uri"]).info.get("icc_profile")
-        assert (Image.open(d["output_uri"]).getexif().get(0x0131) or "") == (Image.open(c["output_uri"]).getexif().get(0x0131) or "")
+        made_on, by_compose = Image.open(d["output_uri"]), Image.open(c["output_uri"])
+        assert made_on.info.get("icc_profile") == by_compose.info.get("icc_profile")
+        assert made_on.getexif().get(0x0131) and made_on.getexif().get(0x0131) == by_compose.getexif().get(0x0131)
         ac, ad = _pixels(c["access_uri"]), _pixels(d["access_uri"])
         assert ac.pixels.shape == ad.pixels.shape and max(ad.pixels.shape[:2]) <= 640
         assert np.abs(ac.pixels.astype(int) - ad.pixels).mean() < 1.0
@@ -233,6 +234,22 @@ def test_kept_masters_are_bounded_and_given_back(weights_dir, sources, tmp_path,
     assert stage._kept_pixels == 0
     out = Compose(cfg, run_id="r1", fingerprint="fp", untrained=True)(stage(work)).to_pylist()
     assert [r["status"] for r in out] == ["ok"] * 5 and all(r["access_uri"] for r in out)
+    # only the masters kept hold their share once their faces are found, and a call that fails gives it back
+    monkeypatch.setattr(stages, "KEEP_PIXELS", 10**9)
+    held = {}
+    table, _, kept = stage._detect_deferred(work.select(stage.schema.names).cast(stage.schema), held)
+    # the colour JPEGs with faces (the toned print's monochrome test comes after restoring), not the grey one
+    assert set(held) == set(kept) == {0, 1, 3} and stage._kept_pixels == sum(held.values()) > 0
+    stage._release(held, list(held))
+    assert stage._kept_pixels == 0 and not held
+
+    def fails(*a, **k):
+        raise RuntimeError("the device thread died")
+
+    monkeypatch.setattr(stage, "_call", fails)
+    with pytest.raises(RuntimeError, match="died"):
+        stage(work)
+    assert stage._kept_pixels == 0
 
 
 @pytest.mark.gpu
@@ -249,15 +266,18 @@ def test_on_cuda_the_paste_and_the_encoder_are_the_cpus_within_rounding():
         for scale, angle, at in CASES:
             a = _affine(scale, angle, at)
             ys, xs, _, roi_inv = paste_mask(shape, a)
+            size = (xs.stop - xs.start, ys.stop - ys.start)
             m = np.zeros(shape, np.float32)
-            m[ys, xs] = devicepaste.paste_mask(roi_inv, (xs.stop - xs.start, ys.stop - ys.start),
-                                               torch.device("cuda")).cpu().numpy()
+            m[ys, xs] = devicepaste.paste_mask(roi_inv, size, torch.device("cuda")).cpu().numpy()
             assert np.abs(m - _facexlib_mask(shape, a)).max() < 2e-3, (scale, angle, at)
+            # the same code on the CPU: no TF32 (~5e-4) or other shortcut of the GPU's
+            assert np.abs(m[ys, xs] - devicepaste.paste_mask(roi_inv, size, torch.device("cpu")).numpy()).max() < 1e-4
             ref = master.copy()
             paste_face(ref, face, a)
             t = torch.from_numpy(master.copy()).permute(2, 0, 1).cuda()
             devicepaste.paste_face(t, torch.from_numpy(face).permute(2, 0, 1).cuda(), a)
-            assert np.abs(t.permute(1, 2, 0).cpu().numpy().astype(int) - ref).max() <= 2, (scale, angle, at)
+            diff = np.abs(t.permute(1, 2, 0).cpu().numpy().astype(int) - ref)
+            assert diff.max() <= 2 and (diff > 1).mean() < 1e-4, (scale, angle, at)
         photo = cv2.resize(imageio.to_bgr8(imageio.decode(need(IMAGES / "whole/gfpgan_00.jpg").read_bytes(),
                                                           10**9).pixels), (1297, 1920))
         t = torch.from_numpy(photo).permute(2, 0, 1).contiguous().cuda()

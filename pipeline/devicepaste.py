@@ -65,33 +65,36 @@ def _blur(m: torch.Tensor, ksize: int) -> torch.Tensor:
     return F.conv2d(x, g.view(1, 1, -1, 1))[0, 0].float()
 
 
-def paste_mask(roi_inv: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """``faces.paste_mask``'s mask for a region of ``size`` (w, h) on ``device``: the crop's footprint (the
-    product of two ramps of the crop's coordinates: what warping its ones bilinearly gives, without a
-    gather), eroded by 2 px, then by 2 w_edge and Gaussian-feathered over 2 w_edge + 1 as facexlib does."""
+def _crop_coords(roi_inv: np.ndarray, size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pixel of a region of ``size`` (w, h), where it falls in the crop: (x, y), each (h, w) float32."""
     w, h = size
     a = torch.from_numpy(cv2.invertAffineTransform(roi_inv).astype(np.float32)).to(device)  # region -> crop
     ys = torch.arange(h, dtype=torch.float32, device=device).view(-1, 1)
     xs = torch.arange(w, dtype=torch.float32, device=device).view(1, -1)
-    mask = _ramp(xs * a[0, 0] + ys * a[0, 1] + a[0, 2]) * _ramp(xs * a[1, 0] + ys * a[1, 1] + a[1, 2])
-    mask = _erode(mask, 2)
+    return xs * a[0, 0] + ys * a[0, 1] + a[0, 2], xs * a[1, 0] + ys * a[1, 1] + a[1, 2]
+
+
+def paste_mask(roi_inv: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``faces.paste_mask``'s mask for a region of ``size`` (w, h) on ``device``."""
+    return _mask(*_crop_coords(roi_inv, size, device))
+
+
+def _mask(cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """The mask over crop coordinates ``cx``, ``cy``: the crop's footprint (the product of two ramps of them:
+    what warping its ones bilinearly gives, without a gather), eroded by 2 px, then by 2 w_edge and
+    Gaussian-feathered over 2 w_edge + 1 as facexlib does."""
+    mask = _erode(_ramp(cx) * _ramp(cy), 2)
     w_edge = int(float(mask.sum(dtype=torch.float64)) ** 0.5) // 20
     if w_edge > 0:
         mask = _blur(_erode(mask, 2 * w_edge), 2 * w_edge + 1)
     return mask
 
 
-def warp_face(face_bgr: torch.Tensor, roi_inv: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """``cv2.warpAffine(face, roi_inv, size)`` of a (3, 512, 512) uint8 face: bilinear, zeros outside, rounded
-    to 8 bits as facexlib's warp of the uint8 face is. (3, h, w) float32 of whole levels."""
-    w, h = size
-    dev = face_bgr.device
-    a = torch.from_numpy(cv2.invertAffineTransform(roi_inv).astype(np.float32)).to(dev)  # region -> crop
-    ys = torch.arange(h, dtype=torch.float32, device=dev).view(-1, 1)
-    xs = torch.arange(w, dtype=torch.float32, device=dev).view(1, -1)
+def _warp(face_bgr: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """``cv2.warpAffine`` of a (3, 512, 512) uint8 face sampled at crop coordinates ``cx``, ``cy``: bilinear,
+    zeros outside, rounded to 8 bits as facexlib's warp of the uint8 face is. (3, h, w) float32 of levels."""
     scale = 2.0 / (FACE_SIZE - 1)  # pixel centres to grid_sample's [-1, 1] (align_corners)
-    grid = torch.stack([(xs * a[0, 0] + ys * a[0, 1] + a[0, 2]) * scale - 1,
-                        (xs * a[1, 0] + ys * a[1, 1] + a[1, 2]) * scale - 1], dim=-1)
+    grid = torch.stack([cx * scale - 1, cy * scale - 1], dim=-1)
     out = F.grid_sample(face_bgr[None].float(), grid[None], mode="bilinear", padding_mode="zeros",
                         align_corners=True)[0]
     return out.round_().clamp_(0, 255)
@@ -103,9 +106,10 @@ def paste_face(master: torch.Tensor, face_bgr: torch.Tensor, affine: np.ndarray)
     ys, xs, roi_inv = paste_region(master.shape[1:], affine)
     if ys.stop <= ys.start:
         return
-    size = (xs.stop - xs.start, ys.stop - ys.start)
-    m = paste_mask(roi_inv, size, master.device)
-    face = warp_face(face_bgr, roi_inv, size)
+    cx, cy = _crop_coords(roi_inv, (xs.stop - xs.start, ys.stop - ys.start), master.device)  # once for both
+    m = _mask(cx, cy)
+    face = _warp(face_bgr, cx, cy)
+    del cx, cy
     region = master[:, ys, xs]
     c = region.float()
     region.copy_(c.add_(face.sub_(c).mul_(m)).round_().clamp_(0, 255).to(torch.uint8))

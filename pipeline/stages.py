@@ -341,9 +341,9 @@ class Restore:
                 log.warning("restoring a batch of %d images failed; retrying them one by one", len(todo))
                 parts = {i: self._restore(table.num_rows, [i], [spans[i]], cols, last_try=True) for i in todo}
                 restored = _merge_binary(table.num_rows, {i: p for i, p in parts.items() if p is not None})
+        # (each master goes, and gives its share of KEEP_PIXELS back, as its derivative is made; the call's
+        # __call__ lets go of the rest)
         made = self._make_here(table.num_rows, cols, restored, masters, held) if masters else {}
-        masters.clear()  # the device's memory back as soon as the derivatives are made
-        self._release(held, list(held))
         # this thread's CPU on the batch (parsing, device detection), shared by its rows; the device
         # thread's was added per face in _restore
         share = (time.thread_time() - c0) / max(1, table.num_rows)

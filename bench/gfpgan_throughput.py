@@ -94,6 +94,8 @@ def restorer_faces_per_s(precision, micro_batch, n_faces, smoke, device):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faces", type=int, default=None, help="faces per measurement (default: 4 CPU, 512 CUDA)")
+    ap.add_argument("--fp32-faces", type=int, default=None,
+                    help="faces per fp32 measurement (default: --faces); fewer keeps a GPU run short")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     ap.add_argument("--repeat", type=int, default=5,
                     help="interleaved repeats of the fp32 rows; the ratio is the median of the repeats' ratios")
@@ -120,13 +122,14 @@ def main() -> None:
         return fps
 
     mb32 = 8 if cuda else 2
+    n32 = args.fp32_faces or n
     officials, ours = [], []
     for _ in range(args.repeat):  # interleaved, so a noisy neighbour hurts both rows of a repeat alike
         model.set_modconv_impl("grouped").set_upstream_ops(True)  # upstream's formulation and passes
-        officials.append(faces_per_s(model, device, torch.float32, 1, n))
+        officials.append(faces_per_s(model, device, torch.float32, 1, n32))
         # per layer: shared-weight where it wins (all of CUDA), grouped elsewhere; gain and bias folded in
         model.set_modconv_impl("auto").set_upstream_ops(False)
-        ours.append(faces_per_s(model, device, torch.float32, mb32, max(n, mb32)))
+        ours.append(faces_per_s(model, device, torch.float32, mb32, max(n32, mb32)))
     official, ours32 = float(np.median(officials)), float(np.median(ours))
     ratios = [o / b for o, b in zip(ours, officials)]
     record("official-style loop (grouped, fp32, batch 1)", official)

@@ -4,8 +4,8 @@
 
 Baseline: what `inference_gfpgan.py` / GFPGANer does — facexlib's FaceRestoreHelper (detect at native
 size, threshold 0.97, eye distance >= 5, FFHQ alignment, full-image paste-back with the square mask),
-one image and one face at a time, GFP-GAN in fp32 with the official grouped modulated convolution,
-cv2.imwrite of the result. ParseNet is off on both sides (its weights are not obtainable here).
+one image and one face at a time, GFP-GAN in fp32 with the official grouped modulated convolution (on
+the GPU when there is one, as GFPGANer does), cv2.imwrite of the result. ParseNet is off on both sides (its weights are not obtainable here).
 
 Pipeline: `archive-restore run` over the same images on a local Ray (all CPUs, the machine's GPUs or one
 logical GPU), same detector, same GFP-GAN weights; it additionally hashes, scores identity and writes
@@ -13,7 +13,9 @@ the results ledger. Ray itself is started before the clock starts (a cluster out
 start-up and model loading are inside the measured time.
 
 GFP-GAN weights: GFPGANv1.4.pth from --weights-dir if present, else seeded random weights of the same
-architecture (same FLOPs) on both sides. The last line is `speedup_vs_sequential=<x>`.
+architecture (same FLOPs) on both sides. ``--set key=value`` (repeatable) overrides a setting of the
+pipeline's side, e.g. ``--set detect.device=gpu --set output.device=gpu``. The last line is
+`speedup_vs_sequential=<x>`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pipeline import job, weights
 from pipeline.config import load_config
 from pipeline.restorer import build_gfpgan
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("ARCHIVE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 # The crowd photos (14 and 64 faces) are left out by default so a CPU run finishes in minutes.
 DEFAULT_IMAGES = sorted(p for d in ("whole", "old") for p in (SHARED / "images" / d).glob("*.*")
                         if "crowd" not in p.name and "oscar" not in p.name)
@@ -49,11 +51,12 @@ def sequential(cfg, paths: list[Path], out: Path) -> tuple[float, int]:
     frh.init_parsing_model = lambda *a, **k: None
     FaceRestoreHelper = frh.FaceRestoreHelper
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = build_gfpgan(cfg)
-    model.set_modconv_impl("grouped").set_upstream_ops(True)  # upstream's formulation and passes
+    model = model.to(device).set_modconv_impl("grouped").set_upstream_ops(True)  # upstream's formulation
     det_dir = str(weights.resolve(cfg.detect.model, cfg).path.parent)
     helper = FaceRestoreHelper(1, face_size=512, crop_ratio=(1, 1), det_model=cfg.detect.model, save_ext="png",
-                               use_parse=False, device=torch.device("cpu"), model_rootpath=det_dir)
+                               use_parse=False, device=device, model_rootpath=det_dir)
     out.mkdir(parents=True, exist_ok=True)
     faces = 0
     t0 = time.perf_counter()
@@ -67,8 +70,8 @@ def sequential(cfg, paths: list[Path], out: Path) -> tuple[float, int]:
         for crop in helper.cropped_faces:
             x = torch.from_numpy(crop[:, :, ::-1].copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
             with torch.no_grad():
-                y = model(x[None])[0]
-            face = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()[:, :, ::-1]
+                y = model(x[None].to(device))[0]
+            face = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()[:, :, ::-1]
             helper.add_restored_face(np.ascontiguousarray(face))
             faces += 1
         helper.get_inverse_affine(None)
@@ -101,6 +104,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=len(DEFAULT_IMAGES), help="how many of the photos to use")
     ap.add_argument("--repeat", type=int, default=1, help="use each photo this many times (distinct copies)")
     ap.add_argument("--max-faces", type=int, default=64)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of the pipeline's side (repeatable), e.g. detect.device=gpu")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="the pipeline alone (a second variant in the same session); last line pipeline_images_per_s")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -114,11 +121,19 @@ def main() -> None:
     overrides = {"weights_dir": args.weights_dir, "allow_download": False, "untrained": True,
                  "detect.model": args.detector, "detect.long_side": None, "detect.max_faces": args.max_faces,
                  "restore.model": "GFPGANv1.4", "qa.identity_backend": "onnx"}
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, overrides)  # the baseline's: the detector and GFP-GAN, not the pipeline's options
+    overrides.update(kv.split("=", 1) for kv in args.set)
     gfp = weights.resolve("GFPGANv1.4", cfg)
-    print(f"{len(paths)} images; detector {args.detector}; GFP-GAN {'UNTRAINED (seeded, same FLOPs)' if gfp.untrained else gfp.path}; "
+    print(f"{len(paths)} images; detector {args.detector}; pipeline settings {args.set or 'default'}; GFP-GAN {'UNTRAINED (seeded, same FLOPs)' if gfp.untrained else gfp.path}; "
           f"device {'cuda x%d' % torch.cuda.device_count() if torch.cuda.is_available() else 'cpu x%d' % os.cpu_count()}")
 
+    if args.no_baseline:
+        pipe_s, pipe_faces = pipeline(overrides, paths, work)
+        print(f"pipeline (Ray Data job):   {pipe_s:8.1f} s  {len(paths) / pipe_s:7.3f} images/s  "
+              f"{pipe_faces / pipe_s:7.3f} faces/s  ({pipe_faces} faces)")
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"pipeline_images_per_s={len(paths) / pipe_s:.3f}")
+        return
     seq_s, seq_faces = sequential(cfg, paths, work / "seq")
     print(f"sequential (official way): {seq_s:8.1f} s  {len(paths) / seq_s:7.3f} images/s  {seq_faces / seq_s:7.3f} faces/s"
           f"  ({seq_faces} faces)")

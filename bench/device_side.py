@@ -1,0 +1,138 @@
+"""The device's side of a JPEG master with detect.device=gpu and output.device=gpu, measured on the device.
+
+    python bench/device_side.py                       # CUDA if present: 12 and 40 MP, batch 8, 5 repeats
+    python bench/device_side.py --mp 1 --images 2 --repeats 1    # on CPU: checks the script (figures meaningless)
+
+What ``bench/cpu_side.py`` can only time on a CPU, timed where it runs in production. Masters are its masters
+(a real two-face photograph scaled to the size, JPEG q95). Rows, per image, median of the repeats:
+
+- detect: ``DeviceFaces`` over ``--images`` masters in batches of ``detect.gpu_batch``: nvJPEG decode
+  (``torchvision.io.decode_jpeg`` on the device), the INTER_AREA detection copy, RetinaFace mobile0.25 (the
+  real weights) and the 512x512 crops brought to the host; then the same with ResNet-50 (seeded weights: the
+  file cannot be had here, and its cost does not depend on them), the shipped default detector.
+- made: ``devicepaste.make_derivative`` on a master already on the device: both faces pasted, the derivative,
+  the access copy and four review crops encoded (nvJPEG through ``torchvision.io.encode_jpeg`` on CUDA).
+
+Each row gives wall milliseconds (device synchronised) and host CPU milliseconds (``time.process_time``, all
+threads: on CUDA this includes the driver's spin while the host waits, so it is an upper bound of what the
+work costs a core). Images per second on one device follow from the wall time. The last line is
+machine-readable: ``device=<name> detect_ms=<ms> detect_host_cpu_ms=<ms> detect_r50_ms=<ms>
+made_ms=<ms> made_host_cpu_ms=<ms> peak_gib=<GiB>`` for the 12 MP master (the first size when 12 is not
+asked for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from cpu_side import SHARED, make_master  # noqa: E402
+
+from pipeline import devicepaste, imageio, weights  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.devicefaces import DeviceFaces  # noqa: E402
+from pipeline.faces import FaceDetector  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median wall and host-CPU seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    _sync(device)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mp", type=float, nargs="+", default=[12, 40])
+    ap.add_argument("--images", type=int, default=16, help="masters per detect measurement")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "w").mkdir()
+        os.symlink(SHARED / "models/detection_mobilenet0.25_Final.pth", tmp / "w/detection_mobilenet0.25_Final.pth")
+        cfg = load_config(None, {"weights_dir": str(tmp / "w"), "allow_download": False,
+                                 "detect.model": "retinaface_mobile0.25", "input.max_pixels": 200_000_000},
+                          environ={})
+        r50 = cfg.model_copy(update={"untrained": True, "detect": cfg.detect.model_copy(
+            update={"model": "retinaface_resnet50"})})
+        mobile = DeviceFaces(FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg), device=device),
+                             cfg.detect.gpu_batch)
+        resnet = DeviceFaces(FaceDetector(r50.detect, weights.resolve(r50.detect.model, r50), device=device),
+                             cfg.detect.gpu_batch)
+        print(f"device: {name}; torch {torch.__version__}; {args.images} masters per detect run, batch "
+              f"{cfg.detect.gpu_batch}; median of {args.repeats}")
+        rows = {}
+        for mp in args.mp:
+            data = make_master(tmp, mp, "jpeg").read_bytes()
+            head = imageio.probe(data, cfg.input.max_pixels)
+            many, orient = [data] * args.images, [head.orientation] * args.images
+            pixels = [head.stored_size[0] * head.stored_size[1]] * args.images
+            found = mobile([data], [head.orientation], keep=[True])[0]
+            assert not isinstance(found, Exception) and len(found.faces) >= 2, f"{mp} MP: {found}"
+            records = [{"bbox": f.bbox.tolist(), "affine": a.ravel().tolist(), "action": "restored"}
+                       for f, a in zip(found.faces[:2], found.affines[:2])]
+            restored = np.ascontiguousarray(found.crops[:2])  # stand-ins for the restored faces
+            master = found.master
+            del found
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            dw, dc = timed(lambda: mobile(many, orient, pixels), device, args.repeats)
+            rw, rc = timed(lambda: resnet(many, orient, pixels), device, args.repeats)
+
+            def made():
+                with mobile.using():
+                    return devicepaste.make_derivative(master.clone(), records, restored, cfg.output.jpeg_quality,
+                                                       (cfg.output.access_long_side, cfg.output.access_quality),
+                                                       (cfg.review.crop_size, cfg.review.crop_quality))
+
+            mw, mc = timed(made, device, args.repeats)
+            out = made()
+            assert out.derivative[:2] == b"\xff\xd8" and len(out.review) == 2
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            n = args.images
+            rows[mp] = dict(detect_ms=dw / n * 1e3, detect_host_cpu_ms=dc / n * 1e3, detect_r50_ms=rw / n * 1e3,
+                            detect_r50_host_cpu_ms=rc / n * 1e3, made_ms=mw * 1e3, made_host_cpu_ms=mc * 1e3,
+                            peak_gib=peak)
+            r = rows[mp]
+            print(f"\njpeg {mp:g} MP ({len(data) / 1e6:.1f} MB), per image:")
+            print(f"  detect mobile0.25 (decode, copy, detect, crops)  {r['detect_ms']:8.2f} ms wall "
+                  f"{r['detect_host_cpu_ms']:8.2f} ms host CPU  ({1e3 / r['detect_ms']:.0f} images/s)")
+            print(f"  detect resnet50                                  {r['detect_r50_ms']:8.2f} ms wall "
+                  f"{r['detect_r50_host_cpu_ms']:8.2f} ms host CPU  ({1e3 / r['detect_r50_ms']:.0f} images/s)")
+            print(f"  made (paste 2 faces, derivative, access, crops)  {r['made_ms']:8.2f} ms wall "
+                  f"{r['made_host_cpu_ms']:8.2f} ms host CPU  ({1e3 / r['made_ms']:.0f} images/s)")
+            print(f"  peak device memory {peak:.2f} GiB; derivative {len(out.derivative) / 1e6:.2f} MB "
+                  f"(master {len(data) / 1e6:.2f} MB)")
+        r = rows.get(12.0) or rows[args.mp[0]]
+        print(f"device={name.replace(' ', '_')} " + " ".join(f"{k}={v:.2f}" for k, v in r.items()))
+
+
+if __name__ == "__main__":
+    main()

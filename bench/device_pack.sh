@@ -7,7 +7,7 @@
 # (the device tool's KINDS.md), and takes at most 64 MiB with the working tree. So .dev/ holds:
 #   site.tar.xz   the rest of our dependencies for CPython 3.12: Ray with its debug symbols stripped and
 #                 without its Java jar, dashboard client, RLlib, Serve and LLM parts (~80 -> ~26 MB), jpeglib
-#                 with only the libjpeg-turbo build we use, facexlib, pydantic, pyexiv2;
+#                 with only the two libjpeg builds it loads, facexlib, pydantic, pyexiv2;
 #   shared.tar.xz the ../shared files the CUDA tests and the GPU benches read (the crowd photos left out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,8 @@ for w in "$work"/whl/*.whl; do unzip -q -o "$w" -d "$work/site"; done
 cd "$work/site"
 rm -rf ray/jars ray/dashboard/client/build ray/rllib ray/llm ray/serve
 strip --strip-unneeded ray/_raylet.so ray/core/src/ray/gcs/gcs_server ray/core/src/ray/raylet/raylet
-find jpeglib/cjpeglib -maxdepth 1 -name 'cjpeglib_*.so' ! -name 'cjpeglib_turbo210*' -delete
+# turbo210 is ours (jpegblocks.py); 6b is what jpeglib loads on import
+find jpeglib/cjpeglib -maxdepth 1 -name 'cjpeglib_*.so' ! -name 'cjpeglib_turbo210*' ! -name 'cjpeglib_6b*' -delete
 find jpeglib/cjpeglib -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
 cd - > /dev/null
 tar -C "$work/site" -cJf .dev/site.tar.xz .

@@ -1,6 +1,6 @@
 """The device's side of a JPEG master with detect.device=gpu and output.device=gpu, measured on the device.
 
-    python bench/device_side.py                       # CUDA if present: 12 and 40 MP, batch 8, 5 repeats
+    python bench/device_side.py                       # CUDA if present: 12 and 40 MP, 8 masters, 3 repeats
     python bench/device_side.py --mp 1 --images 2 --repeats 1    # on CPU: checks the script (figures meaningless)
 
 What ``bench/cpu_side.py`` can only time on a CPU, timed where it runs in production. Masters are its masters
@@ -8,15 +8,18 @@ What ``bench/cpu_side.py`` can only time on a CPU, timed where it runs in produc
 
 - detect: ``DeviceFaces`` over ``--images`` masters in batches of ``detect.gpu_batch``: nvJPEG decode
   (``torchvision.io.decode_jpeg`` on the device), the INTER_AREA detection copy, RetinaFace mobile0.25 (the
-  real weights) and the 512x512 crops brought to the host; then the same with ResNet-50 (seeded weights: the
-  file cannot be had here, and its cost does not depend on them), the shipped default detector.
+  real weights) and the 512x512 crops brought to the host; then the networks alone on a batch of copies,
+  mobile0.25 and ResNet-50 (the shipped default; seeded weights: the file cannot be had here, and its cost
+  does not depend on them).
+- new copy sizes: a detection copy of a size not seen before, in cuDNN's benchmark mode (as the Restore actor
+  runs) cold and warm, and with benchmark mode off.
 - made: ``devicepaste.make_derivative`` on a master already on the device: both faces pasted, the derivative,
   the access copy and four review crops encoded (nvJPEG through ``torchvision.io.encode_jpeg`` on CUDA).
 
 Each row gives wall milliseconds (device synchronised) and host CPU milliseconds (``time.process_time``, all
 threads: on CUDA this includes the driver's spin while the host waits, so it is an upper bound of what the
 work costs a core). Images per second on one device follow from the wall time. The last line is
-machine-readable: ``device=<name> detect_ms=<ms> detect_host_cpu_ms=<ms> detect_r50_ms=<ms>
+machine-readable: ``device=<name> detect_ms=<ms> detect_host_cpu_ms=<ms> net_mobile_ms=<ms> net_r50_ms=<ms>
 made_ms=<ms> made_host_cpu_ms=<ms> peak_gib=<GiB>`` for the 12 MP master (the first size when 12 is not
 asked for).
 """
@@ -64,11 +67,47 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def shapes(faces: DeviceFaces, tmp: Path, device: torch.device, cfg) -> None:
+    """What a detection copy of a new size costs in the Restore actor, which runs cuDNN in benchmark mode
+    (restorer.py): masters of six aspect ratios (so six copy sizes), each detected once cold and once warm,
+    then six more sizes with benchmark mode off."""
+    import cv2
+
+    src = cv2.imread(str(make_master(tmp, 12, "jpeg")))
+    h, w = src.shape[:2]
+
+    def masters(widths):
+        return [cv2.imencode(".jpg", src[:, :k], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for k in widths]
+
+    def each(datas):
+        out = []
+        for d in datas:
+            _sync(device)
+            t = time.perf_counter()
+            faces([d], [1])
+            _sync(device)
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        on = masters([w - 97 * k for k in range(1, 7)])
+        cold, warm = each(on), each(on)
+        torch.backends.cudnn.benchmark = False
+        off = each(masters([w - 97 * k - 50 for k in range(1, 7)]))
+    finally:
+        torch.backends.cudnn.benchmark = before
+    print(f"\nnew copy sizes (masters {h} high, 6 widths): benchmark mode cold {statistics.median(cold):.1f} ms, "
+          f"warm {statistics.median(warm):.1f} ms; benchmark off, new sizes {statistics.median(off):.1f} ms "
+          f"(medians per master; cold: {' '.join(f'{x:.0f}' for x in cold)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mp", type=float, nargs="+", default=[12, 40])
-    ap.add_argument("--images", type=int, default=16, help="masters per detect measurement")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--images", type=int, default=8, help="masters per detect measurement")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -104,7 +143,17 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             dw, dc = timed(lambda: mobile(many, orient, pixels), device, args.repeats)
-            rw, rc = timed(lambda: resnet(many, orient, pixels), device, args.repeats)
+            # ResNet-50's network alone on a batch of detection copies: seeded weights find thousands of
+            # "faces", whose post-processing would time nothing a trained detector does
+            _, ch, cw = mobile.detector.copy_size(*master.shape[1:])
+            batch = min(args.images, cfg.detect.gpu_batch)
+            copies = torch.rand(batch, 3, ch, cw, device=device).mul(255).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                rw, rc = timed(lambda: resnet.detector.net(copies - resnet.detector.net.mean_tensor), device,
+                               args.repeats)
+                mnw, _ = timed(lambda: mobile.detector.net(copies - mobile.detector.net.mean_tensor), device,
+                               args.repeats)
+            rw, rc, mnw = rw * args.images / batch, rc * args.images / batch, mnw * args.images / batch
 
             def made():
                 with mobile.using():
@@ -117,19 +166,19 @@ def main() -> None:
             assert out.derivative[:2] == b"\xff\xd8" and len(out.review) == 2
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             n = args.images
-            rows[mp] = dict(detect_ms=dw / n * 1e3, detect_host_cpu_ms=dc / n * 1e3, detect_r50_ms=rw / n * 1e3,
-                            detect_r50_host_cpu_ms=rc / n * 1e3, made_ms=mw * 1e3, made_host_cpu_ms=mc * 1e3,
-                            peak_gib=peak)
+            rows[mp] = dict(detect_ms=dw / n * 1e3, detect_host_cpu_ms=dc / n * 1e3, net_mobile_ms=mnw / n * 1e3,
+                            net_r50_ms=rw / n * 1e3, made_ms=mw * 1e3, made_host_cpu_ms=mc * 1e3, peak_gib=peak)
             r = rows[mp]
             print(f"\njpeg {mp:g} MP ({len(data) / 1e6:.1f} MB), per image:")
             print(f"  detect mobile0.25 (decode, copy, detect, crops)  {r['detect_ms']:8.2f} ms wall "
                   f"{r['detect_host_cpu_ms']:8.2f} ms host CPU  ({1e3 / r['detect_ms']:.0f} images/s)")
-            print(f"  detect resnet50                                  {r['detect_r50_ms']:8.2f} ms wall "
-                  f"{r['detect_r50_host_cpu_ms']:8.2f} ms host CPU  ({1e3 / r['detect_r50_ms']:.0f} images/s)")
+            print(f"  network alone, batch {batch}: mobile0.25 {r['net_mobile_ms']:.2f} ms, resnet50 "
+                  f"{r['net_r50_ms']:.2f} ms per copy of {cw}x{ch}  ({1e3 / r['net_r50_ms']:.0f} images/s on resnet50)")
             print(f"  made (paste 2 faces, derivative, access, crops)  {r['made_ms']:8.2f} ms wall "
                   f"{r['made_host_cpu_ms']:8.2f} ms host CPU  ({1e3 / r['made_ms']:.0f} images/s)")
             print(f"  peak device memory {peak:.2f} GiB; derivative {len(out.derivative) / 1e6:.2f} MB "
                   f"(master {len(data) / 1e6:.2f} MB)")
+        shapes(mobile, tmp, device, cfg)
         r = rows.get(12.0) or rows[args.mp[0]]
         print(f"device={name.replace(' ', '_')} " + " ".join(f"{k}={v:.2f}" for k, v in r.items()))
 

@@ -149,6 +149,16 @@ def test_on_cuda_the_faces_are_the_cpus_within_nvjpegs_rounding(weights_dir):
                 assert np.abs(ref.astype(int) - crop).mean() < 3, name
 
 
+def test_a_detector_on_cuda_asks_cudnn_for_ieee_float32(monkeypatch):
+    """cuDNN's TF32 default is switched off for the process through the legacy flag, which stays readable
+    (after the new per-backend API is used, reading it raises: torch.compile reads it)."""
+    from pipeline import faces
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # restored after the test, as it was
+    faces._ieee_fp32_convolutions()
+    assert torch.backends.cudnn.allow_tf32 is False
+
+
 def test_a_device_that_takes_no_pixels_is_not_the_masters_fault(detector, monkeypatch):
     """The device's decoder refuses and the host decodes, but the device then takes no pixels (out of
     memory, a lost GPU): not a decode_error (final), which would never retry a good master."""

@@ -57,6 +57,32 @@ def test_channels_last_layout_reproduces_the_golden_output(impl):
     assert (single - io["output"][:1]).abs().max().item() < 1e-3
 
 
+def test_a_batch_past_the_resize_kernels_index_limit_is_resized_in_slices(tiny, monkeypatch):
+    """CUDA's channels_last bilinear kernel refuses outputs of 2**31 elements (an H100 at fp16 micro-batch 64):
+    with the limit lowered so that the large resizes of the batch are sliced, the output is the golden one, in
+    the input's layout, and the slicing really happened."""
+    from pipeline.models import gfpgan
+
+    model, io = tiny
+    model.set_modconv_impl("batched").set_upstream_ops(False)
+    x = io["input"].contiguous(memory_format=torch.channels_last)
+    sliced = []
+    real = gfpgan.F.interpolate
+
+    def counting(t, **kw):
+        sliced.append(t.shape[0])
+        return real(t, **kw)
+
+    monkeypatch.setattr(gfpgan, "_RESIZE_MAX", x[:1].numel())  # one face's input: every 2x resize slices
+    monkeypatch.setattr(gfpgan.F, "interpolate", counting)
+    with torch.inference_mode():
+        out = model(x)
+    assert x.shape[0] > 1 and min(sliced) < x.shape[0]  # the large resizes went one face at a time
+    assert (out - io["output"]).abs().max().item() < 1e-3
+    up = gfpgan._resize(torch.rand(3, 4, 8, 8).contiguous(memory_format=torch.channels_last), 2)
+    assert up.shape == (3, 4, 16, 16) and up.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("kind", ["conv3x3", "upsample", "to_rgb"])
 def test_batched_modulated_conv_equals_grouped(kind, batch):

@@ -53,8 +53,6 @@ class FaceDetector:
             sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
             self.net.load_state_dict(sd, strict=True)
         self.net = fold_batch_norms(self.net.eval()).to(memory_format=torch.channels_last)
-        if torch.device(device).type == "cuda":
-            _ieee_fp32_convolutions()
 
     def copy_size(self, h: int, w: int) -> tuple[float, int, int]:
         """The detection copy of an ``h`` x ``w`` image: its scale and size (h, w); scale 1 when none is made."""
@@ -120,18 +118,6 @@ class FaceDetector:
                 nms = py_cpu_nms(dets, self.cfg.nms_threshold)
                 out.append(np.concatenate((dets[nms, :], landms[order][nms]), axis=1))
             return out
-
-
-def _ieee_fp32_convolutions() -> None:
-    """cuDNN runs float32 convolutions in TF32 by default (PyTorch's default on Ampere and later), which moved
-    RetinaFace's landmarks by up to 4 px against the CPU's on an H100. Set once for the process, never
-    toggled, so no thread sees it change mid-run: the detector's float32 is then the CPU's float32. The
-    Restore actor's GFP-GAN runs in half precision and is not affected; its rare float32 re-runs are exact too."""
-    import torch
-
-    # The legacy switch, not torch >= 2.9's cudnn.conv.fp32_precision: once the new one is set, anything that
-    # reads the legacy flag (torch.compile's settings among them) raises.
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def fold_batch_norms(net: "torch.nn.Module") -> "torch.nn.Module":

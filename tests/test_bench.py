@@ -73,3 +73,20 @@ def test_cpu_side_prints_its_figures():
     # and with the derivatives made on the device too: what stays on a CPU, and the device's work timed here
     assert "gm.grey" in r.stdout and "gm.review_writes" in r.stdout and "info.device_paste_on_cpu" in r.stdout
     assert float(figures["gpu_made_cpu_ms_per_12mp_jpeg"]) < float(figures["gpu_detect_cpu_ms_per_12mp_jpeg"])
+
+
+@pytest.mark.slow
+def test_device_side_and_detect_agreement_print_their_figures():
+    """The GPU benches run on the CPU too (their figures then mean nothing): a broken script is found here,
+    not in a lent GPU's few minutes."""
+    r = subprocess.run([sys.executable, "bench/device_side.py", "--mp", "0.5", "--images", "1", "--repeats", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("device=CPU") and all(f" {k}=" in last for k in ("detect_ms", "net_r50_ms", "made_ms"))
+    assert "benchmark mode cold" in r.stdout
+    r = subprocess.run([sys.executable, "bench/detect_agreement.py"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # on the CPU every row compares the CPU with itself
+    assert r.stdout.strip().splitlines()[-1] == "worst_net_tf32=0.000 worst_net_ieee=0.000 worst_device=0.000"

@@ -27,8 +27,9 @@ host's header mode and monochrome test of the device's sample (``gm.mode``, ``gm
 read, hash, metadata and writes of the device's JPEGs (``gm.*``). The device's work is timed on this CPU
 for information only (``info.device_paste_on_cpu``).
 
-Cores per GPU: at 800 faces/s per H100 (the GFP-GAN figure these numbers are set against) and two faces
-per image, a GPU takes 400 images/s, so it needs 400 x (CPU seconds per image) cores. The last line is
+Cores per GPU: at 290 faces/s per H100 (GFP-GAN fp16 at its best micro-batch, measured on an H100 80GB
+HBM3: BENCHMARKS.md, twelfth session; until then these figures were set against an assumed 800) and two
+faces per image, a GPU takes 145 images/s, so it needs 145 x (CPU seconds per image) cores. The last line is
 `cpu_ms_per_12mp_jpeg=<ms> cores_per_h100=<n> gpu_detect_cpu_ms_per_12mp_jpeg=<ms>
 gpu_detect_cores_per_h100=<n> gpu_made_cpu_ms_per_12mp_jpeg=<ms> gpu_made_cores_per_h100=<n>` (12 MP JPEG;
 the first pair with detection on CPU, the second with ``detect.device=gpu``, the third with
@@ -58,7 +59,7 @@ from pipeline.devicefaces import DeviceFaces  # noqa: E402
 from pipeline.faces import FaceDetector, align_matrix, paste_face, warp_face  # noqa: E402
 
 SHARED = Path(os.environ.get("ARCHIVE_SHARED_DIR", ROOT.parent / "shared"))
-FACES_PER_S = 800
+FACES_PER_S = 290
 FACES_PER_IMAGE = 2
 
 

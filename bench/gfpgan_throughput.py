@@ -11,8 +11,8 @@ micro-batch; and the whole GPU actor (``FaceRestorer.restore``: uint8 crops in a
 input and output, the half-precision guard, the copy/compute pipeline) at the best micro-batch. Each row
 shows achieved TFLOP/s against 395.5 GFLOP per 512x512 face. Weights are seeded random in the production
 shape (same FLOPs as GFPGANv1.4). The roofline is the dense matmul rate of this device in the half dtype,
-measured in the same run (``peak_tflops``), never a quoted figure: no GPU figure of this project has been
-measured yet. The last line is machine-readable.
+measured in the same run (``peak_tflops``), never a quoted figure (BENCHMARKS.md has the H100's and the
+H200's). ``--fp32-faces`` keeps the slow fp32 rows short on a GPU. The last line is machine-readable.
 """
 
 from __future__ import annotations

@@ -76,6 +76,15 @@ def make_master(folder: Path, mp: float, fmt: str) -> Path:
     return path
 
 
+def bench_config(tmp: Path):
+    """The benches' settings: the real mobile0.25 weights (linked into ``tmp``/w), masters up to 200 MP."""
+    (tmp / "w").mkdir()
+    os.symlink(SHARED / "models/detection_mobilenet0.25_Final.pth", tmp / "w/detection_mobilenet0.25_Final.pth")
+    return load_config(None, {"weights_dir": str(tmp / "w"), "allow_download": False,
+                              "detect.model": "retinaface_mobile0.25", "input.max_pixels": 200_000_000},
+                       environ={})
+
+
 def official_detector(weights_file: Path) -> "torch.nn.Module":
     """facexlib's RetinaFace as the official code builds it (batch norms unfolded, NCHW), for the baseline."""
     from facexlib.detection.retinaface import RetinaFace
@@ -176,11 +185,7 @@ def main() -> None:
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "w").mkdir()
-        os.symlink(SHARED / "models/detection_mobilenet0.25_Final.pth", tmp / "w/detection_mobilenet0.25_Final.pth")
-        cfg = load_config(None, {"weights_dir": str(tmp / "w"), "allow_download": False,
-                                 "detect.model": "retinaface_mobile0.25", "input.max_pixels": 200_000_000},
-                          environ={})
+        cfg = bench_config(tmp)
         detector = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
         official = official_detector(SHARED / "models/detection_mobilenet0.25_Final.pth")
         device_faces = DeviceFaces(detector, cfg.detect.gpu_batch)

@@ -27,7 +27,6 @@ asked for).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -40,10 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from cpu_side import SHARED, make_master  # noqa: E402
+from cpu_side import bench_config, make_master  # noqa: E402
 
 from pipeline import devicepaste, imageio, weights  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
 from pipeline.devicefaces import DeviceFaces  # noqa: E402
 from pipeline.faces import FaceDetector  # noqa: E402
 
@@ -114,11 +112,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "w").mkdir()
-        os.symlink(SHARED / "models/detection_mobilenet0.25_Final.pth", tmp / "w/detection_mobilenet0.25_Final.pth")
-        cfg = load_config(None, {"weights_dir": str(tmp / "w"), "allow_download": False,
-                                 "detect.model": "retinaface_mobile0.25", "input.max_pixels": 200_000_000},
-                          environ={})
+        cfg = bench_config(tmp)
         r50 = cfg.model_copy(update={"untrained": True, "detect": cfg.detect.model_copy(
             update={"model": "retinaface_resnet50"})})
         mobile = DeviceFaces(FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg), device=device),

@@ -1,6 +1,7 @@
 """Faces found on the restoring device (``detect.device=gpu``): a JPEG master is decoded there (nvJPEG
 through torchvision on CUDA; libjpeg-turbo on CPU, OpenCV's pixels to the bit), its detection copy is made
-with OpenCV's INTER_AREA weights, RetinaFace runs on a batch of copies of one size, and the 512 crops are
+with OpenCV's INTER_AREA weights, RetinaFace runs on a batch of copies on canvases of a few sizes
+(``CANVAS_STEP``), and the 512 crops are
 sampled there as OpenCV's ``warpAffine`` samples them. Only the
 landmarks and the crops come back to the host: the CPU side of such an image is reading and hashing it.
 
@@ -137,6 +138,23 @@ def warp_crops(master: torch.Tensor, affines: list[np.ndarray]) -> torch.Tensor:
 # Masters decoded at once, at most (besides detect.gpu_batch), in pixels: eight 12 MP scans. A master takes
 # 3 bytes a pixel on the device while its detection copy and crops are made.
 CHUNK_PIXELS = 96_000_000
+# The network sees few distinct input shapes: cuDNN picks its kernels for each new one, which cost an H200
+# ~1.5 s per shape (1,776 ms cold, 16.6 ms warm for a 12 MP master's copy: BENCHMARKS.md), and an archive's
+# masters come in many sizes. So a detection copy goes at the top left of a canvas whose sides are multiples
+# of CANVAS_STEP (and of the network's largest stride, 32): a 1,600 px copy of a 4:3 or 3:2 photograph on
+# 1,600 x 1,280, at most five sides each way. Batches are filled with blank canvases to a power of two.
+# Faces found move by float rounding, except where two anchors score alike (README).
+CANVAS_STEP = 320
+
+
+def canvas_side(n: int) -> int:
+    """The side of the canvas that holds ``n`` pixels of a detection copy."""
+    return -(-n // CANVAS_STEP) * CANVAS_STEP
+
+
+def batch_size(n: int) -> int:
+    """The batch that ``n`` copies of one canvas size are run in: the next power of two."""
+    return 1 << (n - 1).bit_length()
 
 
 class DeviceFaces:
@@ -237,6 +255,16 @@ class DeviceFaces:
                     if self._stream is not None:
                         self._stream.synchronize()
 
+    def _on_canvas(self, copy: torch.Tensor | None, hh: int, ww: int) -> torch.Tensor:
+        """A (3, h, w) float detection copy at the top left of an (hh, ww) canvas of the network's mean colour
+        (zeros to the network, as its own padding is); ``None``: a blank canvas that fills a batch."""
+        if copy is not None and copy.shape[1:] == (hh, ww):
+            return copy
+        out = self.detector.net.mean_tensor.reshape(3, 1, 1).expand(3, hh, ww).clone()
+        if copy is not None:
+            out[:, :copy.shape[1], :copy.shape[2]] = copy
+        return out
+
     def _chunk(self, data: list[bytes], orientations: list[int], keep: list[bool]) -> list[Found | Exception]:
         if self._stream is not None:  # nothing of a failed chunk's work still pending on blocks nvJPEG may get
             self._stream.synchronize()
@@ -245,18 +273,20 @@ class DeviceFaces:
         t1 = time.perf_counter()
         results: list[Found | Exception | None] = [m if isinstance(m, Exception) else None for m in masters]
         todo = [i for i, m in enumerate(masters) if not isinstance(m, Exception)]
-        by_size: dict[tuple, list[int]] = {}
-        scales = {}
+        by_canvas: dict[tuple, list[int]] = {}
+        scales, sizes = {}, {}
         for i in todo:
             scale, ch, cw = self.detector.copy_size(*masters[i].shape[1:])
-            scales[i] = scale
-            by_size.setdefault((ch, cw), []).append(i)
+            scales[i], sizes[i] = scale, (ch, cw)
+            by_canvas.setdefault((canvas_side(ch), canvas_side(cw)), []).append(i)
         dets = {}
-        for (ch, cw), members in by_size.items():
+        for (hh, ww), members in by_canvas.items():
             try:
-                copies = torch.stack([area_resize(masters[i], ch, cw) if scales[i] != 1.0 else masters[i].float()
-                                      for i in members]).contiguous(memory_format=torch.channels_last)
-                dets.update(zip(members, self.detector.detect_batch(copies)))
+                copies = [self._on_canvas(area_resize(masters[i], *sizes[i]) if scales[i] != 1.0
+                                          else masters[i].float(), hh, ww) for i in members]
+                copies += [self._on_canvas(None, hh, ww)] * (batch_size(len(copies)) - len(copies))
+                copies = torch.stack(copies).contiguous(memory_format=torch.channels_last)
+                dets.update(zip(members, self.detector.detect_batch(copies)))  # (the blanks' found nothing)
             except Exception as e:  # e.g. out of memory on a large batch: these masters fail, not the call
                 log.exception("detection on the device failed for %d masters", len(members))
                 results = [e if i in members else r for i, r in enumerate(results)]

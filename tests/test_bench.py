@@ -88,5 +88,6 @@ def test_device_side_and_detect_agreement_print_their_figures():
     r = subprocess.run([sys.executable, "bench/detect_agreement.py"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    # on the CPU every row compares the CPU with itself
-    assert r.stdout.strip().splitlines()[-1] == "worst_net_tf32=0.000 worst_net_ieee=0.000 worst_device=0.000"
+    # on the CPU the first three rows compare the CPU with itself; the canvas moves Blake's tied anchors
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("worst_net_tf32=0.000 worst_net_ieee=0.000 worst_device=0.000 worst_canvas="), last

@@ -39,7 +39,7 @@ MASTERS = ["whole/gfpgan_Blake_Lively.jpg", "whole/codeformer_00.jpg", "whole/gf
 
 
 def _precision(p: str) -> None:
-    torch.backends.cudnn.allow_tf32 = p == "tf32"  # the legacy switch, as faces._ieee_fp32_convolutions
+    torch.backends.cudnn.allow_tf32 = p == "tf32"  # the legacy switch: the new one makes reading it raise
 
 
 def on_canvas(host: DeviceFaces, bgr: np.ndarray):
@@ -82,7 +82,7 @@ def main() -> None:
             _precision("tf32")  # PyTorch's default, as the Restore actor runs
             found = faces([data], [1])[0]
             ref_canvas = on_canvas(host, bgr)
-            out["device"] = worst(found.faces, ref_canvas, scale) if not isinstance(found, Exception) else float("nan")
+            out["device"] = worst(found.faces, ref_canvas, scale) if not isinstance(found, Exception) else float("inf")
             out["canvas"] = worst(ref_canvas, ref, scale)
             for k, v in out.items():
                 rows[k].append(v)

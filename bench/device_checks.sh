@@ -28,7 +28,7 @@ fi
 step() {  # step NAME LIMIT_S COMMAND...: at most LIMIT_S, never past the deadline
     local name=$1 limit=$2 left s rc
     shift 2
-    left=$((deadline - $(date +%s) - 5))
+    left=$((deadline - $(date +%s) - 15))  # timeout's -k 10 included
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 20 ]; then
         echo "$name: skipped, ${left}s left" | tee -a "$summary"

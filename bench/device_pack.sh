@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${ARCHIVE_SHARED_DIR:-../shared}
-grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)
+grep -qx '/.dev/' "$exclude" 2>/dev/null || echo '/.dev/' >> "$exclude"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p .dev "$work/whl" "$work/site"
@@ -40,7 +41,7 @@ mkdir -p "$work/shared/images/identity"
 cp -r "$SHARED/models" "$SHARED/fixtures" "$work/shared/"
 cp -r "$SHARED/images/whole" "$SHARED/images/old" "$work/shared/images/"
 rm -f "$work"/shared/images/whole/crowd* "$work"/shared/images/whole/*oscar*
-cp "$SHARED/images/identity/$(ls "$SHARED/images/identity" | grep '\.jpg$' | sort | head -1)" "$work/shared/images/identity/"
+cp "$SHARED/images/identity/$(ls "$SHARED/images/identity" | grep '\.jpg$' | LC_ALL=C sort | head -1)" "$work/shared/images/identity/"
 tar -C "$work/shared" -cJf .dev/shared.tar.xz .
 ls -la .dev
 du -sh .dev

@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true",
                     help="the pipeline alone (a second variant in the same session); last line pipeline_images_per_s")
     args = ap.parse_args()
+    if bad := [kv for kv in args.set if "=" not in kv]:
+        ap.error(f"--set takes KEY=VALUE, not {bad[0]!r}")
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     paths = []

@@ -5,7 +5,8 @@
 
 The Restore stage's host work is real (Arrow batch in, crops gathered, rows and restored crops out, the
 face queue's thread hand-offs); the device is a model: a forward of m faces sleeps 2 ms + 1.25 ms x m
-(800 faces/s with full micro-batches of 16, plus a fixed cost per forward), releasing the GIL as a
+(800 faces/s with full micro-batches of 16, plus a fixed cost per forward; a GPU measured ~300 since:
+BENCHMARKS.md), releasing the GIL as a
 CUDA kernel does, so what is measured is how well the stage keeps such a device busy. Ray batches hold
 16 images with 0-6 faces each (mean ~1.6, the mix of a family archive), so most batches end in a
 part-filled micro-batch. ``calls`` threads pull batches from one list and call the stage, as Ray Data

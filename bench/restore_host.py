@@ -6,8 +6,8 @@
 
 A GPU actor has one CPU. Everything it does around the network (Arrow batch in, crops out of it, results
 and restored crops into the Arrow batch going out) is host work that the GPU waits for unless it is
-cheaper than the GPU's ceiling of ~2,000 faces/s (395.5 GFLOP/face at ~790 TFLOP/s, a quoted dense
-half-precision rate, not one measured by this project). Here the
+cheaper than the GPU's rate (the ~2,000 faces/s ceiling this was written against, 395.5 GFLOP/face at
+~790 TFLOP/s, is 6-7x what an H100 or H200 restored when measured: ~300 faces/s, BENCHMARKS.md). Here the
 FaceRestorer is replaced by a stub that returns copies of its input, so what is timed is exactly that
 host work. The baseline row is the Python-rows round trip the stage first used (``to_pylist`` and back),
 which copies every column, including the compressed master carried to Compose.

@@ -65,8 +65,9 @@ class DetectConfig(_Section):
         "are decoded, detected and aligned in the Restore actor, on its device (nvJPEG through torchvision on "
         "CUDA), so ResNet-50 detection costs GPU milliseconds instead of CPU seconds and DecodeDetect only reads, "
         "hashes and reads the header; other masters (TIFF, PNG, CMYK JPEG, ...) are still detected on CPU. Their "
-        "faces agree with CPU detection within float rounding (tested), so switching it redoes nothing: it is "
-        "not in the run's fingerprint, and stored faces found on either device are reused; each row's "
+        "faces are the CPU's but for the decoders' and the detection canvas's differences (README: on CUDA "
+        "nvJPEG's chroma moved one shared photo's landmarks by 4.3 px, the others' by 0.1), so switching it "
+        "redoes nothing: it is not in the run's fingerprint, and stored faces found on either device are reused; each row's "
         "detect_fingerprint says where its faces were found. Masters travel to the Restore actor compressed.",
     )
     gpu_batch: int = Field(
@@ -415,9 +416,9 @@ _WHEN_NOT_DEFAULT = ("jpeg_mode",)
 def _detect_settings(detect: DetectConfig, with_device: bool = True) -> dict:
     """The detector settings that are hashed: ``gpu_batch`` changes nothing. ``device`` only in a detection
     result's fingerprint (``with_device``), and only when it is not the default (cpu), so values made before
-    it existed stay valid; not in a run's: faces found on the GPU agree with the CPU's within float rounding
-    (as after a code change that moves outputs by rounding only), and switching it must not redo an
-    archive; each row's detect_fingerprint says where its faces were found."""
+    it existed stay valid; not in a run's: faces found on the GPU are the CPU's but for the decoders' and the
+    detection canvas's differences (README), and switching it must not redo an archive; each row's
+    detect_fingerprint says where its faces were found."""
     out = detect.model_dump(exclude={"device", "gpu_batch"})
     if with_device and detect.device != "cpu":
         out["device"] = detect.device

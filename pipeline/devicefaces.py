@@ -142,8 +142,10 @@ CHUNK_PIXELS = 96_000_000
 # ~1.5 s per shape (1,776 ms cold, 16.6 ms warm for a 12 MP master's copy: BENCHMARKS.md), and an archive's
 # masters come in many sizes. So a detection copy goes at the top left of a canvas whose sides are multiples
 # of CANVAS_STEP (and of the network's largest stride, 32): a 1,600 px copy of a 4:3 or 3:2 photograph on
-# 1,600 x 1,280, at most five sides each way. Batches are filled with blank canvases to a power of two.
-# Faces found move by float rounding, except where two anchors score alike (README).
+# 1,600 x 1,280, at most five sides each way. Batches are filled with blank canvases to a power of two (or
+# to detect.gpu_batch, which bounds them). The network's deeper layers see the canvas's fill where the CPU
+# path's see their own zero padding: faces move by rounding, but a face cut by the copy's right or bottom
+# edge by up to a few pixels, and one whose anchors score alike may flip (README; tested).
 CANVAS_STEP = 320
 
 
@@ -284,7 +286,7 @@ class DeviceFaces:
             try:
                 copies = [self._on_canvas(area_resize(masters[i], *sizes[i]) if scales[i] != 1.0
                                           else masters[i].float(), hh, ww) for i in members]
-                copies += [self._on_canvas(None, hh, ww)] * (batch_size(len(copies)) - len(copies))
+                copies += [self._on_canvas(None, hh, ww)] * (min(batch_size(len(copies)), self.batch) - len(copies))
                 copies = torch.stack(copies).contiguous(memory_format=torch.channels_last)
                 dets.update(zip(members, self.detector.detect_batch(copies)))  # (the blanks' found nothing)
             except Exception as e:  # e.g. out of memory on a large batch: these masters fail, not the call

@@ -84,7 +84,7 @@ def test_device_side_and_detect_agreement_print_their_figures():
     assert r.returncode == 0, r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("device=CPU") and all(f" {k}=" in last for k in ("detect_ms", "net_r50_ms", "made_ms"))
-    assert "benchmark mode cold" in r.stdout
+    assert "new input shapes" in r.stdout and "benchmark mode cold" in r.stdout
     r = subprocess.run([sys.executable, "bench/detect_agreement.py"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

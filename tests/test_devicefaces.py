@@ -116,8 +116,7 @@ def _detect_on_canvas(detector, bgr):
 def test_faces_found_on_the_device_are_those_the_cpu_finds_on_its_canvas(detector):
     """Same faces (count, order), landmarks within 1 px at the detection scale (the issue's criterion;
     measured ~1e-4), scores within 1e-4, crops within a level of the CPU's detection on the same canvas:
-    decode, detection copy and network are the host path's, so only float rounding moves them. Blank
-    canvases filling a batch (3 masters of one canvas run as 4) change nothing."""
+    decode, detection copy and network are the host path's, so only float rounding moves them."""
     dev = DeviceFaces(detector, batch=3)
     masters = _masters()
     heads = [imageio.probe(data, 10**9) for _, data in masters]
@@ -147,7 +146,9 @@ def test_the_canvas_moves_faces_by_rounding_but_where_two_anchors_tie(detector):
 
     assert CANVAS_STEP % 32 == 0 and canvas_side(1600) == 1600 and canvas_side(1067) == canvas_side(1200) == 1280
     assert [batch_size(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
-    for name, data in _masters():
+    masters = _masters()
+    assert [n for n, _ in masters].index("whole/gfpgan_Blake_Lively.jpg") == 0
+    for name, data in masters:
         bgr = imageio.to_bgr8(imageio.decode(data, 10**9).pixels)
         exact, _ = detector.detect(bgr)
         canvas, _ = _detect_on_canvas(detector, bgr)
@@ -155,6 +156,45 @@ def test_the_canvas_moves_faces_by_rounding_but_where_two_anchors_tie(detector):
         scale = detector.copy_size(*bgr.shape[:2])[0]
         worst = max(np.abs(a.landmarks - b.landmarks).max() * scale for a, b in zip(exact, canvas))
         assert worst < (6.0 if name == "whole/gfpgan_Blake_Lively.jpg" else 1.0), (name, worst)
+
+
+def test_a_face_cut_by_the_canvas_edge_moves_by_a_few_pixels(detector):
+    """Where the copy ends inside its canvas, the network's deeper layers see the fill instead of their own
+    zero padding: a face cut by the right edge of whole/gfpgan_00.jpg moves by a few pixels at the detection
+    scale (3.3 at most at these cuts, measured), more than rounding and less than the decoder's 4.3 (README)."""
+    bgr = imageio.to_bgr8(imageio.decode(need(IMAGES / "whole/gfpgan_00.jpg").read_bytes(), 10**9).pixels)
+    exact, _ = detector.detect(bgr)
+    worst = []
+    for f in exact:
+        for cut in (int(f.bbox[2]) - 20, int(f.bbox[2]) + 5):
+            crop = np.ascontiguousarray(bgr[:, :cut])
+            a, b = detector.detect(crop)[0], _detect_on_canvas(detector, crop)[0]
+            assert len(a) == len(b), cut
+            scale = detector.copy_size(*crop.shape[:2])[0]
+            worst += [np.abs(p.landmarks - q.landmarks).max() * scale for p, q in zip(a, b)]
+    assert 0.5 < max(worst) < 5.0, worst
+
+
+def test_blank_canvases_that_fill_a_batch_change_nothing(detector):
+    """Three masters of one canvas run as a batch of four (a blank canvas added) or one by one: the same faces;
+    a batch is never filled past detect.gpu_batch."""
+    name, data = _masters()[2]
+    assert name == "whole/gfpgan_00.jpg"
+    together = DeviceFaces(detector, batch=4)([data] * 3, [1] * 3)
+    alone = DeviceFaces(detector, batch=1)([data], [1])[0]
+    for f in together:
+        assert len(f.faces) == len(alone.faces) == 2
+        for a, b in zip(f.faces, alone.faces):
+            assert np.abs(a.landmarks - b.landmarks).max() < 1e-3
+    seen = []
+    real = detector.detect_batch
+    try:
+        detector.detect_batch = lambda x: seen.append(x.shape[0]) or real(x)
+        DeviceFaces(detector, batch=3)([data] * 3, [1] * 3)
+        DeviceFaces(detector, batch=4)([data] * 3, [1] * 3)
+    finally:
+        del detector.detect_batch
+    assert seen == [3, 4]
 
 
 def _as_nvjpeg_decodes(data: bytes, orientation: int, tmp_path) -> np.ndarray:
@@ -199,20 +239,29 @@ def test_on_cuda_the_faces_are_the_cpus_on_nvjpegs_pixels(weights_dir, tmp_path)
                 assert np.abs(ref.astype(int) - crop).mean() < 3, name
 
 
-def test_decoding_as_nvjpeg_does_is_what_moves_the_faces(detector, tmp_path):
-    """The CUDA check's reference, checked here: the device path on the CPU (libjpeg-turbo through
-    torchvision) finds OpenCV's faces, while the same master decoded without interpolated chroma moves one
-    landmark of whole/gfpgan_Blake_Lively.jpg by several pixels, as nvJPEG did on an H200."""
+def _chroma_spread_in_2x2(bgr: np.ndarray) -> float:
+    """Mean range of Cr and Cb within each 2x2 block: ~0 where 4:2:0 chroma was replicated."""
+    c = cv2.cvtColor(bgr, cv2.COLOR_BGR2YCrCb).astype(int)[: bgr.shape[0] // 2 * 2, : bgr.shape[1] // 2 * 2, 1:]
+    b = c.reshape(c.shape[0] // 2, 2, c.shape[1] // 2, 2, 2)
+    return float((b.max(axis=(1, 3)) - b.min(axis=(1, 3))).mean())
+
+
+def test_the_cuda_checks_reference_decodes_as_nvjpeg_does(detector, tmp_path):
+    """The CUDA check's reference, checked here: its decode replicates 4:2:0 chroma over each 2x2 block, as
+    nvJPEG does and libjpeg-turbo's default does not (OpenCV: interpolated), and the device path on the CPU
+    finds the faces the CPU finds on the same canvas. (That decode gave, on this CPU, the 4.316 px and
+    0.058 px the H200's device path gave on whole/gfpgan_Blake_Lively.jpg and codeformer_00.jpg: a shift
+    through tied anchors, which is not asserted, as a tie can break either way on other hardware.)"""
     name, data = _masters()[0]
     assert name == "whole/gfpgan_Blake_Lively.jpg"
-    found = DeviceFaces(detector, batch=1)([data], [1])[0]
     bgr = imageio.to_bgr8(imageio.decode(data, 10**9).pixels)
-    fancy, _ = detector.detect(bgr)
-    plain, _ = detector.detect(_as_nvjpeg_decodes(data, 1, tmp_path))
+    plain = _as_nvjpeg_decodes(data, 1, tmp_path)
+    assert plain.shape == bgr.shape and 0.1 < np.abs(plain.astype(int) - bgr).mean() < 2
+    assert _chroma_spread_in_2x2(plain) < 0.1 < 0.5 < _chroma_spread_in_2x2(bgr)
+    found = DeviceFaces(detector, batch=1)([data], [1])[0]
     on_canvas, _ = _detect_on_canvas(detector, bgr)
-    assert len(found.faces) == len(fancy) == len(plain) == len(on_canvas) == 2
+    assert len(found.faces) == len(on_canvas) == 2
     assert max(np.abs(a.landmarks - b.landmarks).max() for a, b in zip(found.faces, on_canvas)) < 0.05
-    assert 2.0 < max(np.abs(a.landmarks - b.landmarks).max() for a, b in zip(plain, fancy)) < 8.0
 
 
 def test_a_device_that_takes_no_pixels_is_not_the_masters_fault(detector, monkeypatch):
@@ -303,6 +352,7 @@ def test_the_stages_defer_jpeg_masters_to_the_device_and_give_the_cpu_paths_face
     # a master the device defers but nobody can decode fails as DecodeDetect says it (final, not retried)
     assert rb_rows[6]["error"] == ra_rows[6]["error"] == "JPEG data is corrupt (OpenCV could not decode it)"
     assert all(rb_rows[6][k] is None for k in ("width", "height", "src_format", "detect_fingerprint", "faces_json"))
+    assert batch["uri"][0].endswith("blake.jpg")  # row 0, below
     for k, (ra, rb) in enumerate(zip(ra_rows, rb_rows)):
         assert (ra["n_faces"], ra["width"], ra["height"]) == (rb["n_faces"], rb["width"], rb["height"])
         assert rb["defer_detect"] is None

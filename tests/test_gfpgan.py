@@ -79,8 +79,16 @@ def test_a_batch_past_the_resize_kernels_index_limit_is_resized_in_slices(tiny, 
         out = model(x)
     assert x.shape[0] > 1 and min(sliced) < x.shape[0]  # the large resizes went one face at a time
     assert (out - io["output"]).abs().max().item() < 1e-3
-    up = gfpgan._resize(torch.rand(3, 4, 8, 8).contiguous(memory_format=torch.channels_last), 2)
-    assert up.shape == (3, 4, 16, 16) and up.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(3, 4, 8, 8).contiguous(memory_format=torch.channels_last)  # 256 elements a face
+    monkeypatch.setattr(gfpgan, "_RESIZE_MAX", 300)  # under one face's output going up, its input going down
+    for scale, shape in ((2, (3, 4, 16, 16)), (0.5, (3, 4, 4, 4))):
+        ref = real(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        sliced.clear()
+        got = gfpgan._resize(x, scale)
+        assert sliced == [1, 1, 1], scale  # one face at a time: the input's size bounds a downscale too
+        assert got.shape == shape and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, ref)
+    assert gfpgan._resize(torch.rand(0, 4, 8, 8), 2).shape == (0, 4, 16, 16)  # an empty batch, as F.interpolate
 
 
 @pytest.mark.parametrize("batch", [1, 5])

@@ -35,19 +35,25 @@ GFPGAN_V1_CLEAN_512 = dict(
 )
 
 
-# CUDA's channels_last bilinear kernel indexes with 32 bits: an output of 2**31 elements or more is refused
-# (seen on an H100: fp16 micro-batch 64 at 512 px, 64 x 128 x 512 x 512). Such batches resize in slices.
-_RESIZE_MAX = 2**31 - 1
+# CUDA's channels_last bilinear kernel indexes with 32 bits: an input or output of INT_MAX elements or more
+# is refused (seen on an H100: fp16 micro-batch 64 at 512 px, 64 x 128 x 512 x 512). Such batches are resized
+# in slices, each written into the one output.
+_RESIZE_MAX = 2**31 - 2
 
 
 def _resize(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Bilinear resize by ``scale`` (align_corners=False), in batch slices small enough for any kernel."""
-    per_item = x[:1].numel() * scale * scale
-    n = max(1, int(_RESIZE_MAX // per_item))
+    """Bilinear resize by ``scale`` (align_corners=False), in batch slices whose input and output both stay
+    under the kernel's limit."""
+    n = max(1, int(_RESIZE_MAX // (x[:1].numel() * max(1.0, scale * scale)))) if x.numel() else 1
     if x.shape[0] <= n:
         return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-    parts = [F.interpolate(p, scale_factor=scale, mode="bilinear", align_corners=False) for p in x.split(n)]
-    return torch.cat(parts).contiguous(memory_format=_layout(x))
+    first = F.interpolate(x[:n], scale_factor=scale, mode="bilinear", align_corners=False)
+    out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device,
+                      memory_format=_layout(x))
+    out[:n] = first
+    for i in range(n, x.shape[0], n):
+        out[i:i + n] = F.interpolate(x[i:i + n], scale_factor=scale, mode="bilinear", align_corners=False)
+    return out
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -11,7 +11,8 @@ detection scale) from the CPU's detection (OpenCV's decode, float32 on the CPU),
   the CPU's detection on the same canvas (``devicefaces.CANVAS_STEP``);
 - canvas: the CPU's detection on that canvas against the CPU's at the copy's own size (the canvas's share).
 Measured on an H200 (BENCHMARKS.md): TF32 moves landmarks by 0.03 px at most, the decoder by up to 4.3 px
-(nvJPEG upsamples chroma by replication; tests/test_devicefaces.py reproduces it on the CPU).
+(nvJPEG upsamples chroma by replication: libjpeg-turbo with its interpolation off gave the same distances on
+a CPU; tests/test_devicefaces.py checks that decode's replication).
 The last line is ``worst_net_tf32=<px> worst_net_ieee=<px> worst_device=<px> worst_canvas=<px>``.
 """
 

@@ -144,8 +144,8 @@ CHUNK_PIXELS = 96_000_000
 # of CANVAS_STEP (and of the network's largest stride, 32): a 1,600 px copy of a 4:3 or 3:2 photograph on
 # 1,600 x 1,280, at most five sides each way. Batches are filled with blank canvases to a power of two (or
 # to detect.gpu_batch, which bounds them). The network's deeper layers see the canvas's fill where the CPU
-# path's see their own zero padding: faces move by rounding, but a face cut by the copy's right or bottom
-# edge by up to a few pixels, and one whose anchors score alike may flip (README; tested).
+# path's see their own zero padding: faces move by rounding, but a face near the copy's right or bottom edge
+# by up to a few pixels, and one whose anchors score alike may flip (README; tested).
 CANVAS_STEP = 320
 
 

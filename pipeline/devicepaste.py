@@ -65,9 +65,9 @@ def _blur(m: torch.Tensor, ksize: int) -> torch.Tensor:
 def _correlate(x: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
     """The 'valid' correlation of float64 ``x`` with the symmetric kernel ``g`` along ``dim``, through the FFT.
     The feather's kernel is wide (141 taps for a face of 1,400 px), and a direct convolution in float64 has no
-    fast kernel (95% of the device's paste of a 12 MP master, profiled on a CPU: 21 s). float64 keeps the mask
-    within 1e-6 of OpenCV's (cuFFT has no TF32 mode either way). The transform's length is rounded up to a
-    5-smooth one: fast to transform, and few lengths, so cuFFT's plans are reused across faces."""
+    fast kernel (95% of the device's paste of a 12 MP master, profiled on a CPU: 21 s). float64 keeps the blur
+    within 1e-6 of OpenCV's (tested; cuFFT has no TF32 mode either way). The transform's length is rounded up
+    to a 5-smooth one, which transforms fast."""
     n_in, k = x.shape[dim], g.numel()
     n = _fast_len(n_in + k - 1)  # at least this long: no wrap-around
     shape = [1, 1]

@@ -188,6 +188,14 @@ def _pixels_of(jpeg: bytes) -> np.ndarray:
     return imageio.decode(jpeg, 10**9).pixels
 
 
+@pytest.mark.parametrize("shape,ksize", [((40, 30), 13), ((301, 203), 31), ((29, 700), 57), ((160, 1400), 141)])
+def test_the_feather_is_opencvs_gaussian_blur(shape, ksize):
+    """The FFT's correlation (5-smooth lengths, valid part, REFLECT_101 borders) against OpenCV."""
+    m = np.random.default_rng(ksize).random(shape).astype(np.float32)
+    ours = devicepaste._blur(torch.from_numpy(m), ksize).numpy()
+    assert np.abs(ours - cv2.GaussianBlur(m, (ksize, ksize), 0)).max() < 2e-6
+
+
 def test_a_region_narrower_than_its_feather_is_composes():
     # OpenCV reflects a border again past a mirrored copy; torch's reflect pad refuses: such a sliver of a huge
     # face (a region of a few pixels, a feather wider) goes to Compose

@@ -67,8 +67,8 @@ class DetectConfig(_Section):
         "hashes and reads the header; other masters (TIFF, PNG, CMYK JPEG, ...) are still detected on CPU. Their "
         "faces are the CPU's but for the decoders' and the detection canvas's differences (README: on CUDA "
         "nvJPEG's chroma moved one shared photo's landmarks by 4.3 px, the others' by 0.1), so switching it "
-        "redoes nothing: it is not in the run's fingerprint, and stored faces found on either device are reused; each row's "
-        "detect_fingerprint says where its faces were found. Masters travel to the Restore actor compressed.",
+        "redoes nothing: it is not in the run's fingerprint, and stored faces found on either device are "
+        "reused; each row's detect_fingerprint says where its faces were found. Masters travel to the Restore actor compressed.",
     )
     gpu_batch: int = Field(
         8, ge=1, description="Detection copies of the same size per detector forward with detect.device=gpu.",

@@ -263,7 +263,7 @@ def test_kept_masters_are_bounded_and_given_back(weights_dir, sources, tmp_path,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_paste_and_the_encoder_are_the_cpus_within_rounding():
-    """cuDNN's blur, grid_sample and nvJPEG's encoder on a real GPU: the mask within 2e-3 of facexlib's, the
+    """The FFT blur, grid_sample and nvJPEG's encoder on a real GPU: the mask within 2e-3 of facexlib's, the
     paste within 2 levels of the CPU's, and the JPEG whole, at its size, close to libjpeg's (nvJPEG writes
     4:4:4 chroma through torchvision: README)."""
     shape = (1200, 1600)

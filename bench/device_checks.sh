@@ -7,8 +7,8 @@
 # In order of importance, each step bounded so that all of them end within the deadline (default 540 s):
 # the CUDA tests (pytest -m gpu), the device's faces against the CPU's (bench/detect_agreement.py), GFP-GAN
 # faces/s, the device's side of an image (bench/device_side.py), the whole job against the official
-# sequential way, the CPU side on this machine's cores, and the job with detection and derivatives on the
-# device. Logs go to $OUT (one file per step: the device tool brings back 8); the last lines of each and a
+# sequential way (with the job's defaults: faces found on the device), the CPU side on this machine's cores,
+# and the job with derivatives made on the device, then with faces found on the CPUs. Logs go to $OUT (one file per step: the device tool brings back 8); the last lines of each and a
 # summary are printed.
 set -u
 t0=$(date +%s)
@@ -58,7 +58,8 @@ TAIL=16 step gfpgan 150 $PY bench/gfpgan_throughput.py --faces 512 --fp32-faces 
 TAIL=16 step device_side 100 $PY bench/device_side.py
 TAIL=4 step pipeline 150 $PY bench/pipeline_throughput.py --repeat 16
 TAIL=14 step cpu_side 90 $PY bench/cpu_side.py --mp 12 --formats jpeg --repeats 3
-TAIL=3 step pipeline_gpu 100 $PY bench/pipeline_throughput.py --repeat 4 --no-baseline \
-    --set detect.device=gpu --set output.device=gpu
+# one log for both variants (the device tool brings back 8 files)
+TAIL=6 step pipeline_variants 200 bash -c "$PY bench/pipeline_throughput.py --repeat 16 --no-baseline \
+    --set output.device=gpu; $PY bench/pipeline_throughput.py --repeat 16 --no-baseline --set detect.device=cpu"
 echo "== summary ($(($(date +%s) - t0))s)"
 cat "$summary"

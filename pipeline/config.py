@@ -60,8 +60,9 @@ class DetectConfig(_Section):
     )
     min_eye_dist: float = Field(5.0, ge=0, description="Skip faces whose eye distance (master pixels) is smaller.")
     max_faces: int = Field(64, ge=1, description="Restore at most this many faces per image (highest scores first).")
-    device: Literal["cpu", "gpu"] = Field(
-        "cpu", description="Where faces are found. cpu: in the DecodeDetect actors. gpu: JPEG masters (RGB or grey) "
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where faces are found. auto: gpu when the Restore actors restore on CUDA "
+        "(restore.device), else cpu. cpu: in the DecodeDetect actors. gpu: JPEG masters (RGB or grey) "
         "are decoded, detected and aligned in the Restore actor, on its device (nvJPEG through torchvision on "
         "CUDA), so ResNet-50 detection costs GPU milliseconds instead of CPU seconds and DecodeDetect only reads, "
         "hashes and reads the header; other masters (TIFF, PNG, CMYK JPEG, ...) are still detected on CPU. Their "
@@ -415,11 +416,12 @@ _WHEN_NOT_DEFAULT = ("jpeg_mode",)
 
 def _detect_settings(detect: DetectConfig, with_device: bool = True) -> dict:
     """The detector settings that are hashed: ``gpu_batch`` changes nothing. ``device`` only in a detection
-    result's fingerprint (``with_device``), and only when it is not the default (cpu), so values made before
-    it existed stay valid; not in a run's: faces found on the GPU are the CPU's but for the decoders' and the
+    result's fingerprint (``with_device``; resolved there, cpu or gpu), and only when it is gpu, so values made
+    before it existed stay valid; not in a run's: faces found on the GPU are the CPU's but for the decoders' and the
     detection canvas's differences (README), and switching it must not redo an archive; each row's
     detect_fingerprint says where its faces were found."""
     out = detect.model_dump(exclude={"device", "gpu_batch"})
+    assert not with_device or detect.device != "auto", "a detection result's device is resolved (cpu or gpu)"
     if with_device and detect.device != "cpu":
         out["device"] = detect.device
     return out

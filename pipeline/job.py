@@ -62,6 +62,22 @@ def resolve_device(resources: dict[str, float], cfg: RunConfig) -> str:
     return device
 
 
+def resolve_detect_device(cfg: RunConfig, device: str) -> str:
+    """``detect.device`` when the Restore actors restore on ``device`` (cuda or cpu): auto is gpu on CUDA,
+    where the CPU stages would otherwise run the default ResNet-50 detector at ~6 s of CPU a 12 MP image
+    (~900 cores per H100; BENCHMARKS.md), and cpu otherwise, where the device path costs more CPU than
+    DecodeDetect."""
+    if cfg.detect.device != "auto":
+        return cfg.detect.device
+    return "gpu" if device == "cuda" else "cpu"
+
+
+def with_detect_device(cfg: RunConfig, device: str) -> RunConfig:
+    """``cfg`` with ``detect.device`` resolved for Restore actors on ``device``: what the stages are given."""
+    return cfg.model_copy(update={"detect": cfg.detect.model_copy(
+        update={"device": resolve_detect_device(cfg, device)})})
+
+
 TYPICAL_MAX_PIXELS = 50_000_000
 
 
@@ -78,7 +94,7 @@ def memory_plan(cfg: RunConfig, device: str) -> dict[str, int]:
     gb = 1e9
     decode = cc.decode_actor_memory_gb or 1.1 + 8 * px / gb
     restore = cc.restore_actor_memory_gb or (3.0 if device == "cuda" else 1.0 + 0.6 * cfg.restore.micro_batch)
-    if cfg.detect.device == "gpu" and not cc.restore_actor_memory_gb:
+    if resolve_detect_device(cfg, device) == "gpu" and not cc.restore_actor_memory_gb:
         # masters arrive compressed (~0.5 GB for the batches in flight); on CPU a detection batch of them
         # is also decoded in host memory, plus one in float32 for its detection copy (not yet measured)
         restore += 0.5 if device == "cuda" else 0.5 + (3 * cfg.detect.gpu_batch + 12) * px / gb
@@ -371,6 +387,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
         log.warning("cluster.elastic=false on a Ray of several nodes: pools are sized as if it were one machine, "
                     "and a stage may find no node with room for its share")
     rp = plan_resources(resources, cfg, elastic=elastic)
+    cfg = with_detect_device(cfg, rp.device)  # the stages are given cpu or gpu, never auto
     # The device is known now: results carry the fingerprint of the precision they are restored in (one of
     # those planning accepted): the plan's, or that of the device a row's faces were restored on when it is
     # another (a Restore actor given a GPU that finds no CUDA restores on CPU, in fp32). The record holds
@@ -386,6 +403,7 @@ def _execute(cfg: RunConfig, pre: Preflight, todo: pa.Table, run_id: str, lease:
     calls = restore_calls(cfg, rp)
     record["restore_plan"] = {"device": rp.device, "gpus_per_actor": rp.restore_gpus,
                               "actors": [rp.restore_min, rp.restore_max], "memory_bytes": memory,
+                              "detect_device": cfg.detect.device,
                               "calls_in_flight": calls}
     per_block = max(cfg.cluster.rows_per_block, math.ceil(todo.num_rows / MAX_BLOCKS))
     # Pre-split in the driver: small manifests would otherwise be one block feeding one actor.

@@ -193,7 +193,7 @@ def _cli_args(manifest, out, weights_dir, *extra):
     return ["run", "-m", str(manifest), "-o", str(out), "--weights-dir", o["weights_dir"], "--untrained",
             "--detector", "retinaface_mobile0.25", "--set", f"restore.model={o['restore.model']}",
             "--set", "allow_download=false", "--set", "cluster.num_cpus=2", "--set", "cluster.num_gpus=1",
-            "--set", "cluster.heartbeat_s=1", *extra]
+            "--set", "cluster.heartbeat_s=1", "--set", "detect.device=cpu", *extra]
 
 
 def _popen(args, **kw):

@@ -142,13 +142,14 @@ def test_output_version_keys_detection_reuse_and_version_1_keeps_old_values(monk
 
     # The value rows carry from before the version was part of it (computed at 06ea38e), at version 1.
     monkeypatch.setattr(config, "OUTPUT_VERSION", 1)
-    assert detect_fingerprint(DetectConfig(), "bb") == "277367903a5c26d1"
+    cpu = DetectConfig(device="cpu")  # a result's device is resolved; the default, auto, is not
+    assert detect_fingerprint(cpu, "bb") == "277367903a5c26d1"
     # faces found on the device are said to be (the run's fingerprint leaves it out: test above); its batch
     # size changes nothing
     assert detect_fingerprint(DetectConfig(device="gpu"), "bb") != "277367903a5c26d1"
-    assert detect_fingerprint(DetectConfig(gpu_batch=3), "bb") == "277367903a5c26d1"
+    assert detect_fingerprint(DetectConfig(device="cpu", gpu_batch=3), "bb") == "277367903a5c26d1"
     monkeypatch.setattr(config, "OUTPUT_VERSION", 2)
-    assert detect_fingerprint(DetectConfig(), "bb") != "277367903a5c26d1"
+    assert detect_fingerprint(cpu, "bb") != "277367903a5c26d1"
 
 
 def test_settings_that_only_add_files_leave_the_fingerprint_but_not_its_legacy_form():

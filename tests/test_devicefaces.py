@@ -438,10 +438,11 @@ def test_a_job_with_detection_on_the_device(ray_local, weights_dir, archive, tmp
     m = tmp_path / "manifest.csv"
     pacsv.write_csv(pa.table({"uri": uris}), m)
     runs = {}
-    for device in ("cpu", "gpu"):
-        cfg = load_config(None, test_overrides(weights_dir, tmp_path / device, m, **{"detect.device": device}),
+    for device, asked in (("cpu", "cpu"), ("gpu", "auto")):  # auto: gpu, as the plan restores on the (logical) GPU
+        cfg = load_config(None, test_overrides(weights_dir, tmp_path / device, m, **{"detect.device": asked}),
                           environ={})
         record = job.run(cfg)
+        assert record["restore_plan"]["detect_device"] == device
         runs[device] = {r["uri"]: r for r in resume.load_results(str(tmp_path / device), StorageConfig()).to_pylist()}
         assert record["summary"]["images"] == len(uris)
     cpu, gpu = runs["cpu"], runs["gpu"]
@@ -477,6 +478,7 @@ def test_the_restore_actor_declares_the_masters_it_decodes():
         return job.memory_plan(RunConfig.model_validate({"input": {"max_pixels": 12_000_000},
                                                          "detect": detect}), where)["restore"]
 
-    assert plan("cuda", device="gpu") == plan("cuda") + 0.5e9  # masters compressed; pixels in GPU memory
+    assert plan("cuda", device="gpu") == plan("cuda", device="cpu") + 0.5e9  # masters compressed; pixels in GPU memory
     assert plan("cpu", device="gpu") > plan("cpu") + 0.5e9 + 8 * 3 * 12e6  # a detection batch decoded in host memory
+    assert plan("cuda") == plan("cuda", device="gpu") and plan("cpu") == plan("cpu", device="cpu")  # auto
     assert plan("cpu", device="gpu", gpu_batch=2) < plan("cpu", device="gpu")

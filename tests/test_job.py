@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 from pipeline import compaction, imageio, job, ledger, resume, runs
-from pipeline.config import ClusterConfig, RestoreConfig, RunConfig, StorageConfig, load_config
+from pipeline.config import ClusterConfig, RestoreConfig, RunConfig, StorageConfig, detect_fingerprint, load_config
 from pipeline.errors import ConfigError
 
 from conftest import E2E_IMAGES, IMAGES, REPO, TINY_GFPGAN, need, test_overrides
@@ -79,6 +79,23 @@ def test_restoring_on_cpu_is_said_or_asked_for(caplog):
     job.plan_resources({"CPU": 8}, RunConfig.model_validate({"detect": {"device": "gpu"},
                                                              "restore": {"device": "cpu"}}), elastic=True)
     assert "detect.device=gpu while restoring on CPU" in caplog.text
+
+
+def test_faces_are_found_on_the_device_by_default_when_restoring_on_cuda():
+    """detect.device=auto: gpu where the Restore actors restore on CUDA (the default ResNet-50 detector costs ~6 s
+    of CPU a 12 MP image), cpu where they restore on CPU; an explicit setting wins. The stages get it resolved."""
+    auto = RunConfig()
+    assert auto.detect.device == "auto"
+    assert (job.resolve_detect_device(auto, "cuda"), job.resolve_detect_device(auto, "cpu")) == ("gpu", "cpu")
+    for asked in ("cpu", "gpu"):
+        cfg = RunConfig.model_validate({"detect": {"device": asked}})
+        assert job.resolve_detect_device(cfg, "cuda") == job.resolve_detect_device(cfg, "cpu") == asked
+    resolved = job.with_detect_device(auto, "cuda")
+    assert resolved.detect.device == "gpu" and auto.detect.device == "auto"  # a copy
+    # not in the run's fingerprint: auto, cpu and gpu restore the same archive
+    assert resolved.fingerprint({}) == auto.fingerprint({}) == job.with_detect_device(auto, "cpu").fingerprint({})
+    with pytest.raises(AssertionError, match="resolved"):
+        detect_fingerprint(auto.detect, "0" * 64)  # a result's fingerprint names where its faces were found
 
 
 def _archive_manifest(archive, tmp_path):
@@ -235,7 +252,7 @@ def test_killed_job_resumes_without_losing_or_duplicating(weights_dir, tmp_path,
             "--detector", "retinaface_mobile0.25", "--set", f"restore.model={TINY_GFPGAN}",
             "--set", "allow_download=false", "--set", "cluster.num_cpus=2", "--set", "cluster.num_gpus=1",
             "--set", "cluster.rows_per_block=2", "--set", "cluster.restore_batch_size=4",
-            "--set", "cluster.heartbeat_s=1"]
+            "--set", "cluster.heartbeat_s=1", "--set", "detect.device=cpu"]
     proc = _cli(*args, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

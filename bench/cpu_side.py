@@ -120,6 +120,9 @@ def one_image(path: Path, cfg, detector: FaceDetector, official, device_faces, o
 
     bgr, small = step("dd.detection_copy", detection_copy)
     faces, _ = step("dd.detect", lambda: detector.detect(small))
+    with torch.inference_mode():  # the network alone, same copy (part of dd.detect: for the floor below)
+        x = torch.from_numpy(small.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0) - detector.net.mean_tensor
+        step("info.detect_network", lambda: detector.net(x))
     with torch.inference_mode():  # the baseline, same copy: facexlib's own network and detect_faces
         step("baseline.detect_facexlib", lambda: official.detect_faces(
             small, conf_threshold=cfg.detect.threshold, nms_threshold=cfg.detect.nms_threshold))
@@ -221,6 +224,9 @@ def main() -> None:
                     print(f"  with detect.device=gpu and output.device=gpu: {made * 1000:.0f} ms of CPU; cores per H100: "
                           f"{FACES_PER_S / FACES_PER_IMAGE * made:.1f} (the device's paste, encode and crops on this CPU: "
                           f"{med['info.device_paste_on_cpu'] * 1000:.0f} ms)")
+                floor = cpu_floor(med)
+                print(f"  floor with CPU detection (two decodes, the INTER_AREA copy, the network alone, the "
+                      f"encode; nothing else): {floor * 1000:.0f} ms")
                 if "alt.encode_blocks" in med:
                     blocks = total - med["c.encode"] + med["alt.encode_blocks"]
                     print(f"  with output.jpeg_mode=blocks: encode {med['alt.encode_blocks'] * 1000:.0f} ms instead of "
@@ -234,10 +240,20 @@ def main() -> None:
     total = sum(v for k, v in r.items() if k.startswith(("dd.", "c."))) if r else float("nan")
     gpu = cpu_side_gpu_detect(r) if r else float("nan")
     made = cpu_side_gpu_made(r) if r else float("nan")
+    floor = cpu_floor(r) if r else float("nan")
     per = FACES_PER_S / FACES_PER_IMAGE
     print(f"cpu_ms_per_12mp_jpeg={total * 1000:.1f} cores_per_h100={per * total:.1f} "
           f"gpu_detect_cpu_ms_per_12mp_jpeg={gpu * 1000:.1f} gpu_detect_cores_per_h100={per * gpu:.1f} "
-          f"gpu_made_cpu_ms_per_12mp_jpeg={made * 1000:.1f} gpu_made_cores_per_h100={per * made:.1f}")
+          f"gpu_made_cpu_ms_per_12mp_jpeg={made * 1000:.1f} gpu_made_cores_per_h100={per * made:.1f} "
+          f"cpu_floor_ms_per_12mp_jpeg={floor * 1000:.1f}")
+
+
+def cpu_floor(med: dict[str, float]) -> float:
+    """What no CPU-detection implementation of this design avoids, whatever else it cuts: a decode in each
+    stage (DecodeDetect, Compose), the INTER_AREA detection copy (a reduced decode instead moved landmarks
+    by 2.3 px: BENCHMARKS.md, fourth session), the detector's network in float32 (bfloat16:
+    bench/detect_precision.py), and the derivative's encode."""
+    return sum(med[k] for k in ("dd.decode", "dd.detection_copy", "info.detect_network", "c.decode", "c.encode"))
 
 
 def cpu_side_gpu_made(med: dict[str, float]) -> float:

@@ -65,7 +65,8 @@ def test_cpu_side_prints_its_figures():
     assert r.returncode == 0, r.stderr[-3000:]
     figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     assert set(figures) == {"cpu_ms_per_12mp_jpeg", "cores_per_h100", "gpu_detect_cpu_ms_per_12mp_jpeg",
-                            "gpu_detect_cores_per_h100", "gpu_made_cpu_ms_per_12mp_jpeg", "gpu_made_cores_per_h100"}
+                            "gpu_detect_cores_per_h100", "gpu_made_cpu_ms_per_12mp_jpeg", "gpu_made_cores_per_h100",
+                            "cpu_floor_ms_per_12mp_jpeg"}
     assert all(re.fullmatch(r"\d+\.\d+", v) for v in figures.values()), figures
     # with detection on the device, the CPU side is read + hash + header + Compose: all timed steps printed
     assert "gpu.probe" in r.stdout and "info.device_faces_on_cpu" in r.stdout and "with detect.device=gpu" in r.stdout
@@ -73,6 +74,21 @@ def test_cpu_side_prints_its_figures():
     # and with the derivatives made on the device too: what stays on a CPU, and the device's work timed here
     assert "gm.grey" in r.stdout and "gm.review_writes" in r.stdout and "info.device_paste_on_cpu" in r.stdout
     assert float(figures["gpu_made_cpu_ms_per_12mp_jpeg"]) < float(figures["gpu_detect_cpu_ms_per_12mp_jpeg"])
+
+
+def test_detect_precision_prints_its_figures():
+    need(SHARED / "models/detection_mobilenet0.25_Final.pth")
+    r = subprocess.run([sys.executable, "bench/detect_precision.py", "--photos", "3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
+    assert set(figures) == {"net_ms_fp32", "net_ms_bf16", "photos_count_differs", "worst_landmark_px",
+                            "median_face_worst_px"}
+    if "no bfloat16 arithmetic" in r.stdout:  # a CPU without AVX512-BF16 or AMX: said, nothing measured
+        assert set(figures.values()) == {"nan"}
+    else:
+        assert all(re.fullmatch(r"\d+(\.\d+)?", v) for v in figures.values()), figures
+        assert "faces: median of each face's largest landmark distance" in r.stdout
 
 
 @pytest.mark.slow

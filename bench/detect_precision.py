@@ -8,8 +8,8 @@ on one core in float32, BENCHMARKS.md). CPUs with AVX512-BF16 or AMX run it abou
 machine: the network's time on one core (median of 5 interleaved runs, after a warm-up), float32 against
 bfloat16; and, over every photo of ../shared/images (whole/, old/, gray/, identity/) enlarged so that its
 detection copy is 1,600 px (as for a 12 MP master), the faces bfloat16 finds against float32's: photos whose face count
-differs, and the largest landmark distance (pixels at the detection scale) between faces paired by their
-nearest box centres. The last line is
+differs, and, on the others, the largest landmark distance (pixels at the detection scale) between faces
+paired by their nearest box centres. The last line is
 ``net_ms_fp32=<ms> net_ms_bf16=<ms> photos_count_differs=<n> worst_landmark_px=<px> median_face_worst_px=<px>``.
 """
 
@@ -112,10 +112,10 @@ def main() -> None:
         small = cv2.resize(img, (round(img.shape[1] * f), round(img.shape[0] * f)),
                            interpolation=cv2.INTER_CUBIC if f > 1 else cv2.INTER_AREA)
         a, b = _faces(det, fp32, small), _faces(det, bf16, small)
-        if len(a) != len(b):
+        if len(a) != len(b):  # a face lost or gained: no pairing of the rest is trustworthy
             differs += 1
             print(f"  {path.parent.name}/{path.name}: {len(a)} faces in float32, {len(b)} in bfloat16")
-        if a and b:
+        elif a:
             w = [_worst([fa], b) for fa in a]
             per_face += w
             worst = max(worst, *w)

@@ -5,9 +5,10 @@
 The CPU side's largest step is RetinaFace mobile0.25 on the 1,600 px detection copy (~8.2 GFLOP; ~130 ms
 on one core in float32, BENCHMARKS.md). CPUs with AVX512-BF16 or AMX run it about twice as fast under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. This bench measures both halves of that trade on this
-machine: the network's time on one core (median of 5 interleaved runs, after a warm-up), float32 against
-bfloat16; and, over every photo of ../shared/images (whole/, old/, gray/, identity/) enlarged so that its
-detection copy is 1,600 px (as for a 12 MP master), the faces bfloat16 finds against float32's: photos whose face count
+machine (where oneDNN runs bfloat16 at all: natively, or emulated through AVX512): the network's time on
+one core (median of 5 interleaved runs, after a warm-up), float32 against bfloat16; and, over every photo
+of ../shared/images (whole/, old/, gray/, identity/, in that order) enlarged so that its detection copy is
+1,600 px (as for a 12 MP master), the faces bfloat16 finds against float32's: photos whose face count
 differs, and, on the others, the largest landmark distance (pixels at the detection scale) between faces
 paired by their nearest box centres. The last line is
 ``net_ms_fp32=<ms> net_ms_bf16=<ms> photos_count_differs=<n> worst_landmark_px=<px> median_face_worst_px=<px>``.
@@ -84,12 +85,12 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=None, help="compare the faces of the first N photos only")
     args = ap.parse_args()
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX): nothing to measure")
+        print("oneDNN has no bfloat16 arithmetic on this CPU: nothing to measure")
         print("net_ms_fp32=nan net_ms_bf16=nan photos_count_differs=nan worst_landmark_px=nan median_face_worst_px=nan")
         return
-    tmp = Path(tempfile.mkdtemp(prefix="bench-precision-"))
-    cfg = bench_config(tmp)
-    det = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        cfg = bench_config(Path(tmp))
+        det = FaceDetector(cfg.detect, weights.resolve(cfg.detect.model, cfg))
     fp32, bf16 = det.net, _Autocast(det.net)
     long_side = cfg.detect.long_side
 
@@ -103,7 +104,7 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     differs, per_face, worst = 0, [], 0.0
-    photos = sorted(p for d in ("whole", "old", "gray", "identity") for p in (SHARED / "images" / d).iterdir())
+    photos = [p for d in ("whole", "old", "gray", "identity") for p in sorted((SHARED / "images" / d).iterdir())]
     for path in photos[: args.photos]:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:

@@ -421,7 +421,8 @@ def _detect_settings(detect: DetectConfig, with_device: bool = True) -> dict:
     detection canvas's differences (README), and switching it must not redo an archive; each row's
     detect_fingerprint says where its faces were found."""
     out = detect.model_dump(exclude={"device", "gpu_batch"})
-    assert not with_device or detect.device != "auto", "a detection result's device is resolved (cpu or gpu)"
+    if with_device and detect.device == "auto":
+        raise ValueError("a detection result's device is resolved (cpu or gpu), not auto")
     if with_device and detect.device != "cpu":
         out["device"] = detect.device
     return out

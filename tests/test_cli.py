@@ -144,7 +144,7 @@ def test_ray_job_submit_runs_the_job_on_a_ray_head(weights_dir, archive, tmp_pat
         o = test_overrides(weights_dir, out)
         args = ["-m", str(tmp_path / "m.parquet"), "-o", str(out), "--weights-dir", o["weights_dir"],
                 "--untrained", "--detector", "retinaface_mobile0.25", "--set", f"restore.model={o['restore.model']}",
-                "--set", "allow_download=false"]
+                "--set", "allow_download=false", "--set", "detect.device=cpu"]  # the head's GPU is logical
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
              "python", "jobs/restore_archive.py", *args], env=env, capture_output=True, text=True, timeout=400)

@@ -94,7 +94,7 @@ def test_faces_are_found_on_the_device_by_default_when_restoring_on_cuda():
     assert resolved.detect.device == "gpu" and auto.detect.device == "auto"  # a copy
     # not in the run's fingerprint: auto, cpu and gpu restore the same archive
     assert resolved.fingerprint({}) == auto.fingerprint({}) == job.with_detect_device(auto, "cpu").fingerprint({})
-    with pytest.raises(AssertionError, match="resolved"):
+    with pytest.raises(ValueError, match="resolved"):
         detect_fingerprint(auto.detect, "0" * 64)  # a result's fingerprint names where its faces were found
 
 

@@ -1,6 +1,6 @@
 """The job on a multi-node local Ray shaped like the shipped cluster configs (tests/cluster_scenario.py, each
 scenario in its own interpreter and Ray session): a CPU-less head with no workers at submission, nodes that
-join later, a GPU node joining mid-run, and a GPU node lost mid-run."""
+join later, a GPU node joining mid-run, and a GPU node lost mid-run (with the default detect.device=auto, whose faces were being found there)."""
 
 import json
 import subprocess
@@ -48,6 +48,7 @@ def test_a_lost_gpu_node_ends_the_run_with_a_clear_error_and_a_rerun_finishes_ex
     assert "cluster.stall_timeout_s" in first["error"] and "Restore" in first["error"], first
     assert first["ended_after_kill_s"] < 45 + 120  # not hanging; the bound is generous on purpose
     assert 0 < first["counts"]["distinct_done"] < 24
+    assert r["detect_devices"] == ["gpu"]  # the default (auto) found the faces in the Restore actor that was lost
     # the re-run, with a new GPU node, did the rest: every image exactly once
     assert r["second"]["rc"] == 0, r["second"]
     assert r["counts"] == {"rows": 24, "distinct_done": 24, "done_rows": 24, "latest_status": ["ok"]}

@@ -1,6 +1,7 @@
 """The job on a multi-node local Ray shaped like the shipped cluster configs (tests/cluster_scenario.py, each
 scenario in its own interpreter and Ray session): a CPU-less head with no workers at submission, nodes that
-join later, a GPU node joining mid-run, and a GPU node lost mid-run (with the default detect.device=auto, whose faces were being found there)."""
+join later, a GPU node joining mid-run, and a GPU node lost mid-run (with the default detect.device=auto,
+whose faces were being found there)."""
 
 import json
 import subprocess

@@ -103,12 +103,13 @@ def main() -> None:
           f"({ms32 / ms16:.2f}x)")
 
     torch.set_num_threads(os.cpu_count() or 1)
-    differs, per_face, worst = 0, [], 0.0
+    differs, per_face, worst, compared = 0, [], 0.0, 0
     photos = [p for d in ("whole", "old", "gray", "identity") for p in sorted((SHARED / "images" / d).iterdir())]
     for path in photos[: args.photos]:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
-            continue
+            raise SystemExit(f"{path}: OpenCV cannot read it")
+        compared += 1
         f = long_side / max(img.shape[:2])
         small = cv2.resize(img, (round(img.shape[1] * f), round(img.shape[0] * f)),
                            interpolation=cv2.INTER_CUBIC if f > 1 else cv2.INTER_AREA)
@@ -123,7 +124,7 @@ def main() -> None:
             if max(w) > 1.0:
                 print(f"  {path.parent.name}/{path.name}: landmarks up to {max(w):.2f} px apart")
     med = statistics.median(per_face) if per_face else float("nan")
-    print(f"{len(per_face)} faces: median of each face's largest landmark distance {med:.2f} px, largest "
+    print(f"{compared} photos, {len(per_face)} faces where the counts agree: median of each face's largest landmark distance {med:.2f} px, largest "
           f"{worst:.2f} px; {differs} photos with another face count")
     print(f"net_ms_fp32={ms32:.1f} net_ms_bf16={ms16:.1f} photos_count_differs={differs} "
           f"worst_landmark_px={worst:.2f} median_face_worst_px={med:.2f}")

@@ -124,7 +124,8 @@ def main() -> None:
             if max(w) > 1.0:
                 print(f"  {path.parent.name}/{path.name}: landmarks up to {max(w):.2f} px apart")
     med = statistics.median(per_face) if per_face else float("nan")
-    print(f"{compared} photos, {len(per_face)} faces where the counts agree: median of each face's largest landmark distance {med:.2f} px, largest "
+    print(f"{compared} photos, {len(per_face)} faces where the counts agree: median of each face's largest "
+          f"landmark distance {med:.2f} px, largest "
           f"{worst:.2f} px; {differs} photos with another face count")
     print(f"net_ms_fp32={ms32:.1f} net_ms_bf16={ms16:.1f} photos_count_differs={differs} "
           f"worst_landmark_px={worst:.2f} median_face_worst_px={med:.2f}")

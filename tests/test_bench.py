@@ -88,7 +88,7 @@ def test_detect_precision_prints_its_figures():
         assert set(figures.values()) == {"nan"}
     else:
         assert all(re.fullmatch(r"\d+(\.\d+)?", v) for v in figures.values()), figures
-        assert "faces: median of each face's largest landmark distance" in r.stdout
+        assert "3 photos, " in r.stdout and "median of each face's largest landmark distance" in r.stdout
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@
 # the CUDA tests (pytest -m gpu), the device's faces against the CPU's (bench/detect_agreement.py), GFP-GAN
 # faces/s, the device's side of an image (bench/device_side.py), the whole job against the official
 # sequential way (with the job's defaults: faces found on the device), the CPU side on this machine's cores,
-# and the job with derivatives made on the device, then with faces found on the CPUs. Logs go to $OUT (one file per step: the device tool brings back 8); the last lines of each and a
-# summary are printed.
+# and the job with faces found on the CPUs, then with derivatives made on the device. Logs go to $OUT (one
+# file per step: the device tool brings back 8); the last lines of each and a summary are printed.
 set -u
 t0=$(date +%s)
 deadline=$((t0 + ${1:-540}))

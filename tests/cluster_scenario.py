@@ -26,7 +26,8 @@ sys.path.insert(0, str(HERE))
 from conftest import IMAGES, MODELS, TINY_GFPGAN, test_overrides  # noqa: E402
 
 from pipeline import job, ledger, resume, runs  # noqa: E402
-from pipeline.config import StorageConfig, load_config  # noqa: E402
+from pipeline import weights as weights_mod  # noqa: E402
+from pipeline.config import StorageConfig, detect_fingerprint, load_config  # noqa: E402
 
 # Small portraits with one or two faces each (the identity/ and whole/ photos).
 PHOTOS = ["identity/brad_1.jpg", "identity/nicole_1.jpg", "identity/brad_2.jpg", "identity/nicole_2.jpg",
@@ -194,8 +195,14 @@ def lose(out: Path) -> dict:
     cluster.add_node(num_cpus=0, num_gpus=1)
     second = _cli_run(o, cluster.address, 900)
     plans = [r.get("restore_plan") or {} for r in runs.read_records(cfg.output.root, StorageConfig())]
+    # where each image's faces were found: the detection fingerprint says it (stages.py)
+    sha = weights_mod.resolve(cfg.detect.model, cfg).sha256
+    on = {detect_fingerprint(cfg.detect.model_copy(update={"device": d}), sha): d for d in ("cpu", "gpu")}
+    latest = resume.latest_rows(ledger.load_results(cfg.output.root, StorageConfig()))
+    found = [on.get(f, f) for f in latest["detect_fingerprint"].to_pylist()]
     return {"first": box, "second": second, "counts": _counts(cfg), "images": 24,
-            "detect_devices": sorted({p["detect_device"] for p in plans if "detect_device" in p})}
+            "detect_devices": sorted({p["detect_device"] for p in plans if "detect_device" in p}),
+            "faces_found_on": {d: found.count(d) for d in set(found)}}
 
 
 def many(out: Path, n: int = 2000) -> dict:

@@ -84,7 +84,7 @@ def test_detect_precision_prints_its_figures():
     figures = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split())
     assert set(figures) == {"net_ms_fp32", "net_ms_bf16", "photos_count_differs", "worst_landmark_px",
                             "median_face_worst_px"}
-    if "no bfloat16 arithmetic" in r.stdout:  # a CPU without AVX512-BF16 or AMX: said, nothing measured
+    if "no bfloat16 arithmetic" in r.stdout:  # oneDNN has no bfloat16 on this CPU: said, nothing measured
         assert set(figures.values()) == {"nan"}
     else:
         assert all(re.fullmatch(r"\d+(\.\d+)?", v) for v in figures.values()), figures

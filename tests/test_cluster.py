@@ -49,7 +49,8 @@ def test_a_lost_gpu_node_ends_the_run_with_a_clear_error_and_a_rerun_finishes_ex
     assert "cluster.stall_timeout_s" in first["error"] and "Restore" in first["error"], first
     assert first["ended_after_kill_s"] < 45 + 120  # not hanging; the bound is generous on purpose
     assert 0 < first["counts"]["distinct_done"] < 24
-    assert r["detect_devices"] == ["gpu"]  # the default (auto) found the faces in the Restore actor that was lost
+    # the default (auto) found the faces in the Restore actor, whose node was lost: planned, and done
+    assert r["detect_devices"] == ["gpu"] and r["faces_found_on"] == {"gpu": 24}, r
     # the re-run, with a new GPU node, did the rest: every image exactly once
     assert r["second"]["rc"] == 0, r["second"]
     assert r["counts"] == {"rows": 24, "distinct_done": 24, "done_rows": 24, "latest_status": ["ok"]}

@@ -65,8 +65,8 @@ def resolve_device(resources: dict[str, float], cfg: RunConfig) -> str:
 def resolve_detect_device(cfg: RunConfig, device: str) -> str:
     """``detect.device`` when the Restore actors restore on ``device`` (cuda or cpu): auto is gpu on CUDA,
     where the CPU stages would otherwise run the default ResNet-50 detector at ~6 s of CPU a 12 MP image
-    (~810-890 cores to feed an H100; BENCHMARKS.md, thirteenth session), and cpu otherwise, where the device path costs more CPU than
-    DecodeDetect."""
+    (~810-890 cores to feed an H100; BENCHMARKS.md, thirteenth session), and cpu otherwise, where the device
+    path costs more CPU than DecodeDetect."""
     if cfg.detect.device != "auto":
         return cfg.detect.device
     return "gpu" if device == "cuda" else "cpu"

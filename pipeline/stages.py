@@ -301,7 +301,9 @@ class Restore:
         self._kept_lock = threading.Lock()
         if planned == "cuda" and not self.restorer.cuda:
             log.warning("this Restore actor was given a GPU, but torch sees no CUDA device: restoring on CPU "
-                        "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu")
+                        "(a logical GPU, or a node without working GPU drivers); rows say restore_device=cpu%s",
+                        "; the JPEG masters' faces are found here on CPU too (detect.device=gpu)"
+                        if self.device_faces is not None else "")
 
     def __call__(self, batch: Batch) -> pa.Table:
         c0 = time.thread_time()

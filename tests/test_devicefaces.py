@@ -303,6 +303,18 @@ def cfgs(weights_dir, tmp_path_factory):
     return cpu, gpu
 
 
+def test_a_restore_actor_without_cuda_says_it_finds_faces_on_cpu(cfgs, caplog, monkeypatch):
+    """A CUDA plan that meets no CUDA (broken drivers; the tests' logical GPU) restores on CPU, and with
+    detect.device=gpu (auto's choice on CUDA) also searches every JPEG master here: the warning says both."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a node whose drivers are broken
+    cpu, gpu = cfgs
+    Restore(gpu, planned="cuda")
+    assert "torch sees no CUDA device" in caplog.text and "faces are found here on CPU too" in caplog.text
+    caplog.clear()
+    Restore(cpu, planned="cuda")
+    assert "torch sees no CUDA device" in caplog.text and "faces are found here" not in caplog.text
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     src = tmp_path_factory.mktemp("in")

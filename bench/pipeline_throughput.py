@@ -132,7 +132,8 @@ def main() -> None:
     gfp = weights.resolve("GFPGANv1.4", cfg)
     settings = [f"{k}={overrides[k]}" for k in ("detect.device", "output.device") if k in overrides]
     settings += [kv for kv in args.set if kv.split("=", 1)[0] not in ("detect.device", "output.device")]
-    print(f"{len(paths)} images; detector {args.detector}; pipeline settings {settings or 'default'}; GFP-GAN {'UNTRAINED (seeded, same FLOPs)' if gfp.untrained else gfp.path}; "
+    print(f"{len(paths)} images; detector {args.detector}; pipeline settings {settings or 'default'}; "
+          f"GFP-GAN {'UNTRAINED (seeded, same FLOPs)' if gfp.untrained else gfp.path}; "
           f"device {'cuda x%d' % torch.cuda.device_count() if torch.cuda.is_available() else 'cpu x%d' % os.cpu_count()}")
 
     if args.no_baseline:

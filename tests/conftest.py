@@ -65,7 +65,8 @@ def test_overrides(weights_dir: Path, out: Path, manifest: Path | str | None = N
     found by DecodeDetect (detect.device=cpu): with the tests' logical GPU, auto would send JPEG masters to the
     Restore actor (tests/test_devicefaces.py runs that path)."""
     o = {"weights_dir": str(weights_dir), "allow_download": False, "untrained": True,
-         "detect.model": "retinaface_mobile0.25", "detect.device": "cpu", "restore.model": str(need(TINY_GFPGAN)), "output.root": str(out),
+         "detect.model": "retinaface_mobile0.25", "detect.device": "cpu", "restore.model": str(need(TINY_GFPGAN)),
+         "output.root": str(out),
          "input.manifest": str(manifest) if manifest else None, "cluster.rows_per_block": 2,
          "cluster.restore_batch_size": 4}
     o.update(extra)

@@ -121,7 +121,7 @@ def one_image(path: Path, cfg, detector: FaceDetector, official, device_faces, o
     bgr, small = step("dd.detection_copy", detection_copy)
     faces, _ = step("dd.detect", lambda: detector.detect(small))
     with torch.inference_mode():  # the network alone, same copy (part of dd.detect: for the floor below)
-        x = torch.from_numpy(small.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0) - detector.net.mean_tensor
+        x = detector.as_input(small) - detector.net.mean_tensor  # as detect_batch hands it to the network
         step("info.detect_network", lambda: detector.net(x))
     with torch.inference_mode():  # the baseline, same copy: facexlib's own network and detect_faces
         step("baseline.detect_facexlib", lambda: official.detect_faces(

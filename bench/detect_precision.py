@@ -71,14 +71,11 @@ def _faces(det: FaceDetector, net: torch.nn.Module, small: np.ndarray):
         det.net = keep
 
 
-def _worst(a, b) -> float:
-    """The largest landmark distance between each face of ``a`` and the face of ``b`` nearest its box centre."""
-    out = 0.0
-    for fa in a:
-        ca = (fa.bbox[:2] + fa.bbox[2:]) / 2
-        fb = min(b, key=lambda f: float(np.linalg.norm((f.bbox[:2] + f.bbox[2:]) / 2 - ca)))
-        out = max(out, float(np.linalg.norm(fa.landmarks - fb.landmarks, axis=1).max()))
-    return out
+def _distance(fa, b) -> float:
+    """The largest landmark distance between face ``fa`` and the face of ``b`` nearest its box centre."""
+    ca = (fa.bbox[:2] + fa.bbox[2:]) / 2
+    fb = min(b, key=lambda f: float(np.linalg.norm((f.bbox[:2] + f.bbox[2:]) / 2 - ca)))
+    return float(np.linalg.norm(fa.landmarks - fb.landmarks, axis=1).max())
 
 
 def main() -> None:
@@ -119,7 +116,7 @@ def main() -> None:
             differs += 1
             print(f"  {path.parent.name}/{path.name}: {len(a)} faces in float32, {len(b)} in bfloat16")
         elif a:
-            w = [_worst([fa], b) for fa in a]
+            w = [_distance(fa, b) for fa in a]
             per_face += w
             worst = max(worst, *w)
             if max(w) > 1.0:

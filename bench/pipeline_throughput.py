@@ -126,12 +126,12 @@ def main() -> None:
                  "detect.model": args.detector, "detect.long_side": None, "detect.max_faces": args.max_faces,
                  "restore.model": "GFPGANv1.4", "qa.identity_backend": "onnx"}
     cfg = load_config(None, overrides)  # the baseline's: the detector and GFP-GAN, not the pipeline's options
-    if not torch.cuda.is_available():  # the logical GPU restores on CPU: find faces as a CPU-only run does
-        overrides["detect.device"] = "cpu"
-    overrides.update(kv.split("=", 1) for kv in args.set)
+    # the pipeline's own settings: without CUDA the logical GPU restores on CPU, so faces are found as a CPU-only
+    # run finds them; then --set
+    settings = {} if torch.cuda.is_available() else {"detect.device": "cpu"}
+    settings.update(kv.split("=", 1) for kv in args.set)
+    overrides.update(settings)
     gfp = weights.resolve("GFPGANv1.4", cfg)
-    settings = [f"{k}={overrides[k]}" for k in ("detect.device", "output.device") if k in overrides]
-    settings += [kv for kv in args.set if kv.split("=", 1)[0] not in ("detect.device", "output.device")]
     print(f"{len(paths)} images; detector {args.detector}; pipeline settings {settings or 'default'}; "
           f"GFP-GAN {'UNTRAINED (seeded, same FLOPs)' if gfp.untrained else gfp.path}; "
           f"device {'cuda x%d' % torch.cuda.device_count() if torch.cuda.is_available() else 'cpu x%d' % os.cpu_count()}")

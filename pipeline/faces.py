@@ -88,10 +88,15 @@ class FaceDetector:
         to the bit: tested), with the prior boxes cached per input size instead of rebuilt by a Python loop
         on every call (about 30% of a mobile0.25 detection measured on a 1,600 px copy); the input goes in
         channels_last as it lies in memory (HWC), without a copy. Rows: x1, y1, x2, y2, score, 5 landmarks."""
+        return self.detect_batch(self.as_input(img_bgr))[0]
+
+    def as_input(self, img_bgr: np.ndarray) -> "torch.Tensor":
+        """An 8-bit BGR copy as the network takes it: (1, 3, H, W) float32, channels_last as the HWC pixels lie
+        in memory, on the network's device (``detect_batch`` subtracts the mean)."""
         import torch  # imported here: Compose uses this module for paste-back and must not load torch
 
         x = torch.from_numpy(img_bgr.astype(np.float32).transpose(2, 0, 1)).unsqueeze(0)
-        return self.detect_batch(x.to(self.net.mean_tensor.device))[0]
+        return x.to(self.net.mean_tensor.device)
 
     def detect_batch(self, x: "torch.Tensor") -> list[np.ndarray]:
         """``_detect_faces`` for each of a batch of same-size copies: ``x`` (N, 3, H, W) float32 BGR 0-255

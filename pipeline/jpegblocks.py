@@ -204,7 +204,8 @@ def _encode_into(jpeglib, m, comps, f: Frame, pixels: np.ndarray, touched: np.nd
     y1, x1 = min(rows.stop * mh, f.height), min(cols.stop * mw, f.width)
     crop = pixels[y0:y1, x0:x1]
     if crop.ndim == 3:
-        spatial, space = np.ascontiguousarray(crop[:, :, ::-1]), jpeglib.JCS_RGB
+        # OpenCV's swap: numpy's copy of a reversed channel axis took 61 ms for a 12 MP master's faces
+        spatial, space = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB), jpeglib.JCS_RGB
     else:
         spatial, space = np.ascontiguousarray(crop[:, :, None]), jpeglib.JCS_GRAYSCALE
     path = os.path.join(tmp, "crop.jpg")

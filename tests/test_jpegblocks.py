@@ -155,10 +155,12 @@ def test_nothing_pasted_is_the_masters_data(tmp_path):
 
 def test_a_region_is_encoded_with_the_masters_tables(tmp_path):
     """The touched MCUs hold what libjpeg makes of the derivative's pixels with the master's tables: decoding
-    them gives the pasted pixels back within JPEG's error, where a foreign table would not."""
+    them gives the pasted pixels back within JPEG's error, where a foreign table (or channels in the wrong
+    order) would not."""
     data, px = _real_master(subsampling=0)
     pasted = px.copy()
     face = cv2.resize(px[40:240, 60:260], (512, 512))[:, ::-1]  # something else than what was there
+    face[..., 2] = 230  # and red: a swap of red and blue would show
     affine = np.array([[1.0, 0, -100], [0, 1.0, -80]])  # the crop lands at (100, 80) in the photo
     changed = [paste_face(pasted, face, affine)]
     out, share = jpegblocks.splice(data, pasted, changed)

@@ -210,3 +210,64 @@ def test_an_rgb_coded_master_is_not_spliced(where):
     assert np.abs(px.astype(int) - bgr.astype(int)).mean() < 3  # OpenCV reads it right: the master is fine
     with pytest.raises(jpegblocks.Unsupported, match="JCS_RGB"):
         jpegblocks.splice(data, px, [])
+
+
+def _master_440(rgb: np.ndarray, tmp_path) -> bytes:
+    """A 4:4:0 master (chroma halved vertically), which Pillow cannot write: jpeglib's encoder writes it."""
+    s = jpeglib.from_spatial(np.ascontiguousarray(rgb), jpeglib.JCS_RGB)
+    s.samp_factor = np.array([[2, 1], [1, 1], [1, 1]], np.int32)
+    s.write_spatial(str(tmp_path / "m440.jpg"), qt=88)
+    return (tmp_path / "m440.jpg").read_bytes()
+
+
+@pytest.mark.parametrize("sampling", ["s420", "s422", "s444", "grey", "s440"])
+def test_the_faces_blocks_are_encoded_as_jpeglibs_encoder_encodes_them(sampling, tmp_path, monkeypatch):
+    """The faces' MCUs are encoded by Pillow where it writes the master's sampling: the coefficients are those
+    jpeglib's encoder (the reference, and the way for the other samplings) makes of the same pixels with the
+    master's tables, to the last one; on crops whose sides are not whole MCUs."""
+    rgb = cv2.cvtColor(cv2.imread(str(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"))), cv2.COLOR_BGR2RGB)
+    if sampling == "s440":
+        data = _master_440(rgb, tmp_path)
+    else:
+        kw = {"s420": dict(quality=90, subsampling=2), "s422": dict(quality=80, subsampling=1),
+              "s444": dict(quality=95, subsampling=0), "grey": dict(quality=90)}[sampling]
+        data = _save(Image.fromarray(rgb).convert("L") if sampling == "grey" else Image.fromarray(rgb), **kw)
+    f = jpegblocks.frame(data)
+    (tmp_path / "m.jpg").write_bytes(data)
+    m = jpeglib.read_dct(str(tmp_path / "m.jpg"))
+    crop = cv2.resize(cv2.imread(str(need(IMAGES / "whole/codeformer_00.jpg"))), (333, 219))  # other pixels
+    if f.sampling == ((1, 1),):
+        crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    coefficients, by_pillow = {}, []
+    spy = lambda *a, f=Image.frombuffer: by_pillow.append(1) or f(*a)  # noqa: E731
+    monkeypatch.setattr(jpegblocks.Image, "frombuffer", spy)
+    for pillow in (True, False):
+        path = str(tmp_path / f"crop-{pillow}.jpg")
+        jpegblocks._encode_crop(jpegblocks._jpeglib(), m, f, crop, path, pillow=pillow)
+        c = jpeglib.read_dct(path)
+        coefficients[pillow] = [c.Y] + ([c.Cb, c.Cr] if c.Cb is not None else [])
+    assert len(by_pillow) == (0 if sampling == "s440" else 1)  # Pillow wrote the first, where it can
+    assert len(coefficients[True]) == len(f.sampling)
+    for a, b in zip(coefficients[True], coefficients[False]):
+        assert a.shape == b.shape and np.array_equal(a, b), sampling
+
+
+def test_a_440_master_keeps_its_blocks_through_jpeglibs_encoder(tmp_path):
+    rgb = cv2.cvtColor(cv2.imread(str(need(IMAGES / "whole/facexlib_test.jpg"))), cv2.COLOR_BGR2RGB)
+    data = _master_440(rgb, tmp_path)
+    assert jpegblocks.frame(data).sampling == ((2, 1), (1, 1), (1, 1))
+    px = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    pasted = px.copy()
+    face = cv2.resize(px[40:240, 60:260], (512, 512))[:, ::-1].copy()
+    face[..., 2] = 230
+    changed = [paste_face(pasted, face, np.array([[1.0, 0, -100], [0, 1.0, -80]]))]
+    out, share = jpegblocks.splice(data, pasted, changed)
+    assert 0 < share < 1
+    _, mc = _dct(data, tmp_path, "m.jpg")
+    _, dc = _dct(out, tmp_path, "d.jpg")
+    touched = jpegblocks._touched_mcus(changed, (-(-mc[0].shape[0] // 2), mc[0].shape[1]), (16, 8))
+    blocks = np.repeat(touched, 2, 0)[:mc[0].shape[0]]
+    assert np.array_equal(mc[0][~blocks], dc[0][~blocks]) and not np.array_equal(mc[0][blocks], dc[0][blocks])
+    back = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    ys, xs, inside = changed[0]
+    assert np.abs(back[ys, xs][inside] - pasted[ys, xs][inside]).mean() < 3

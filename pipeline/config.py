@@ -137,9 +137,11 @@ class OutputConfig(_Section):
         None, ge=0, le=9, description="PNG zlib level (lossless; only size and time change). None: OpenCV's fastest "
         "(level 1, RLE strategy).",
     )
-    tiff_compression: Literal["lzw", "deflate", "none"] = Field(
-        "lzw", description="TIFF compression (lossless): lzw is fast and read everywhere; deflate a few percent "
-        "smaller and ~4x slower to write; none the fastest and ~3x larger.",
+    tiff_compression: Literal["master", "lzw", "deflate", "none"] = Field(
+        "master", description="TIFF compression (lossless: only size and time change). master: the master's own "
+        "(none, lzw or deflate; lzw for other codecs and for masters in other formats). lzw: read everywhere, "
+        "fast on 8-bit; on a grainy 16-bit scan larger than none and ~9x slower to write (BENCHMARKS.md). "
+        "deflate: the smallest, 1.5-4x slower than lzw. none: the fastest.",
     )
     copy_no_face: bool = Field(False, description="Also write a derivative for images without faces.")
     access_copy: bool = Field(False, description="Also write an 8-bit JPEG access copy to access/<key>.jpg.")

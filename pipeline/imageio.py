@@ -39,6 +39,7 @@ class Decoded:
     grey: bool = False          # a monochrome master: grey, sepia or toned (see _is_grey)
     cmyk: bool = False          # converted from CMYK: the master's (CMYK) ICC profile no longer applies
     notes: str | None = None    # what a person should know: pages dropped, colour space converted
+    tiff_compression: str | None = None  # a TIFF master's compression (TIFF_KEPT's terms); None: not a TIFF
 
     @property
     def height(self) -> int:
@@ -113,6 +114,7 @@ class Header:
     stored_size: tuple[int, int]  # (width, height) as stored, before the EXIF orientation
     n_frames: int
     orientation: int            # EXIF orientation, 1-8 (1 = none)
+    tiff_compression: str | None = None  # a TIFF's compression (TIFF_KEPT's terms); None: not a TIFF
 
     @property
     def size(self) -> tuple[int, int]:
@@ -134,6 +136,7 @@ def probe(data: bytes, max_pixels: int) -> Header:
                                     f"{max_pixels / 1e6:.0f} MP")
             n_frames = getattr(im, "n_frames", 1)
             orientation = _orientation(im)
+            compression = TIFF_KEPT.get(im.info.get("compression"), "lzw") if fmt == "TIFF" else None
     except TooLargeError:
         raise
     except Exception as e:
@@ -149,7 +152,7 @@ def probe(data: bytes, max_pixels: int) -> Header:
         raise DecodeError("truncated JPEG (no end-of-image marker): the file was cut short; re-copy it")
     if n_frames > 1 and fmt != "TIFF":
         raise DecodeError(f"animated {fmt} with {n_frames} frames is not a photograph")
-    return Header(fmt, mode, (w, h), n_frames, orientation if orientation in range(1, 9) else 1)
+    return Header(fmt, mode, (w, h), n_frames, orientation if orientation in range(1, 9) else 1, compression)
 
 
 def decode(data: bytes, max_pixels: int) -> Decoded:
@@ -176,7 +179,7 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         pixels = pixels[:, :, 0]
     pixels = _apply_orientation(pixels, orientation)
     return Decoded(pixels, fmt, orientation, grey=_is_grey(pixels, mode), cmyk=mode == "CMYK",
-                   notes="; ".join(notes) or None)
+                   notes="; ".join(notes) or None, tiff_compression=head.tiff_compression)
 
 
 def _is_grey(pixels: np.ndarray, mode: str) -> bool:
@@ -234,6 +237,9 @@ def output_format(src_format: str, policy: str) -> str:
 
 
 _TIFF_COMPRESSION = {"lzw": 5, "deflate": 8, "none": 1}  # libtiff codes (8: Adobe Deflate, read everywhere)
+# A TIFF master's compression (Pillow's name) as output.tiff_compression names it: what its derivative gets under
+# "master". Others (PackBits, JPEG-in-TIFF, CCITT, ZSTD, ...) are written as LZW, which every reader reads.
+TIFF_KEPT = {"raw": "none", "tiff_lzw": "lzw", "tiff_adobe_deflate": "deflate", "tiff_deflate": "deflate"}
 
 
 def encode(pixels: np.ndarray, ext: str, jpeg_quality: int = 95, webp_quality: int = 95,

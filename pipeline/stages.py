@@ -807,8 +807,11 @@ class Compose:
                 except jpegblocks.Unsupported as e:
                     reason = str(e)
             note = f"jpeg_mode=blocks not possible ({reason}): re-encoded at quality {o.jpeg_quality}"
+        tiff = o.tiff_compression
+        if tiff == "master":  # a master in another format (output.format: tiff) gets lzw
+            tiff = (img.tiff_compression if img is not None else None) or "lzw"
         return imageio.encode(pixels, imageio.FORMATS[fmt], o.jpeg_quality, o.webp_quality, o.png_level,
-                              o.tiff_compression), note
+                              tiff), note
 
     def _write_review_crops(self, row: dict, before: np.ndarray | None, after: np.ndarray | None,
                             faces: list[dict], jpegs: list[bytes] | None = None) -> None:

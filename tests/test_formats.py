@@ -44,6 +44,7 @@ def _variants(rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
         "grey16.tif": cv2.imencode(".tif", grey.astype(np.uint16) * 257)[1].tobytes(),
         "lzw.tif": _save(im, "TIFF", compression="tiff_lzw"),
         "deflate.tif": _save(im, "TIFF", compression="tiff_adobe_deflate"),
+        "packbits.tif": _save(im, "TIFF", compression="packbits"),
         "cmyk.tif": _save(im.convert("CMYK"), "TIFF"),
         "multipage.tif": _save(im, "TIFF", save_all=True, append_images=[im.convert("L")] * 2),
         "lossless.webp": _save(im, "WEBP", lossless=True),
@@ -52,7 +53,7 @@ def _variants(rgb: np.ndarray) -> dict[str, tuple[str, bytes]]:
 
 
 LOSSLESS = {"palette.png", "grey.png", "grey_alpha.png", "rgba.png", "grey16.png", "rgb16.tif", "grey16.tif", "lzw.tif",
-            "deflate.tif", "multipage.tif", "lossless.webp", "photo.bmp"}
+            "deflate.tif", "packbits.tif", "multipage.tif", "lossless.webp", "photo.bmp"}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,23 @@ def test_derivative_keeps_the_masters_properties(processed, name):
         w, h = x2 - x1, y2 - y1
         changed[int(max(0, y1 - h)):int(y2 + h), int(max(0, x1 - w)):int(x2 + w)] = False
     assert not changed.any(), f"{name}: pixels far from the faces changed"
+
+
+def _tiff_compression(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.info["compression"]
+
+
+def test_a_tiff_derivative_is_compressed_as_its_master(processed):
+    """output.tiff_compression=master (the default): uncompressed, LZW and Deflate masters keep their codec;
+    another (PackBits) becomes LZW."""
+    rows, variants = processed
+    tiffs = sorted(n for n in variants if n.endswith(".tif"))
+    masters = {n: _tiff_compression(variants[n]) for n in tiffs}
+    assert {"raw", "tiff_lzw", "tiff_adobe_deflate", "packbits"} <= set(masters.values()), masters
+    for name in tiffs:
+        out = _tiff_compression(open(rows[name]["output_uri"], "rb").read())
+        assert out == (masters[name] if masters[name] != "packbits" else "tiff_lzw"), (name, masters[name], out)
 
 
 def test_exif_orientation_is_normalised(processed):
@@ -201,8 +219,21 @@ def test_fixed_output_format_and_access_copy(weights_dir, tmp_path):
     r = row.to_pylist()[0]
     assert r["output_uri"].endswith("/images/scan.tif")
     assert imageio.decode(open(r["output_uri"], "rb").read(), 10**9).format == "TIFF"
+    assert _tiff_compression(open(r["output_uri"], "rb").read()) == "tiff_lzw"  # a JPEG master: lzw
     assert r["access_uri"].endswith("/access/scan.jpg")
     access = open(r["access_uri"], "rb").read()
     a = imageio.decode(access, 10**9)
     assert a.format == "JPEG" and max(a.width, a.height) == 300
     assert metadata.read(access)["xmp"]["Xmp.iptcExt.DigitalSourceType"] == metadata.AI_SOURCE_TYPE
+
+
+def test_a_set_tiff_compression_applies_to_every_tiff_derivative(weights_dir, tmp_path):
+    rgb = cv2.cvtColor(cv2.imread(str(need(IMAGES / "whole/gfpgan_Blake_Lively.jpg"))), cv2.COLOR_BGR2RGB)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "raw.tif").write_bytes(_save(Image.fromarray(rgb), "TIFF"))
+    cfg = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{"output.tiff_compression": "deflate"}),
+                      environ={})
+    batch = {"image_id": np.array(["r"], object), "uri": np.array([str(tmp_path / "in" / "raw.tif")], object)}
+    r = Compose(cfg, "r", "f", True)(Restore(cfg)(DecodeDetect(cfg, root=str(tmp_path / "in") + "/")(batch))).to_pylist()[0]
+    assert r["status"] == "ok", r["error"]
+    assert _tiff_compression(open(r["output_uri"], "rb").read()) == "tiff_adobe_deflate"

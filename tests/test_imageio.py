@@ -86,6 +86,21 @@ def test_tiff_compression_is_lossless_and_as_configured(setting, tag):
         assert im.info["compression"] == tag
 
 
+@pytest.mark.parametrize("code,pillow,kept", [(1, "raw", "none"), (5, "tiff_lzw", "lzw"),
+                                              (8, "tiff_adobe_deflate", "deflate"), (32946, "tiff_deflate", "deflate"),
+                                              (32773, "packbits", "lzw")])
+def test_a_tiff_masters_compression_is_read_from_its_header(code, pillow, kept):
+    from PIL import Image
+
+    data = cv2.imencode(".tif", np.zeros((16, 24, 3), np.uint8), [cv2.IMWRITE_TIFF_COMPRESSION, code])[1].tobytes()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.info["compression"] == pillow  # the file has the codec asked for
+    assert imageio.probe(data, 10**8).tiff_compression == kept
+    assert imageio.decode(data, 10**8).tiff_compression == kept
+    png = imageio.encode(np.zeros((16, 24, 3), np.uint8), ".png")
+    assert imageio.decode(png, 10**8).tiff_compression is None
+
+
 def test_png_level_is_lossless_and_trades_size():
     y, x = np.mgrid[0:200, 0:300]
     img = np.stack([x % 256, y % 256, (x * y) % 256], axis=2).astype(np.uint8)

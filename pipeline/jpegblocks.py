@@ -181,7 +181,38 @@ def splice(master: bytes, pixels: np.ndarray, changed) -> tuple[bytes, float]:
         m.write_dct(out)
         with open(out, "rb") as fh:
             data = fh.read()
+    # jpeglib writes some table layouts back wrongly (tables in slots 0 and 2, or Cb and Cr crossed: every
+    # block then decodes with another table); the file's own markers must give each component the master's.
+    if _component_tables(data) != _component_tables(master):
+        raise Unsupported("its quantisation tables could not be written back to their components as they are")
     return data, float(touched.mean()) if touched.size else 0.0
+
+
+def _component_tables(data: bytes) -> list[bytes]:
+    """Each frame component's quantisation table as the file's markers define it when its scan starts
+    (DQT definitions up to the first SOS, the last one of an id winning; SOF's table selectors)."""
+    tables: dict[int, bytes] = {}
+    selectors: list[int] = []
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        body = data[i + 4:i + 2 + length]
+        if marker == 0xDB:
+            j = 0
+            while j < len(body):
+                size = 64 * (2 if body[j] >> 4 else 1)
+                tables[body[j] & 0x0F] = bytes(body[j + 1:j + 1 + size])
+                j += 1 + size
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            selectors = [body[6 + 3 * k + 2] for k in range(body[5])]
+        elif marker == 0xDA:
+            break
+        i += 2 + length
+    return [tables.get(t, b"") for t in selectors]
 
 
 def _components(dct, n: int) -> list[np.ndarray]:
@@ -206,12 +237,15 @@ def _encode_into(jpeglib, m, comps, f: Frame, pixels: np.ndarray, touched: np.nd
     y0, x0 = rows.start * mh, cols.start * mw
     y1, x1 = min(rows.stop * mh, f.height), min(cols.stop * mw, f.width)
     path = os.path.join(tmp, "crop.jpg")
-    _encode_crop(jpeglib, m, f, pixels[y0:y1, x0:x1], path)
-    c = jpeglib.read_dct(path)
+    try:
+        _encode_crop(jpeglib, m, f, pixels[y0:y1, x0:x1], path)
+        c = jpeglib.read_dct(path)
+        new = _components(c, len(comps))
+    except Exception as e:  # an encoder's failure: the derivative is re-encoded instead, with a note
+        raise Unsupported(f"its faces' blocks could not be encoded ({type(e).__name__}: {e})") from None
     if not all(np.array_equal(a, b) for a, b in zip(_tables(c, len(comps)), _tables(m, len(comps)))):
-        # e.g. a 16-bit table clamped for baseline: then nothing would match
+        # an encoder that would not take a table as it is (scaled or clamped): then nothing would match
         raise Unsupported("the master's quantisation tables cannot be written back as they are")
-    new = _components(c, len(comps))
     sel = touched[rows, cols]
     for comp, fresh, (v, h) in zip(comps, new, f.sampling):
         # Each MCU holds v x h blocks of this component; a component's arrays stop at the image's last block.
@@ -230,12 +264,12 @@ _PILLOW_SUBSAMPLING = {((1, 1), (1, 1), (1, 1)): 0, ((1, 2), (1, 1), (1, 1)): 1,
 def _encode_crop(jpeglib, m, f: Frame, crop: np.ndarray, path: str, pillow: bool = True) -> None:
     """Encode ``crop`` (8-bit BGR or grey) to ``path`` with the master ``m``'s tables and ``f``'s sampling.
 
-    Through Pillow where it writes the sampling: its libjpeg-turbo (SIMD) makes the coefficients jpeglib's
-    build makes (integer DCT, the same colour conversion and downsampling: tested) 4x faster (a 12 MP master's
-    two faces: 131 -> 30 ms); through jpeglib's encoder otherwise (4:4:0, grey declared at 2x2, ...).
+    Through Pillow where it writes the sampling and is built on libjpeg-turbo (SIMD): it makes the coefficients
+    jpeglib's build makes (integer DCT, the same colour conversion and downsampling: tested) 4x faster (a 12 MP
+    master's two faces: 131 -> 30 ms); through jpeglib's encoder otherwise (4:4:0, grey declared at 2x2, ...).
     """
     n = len(f.sampling)
-    if pillow and f.sampling in _PILLOW_SUBSAMPLING:
+    if pillow and f.sampling in _PILLOW_SUBSAMPLING and _pillow_on_turbo():
         # Pillow holds RGB as RGBX: OpenCV's swap writes that layout and Pillow takes it without a copy (a
         # 12 MP master's faces: 29 -> 3 ms for the swap and the image, against 72 ms for numpy's reversed axis)
         if n == 3:
@@ -253,6 +287,15 @@ def _encode_crop(jpeglib, m, f: Frame, crop: np.ndarray, path: str, pillow: bool
                              jpeglib.JCS_RGB if n == 3 else jpeglib.JCS_GRAYSCALE)
     s.samp_factor = np.array(f.sampling, np.int32)
     s.write_spatial(path, qt=m.qt, quant_tbl_no=m.quant_tbl_no, dct_method=jpeglib.JDCT_ISLOW)
+
+
+@functools.cache
+def _pillow_on_turbo() -> bool:
+    """Pillow's JPEG codec is libjpeg-turbo, whose integer DCT the equality with jpeglib's build rests on (a
+    Pillow built on IJG's libjpeg 9 could round differently)."""
+    from PIL import features
+
+    return bool(features.check_feature("libjpeg_turbo"))
 
 
 def _tables(dct, n: int) -> list[np.ndarray]:

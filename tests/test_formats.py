@@ -234,6 +234,7 @@ def test_a_set_tiff_compression_applies_to_every_tiff_derivative(weights_dir, tm
     cfg = load_config(None, test_overrides(weights_dir, tmp_path / "out", **{"output.tiff_compression": "deflate"}),
                       environ={})
     batch = {"image_id": np.array(["r"], object), "uri": np.array([str(tmp_path / "in" / "raw.tif")], object)}
-    r = Compose(cfg, "r", "f", True)(Restore(cfg)(DecodeDetect(cfg, root=str(tmp_path / "in") + "/")(batch))).to_pylist()[0]
+    detected = DecodeDetect(cfg, root=str(tmp_path / "in") + "/")(batch)
+    r = Compose(cfg, "r", "f", True)(Restore(cfg)(detected)).to_pylist()[0]
     assert r["status"] == "ok", r["error"]
     assert _tiff_compression(open(r["output_uri"], "rb").read()) == "tiff_adobe_deflate"

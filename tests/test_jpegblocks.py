@@ -271,3 +271,82 @@ def test_a_440_master_keeps_its_blocks_through_jpeglibs_encoder(tmp_path):
     back = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR).astype(int)
     ys, xs, inside = changed[0]
     assert np.abs(back[ys, xs][inside] - pasted[ys, xs][inside]).mean() < 3
+
+
+def _with_table_layout(data: bytes, dqt_ids: dict[int, int], selectors: list[int]) -> bytes:
+    """``data`` with its DQT table ids renamed and its frame components pointed at ``selectors``."""
+    b, i = bytearray(data), 2
+    while i + 4 <= len(b):
+        marker, length = b[i + 1], int.from_bytes(b[i + 2:i + 4], "big")
+        if marker == 0xDB:
+            j = i + 4
+            while j < i + 2 + length:
+                pq, tq = b[j] >> 4, b[j] & 0x0F
+                b[j] = (pq << 4) | dqt_ids.get(tq, tq)
+                j += 1 + 64 * (pq + 1)
+        elif marker in (0xC0, 0xC1):
+            for k, t in enumerate(selectors):
+                b[i + 4 + 6 + 3 * k + 2] = t
+        elif marker == 0xDA:
+            break
+        i += 2 + length
+    return bytes(b)
+
+
+@pytest.mark.parametrize("layout", ["standard", "luma_on_1", "gapped", "crossed"])
+def test_every_component_keeps_its_own_table_or_the_master_is_reencoded(layout, tmp_path):
+    """Masters whose components use tables in other slots than 0, 1, 1: the derivative gives each component
+    the master's table (checked on the file's own markers, and by decoding), or splice refuses it
+    (Unsupported: Compose re-encodes with a note). jpeglib wrote gapped slots (0, 2, 2) and crossed chroma
+    tables (0, 2, 1) back wrongly, shifting colours by up to 22 levels inside faces and 11 outside."""
+    rgb = cv2.cvtColor(cv2.imread(str(need(IMAGES / "whole/facexlib_test.jpg"))), cv2.COLOR_BGR2RGB)
+    rng = np.random.default_rng(5)
+    tables = [list(rng.integers(2, 12, 64)), list(rng.integers(12, 24, 64)), list(rng.integers(24, 40, 64))]
+    three = _save(Image.fromarray(rgb), qtables=tables, subsampling=0)  # components on tables 0, 1, 2
+    two = _save(Image.fromarray(rgb), qtables=tables[:2], subsampling=0)  # 0, 1, 1
+    data = {"standard": two, "luma_on_1": _with_table_layout(two, {0: 1, 1: 0}, [1, 0, 0]),
+            "gapped": _with_table_layout(two, {1: 2}, [0, 2, 2]),
+            "crossed": _with_table_layout(three, {}, [0, 2, 1])}[layout]
+    px = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert px is not None and jpegblocks._component_tables(data)[1] != jpegblocks._component_tables(data)[0]
+    pasted = px.copy()
+    face = cv2.resize(px[40:240, 60:260], (512, 512))[:, ::-1].copy()
+    face[..., 2] = 230
+    changed = [paste_face(pasted, face, np.array([[1.0, 0, -100], [0, 1.0, -80]]))]
+    for regions, target in (([], px), (changed, pasted)):
+        try:
+            out, _ = jpegblocks.splice(data, target, regions)
+        except jpegblocks.Unsupported as e:
+            assert layout in ("gapped", "crossed") and "quantisation tables" in str(e), (layout, e)
+            continue
+        assert jpegblocks._component_tables(out) == jpegblocks._component_tables(data)
+        back = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR)
+        touched = np.zeros(px.shape[:2], bool)
+        for ys, xs, inside in regions:
+            t = touched[ys, xs]
+            t[inside] = True
+        mcu = jpegblocks._touched_mcus(regions, (-(-px.shape[0] // 8), -(-px.shape[1] // 8)), (8, 8))
+        far = ~np.repeat(np.repeat(mcu, 8, 0), 8, 1)[:px.shape[0], :px.shape[1]]
+        assert np.array_equal(back[far], px[far]), layout  # 4:4:4: outside the faces' MCUs, the master's pixels
+        if regions:
+            assert np.abs(back[touched].astype(int) - pasted[touched]).mean() < 3, layout
+    if layout in ("standard", "luma_on_1"):  # these are spliced, not refused
+        assert jpegblocks.splice(data, pasted, changed)[1] > 0
+
+
+def test_an_encoder_that_fails_leaves_a_reencode_and_a_pillow_without_turbo_is_not_used(monkeypatch):
+    data, px = _real_master()
+    pasted = px.copy()
+    changed = [paste_face(pasted, cv2.resize(px[40:240, 60:260], (512, 512)), np.array([[1.0, 0, -100],
+                                                                                         [0, 1.0, -80]]))]
+
+    def broken(*a, **k):
+        raise OSError("encoder exploded")
+
+    monkeypatch.setattr(jpegblocks.Image, "frombuffer", broken)
+    with pytest.raises(jpegblocks.Unsupported, match="could not be encoded.*encoder exploded"):
+        jpegblocks.splice(data, pasted, changed)
+    # Pillow on IJG's libjpeg: jpeglib's encoder, whose coefficients are the reference
+    monkeypatch.setattr(jpegblocks, "_pillow_on_turbo", lambda: False)
+    out, share = jpegblocks.splice(data, pasted, changed)
+    assert share > 0 and cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR) is not None

@@ -28,7 +28,14 @@ def _master(fmt: str) -> bytes:
     with pyexiv2.ImageData(b.getvalue()) as m:
         m.modify_iptc({"Iptc.Application2.Caption": "Wedding, 1952"})
         m.modify_xmp({"Xmp.dc.creator": ["Studio Weiss"]})
+        if fmt == "JPEG":
+            m.modify_comment("Scanned by the archive, box 12")
         return m.get_bytes()
+
+
+def _comment(data: bytes) -> str:
+    with pyexiv2.ImageData(data) as m:
+        return m.read_comment()
 
 
 def _reference(master: bytes, derivative: bytes, fmt: str, restored: bool, software: str) -> bytes:
@@ -60,6 +67,33 @@ def test_carried_metadata_is_the_step_by_step_carry(fmt, ext, restored):
     assert (md["xmp"].get("Xmp.iptcExt.DigitalSourceType") == metadata.AI_SOURCE_TYPE) is restored
     assert ("Exif.Image.Software" in md["exif"]) is restored
     assert np.array_equal(imageio.decode(ours, 10**8).pixels, imageio.decode(derivative, 10**8).pixels)
+    if fmt == "JPEG":  # a JPEG comment is carried too (metadata.read does not show it)
+        assert _comment(ours) == "Scanned by the archive, box 12"
+
+
+def test_without_the_icc_profile_the_rest_is_carried():
+    master = _master("JPEG")
+    derivative = imageio.encode(imageio.decode(master, 10**8).pixels, ".jpg")
+    md = metadata.read(metadata.carry(master, derivative, "JPEG", restored=True, software="s", copy_icc=False)[0])
+    assert not md["icc"] and md["exif"]["Exif.Image.Make"] == "Hasselblad"
+    assert md["iptc"]["Iptc.Application2.Caption"] == "Wedding, 1952"
+
+
+def test_a_label_that_cannot_be_written_fails_the_derivative_instead_of_dropping_the_masters_metadata(monkeypatch):
+    master = _master("TIFF")
+    derivative = imageio.encode(imageio.decode(master, 10**8).pixels, ".tif")
+
+    calls, real = [], metadata._label
+
+    def broken(*a):  # fails where the master's metadata was copied (the first call), would work on a bare file
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("exiv2 cannot write the label")
+        return real(*a)
+
+    monkeypatch.setattr(metadata, "_label", broken)
+    with pytest.raises(RuntimeError, match="cannot write the label"):
+        metadata.carry(master, derivative, "TIFF", restored=True, software="s")
 
 
 def test_a_master_whose_metadata_exiv2_rejects_gets_a_labelled_derivative_and_a_note():

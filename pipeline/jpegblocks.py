@@ -188,13 +188,16 @@ def splice(master: bytes, pixels: np.ndarray, changed) -> tuple[bytes, float]:
     return data, float(touched.mean()) if touched.size else 0.0
 
 
-def _component_tables(data: bytes) -> list[bytes]:
-    """Each frame component's quantisation table as the file's markers define it when its scan starts
-    (DQT definitions up to the first SOS, the last one of an id winning; SOF's table selectors)."""
-    tables: dict[int, bytes] = {}
+def _component_tables(data: bytes) -> list[tuple[int, ...]]:
+    """Each frame component's quantisation table (its values, however wide the file stores them) as the
+    markers define it up to the first scan (DQT definitions, the last one of an id winning; SOF's selectors).
+    Raises ``Unsupported`` on marker segments that cannot be walked."""
+    tables: dict[int, tuple[int, ...]] = {}
     selectors: list[int] = []
     i = 2
-    while i + 4 <= len(data) and data[i] == 0xFF:
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise Unsupported("malformed JPEG marker segments")
         marker = data[i + 1]
         if marker == 0xFF:
             i += 1
@@ -204,15 +207,20 @@ def _component_tables(data: bytes) -> list[bytes]:
         if marker == 0xDB:
             j = 0
             while j < len(body):
-                size = 64 * (2 if body[j] >> 4 else 1)
-                tables[body[j] & 0x0F] = bytes(body[j + 1:j + 1 + size])
-                j += 1 + size
+                wide = body[j] >> 4  # 16-bit values; libjpeg writes a table whose values fit in 8 bits as 8-bit
+                raw = body[j + 1:j + 1 + 64 * (wide + 1)]
+                if len(raw) < 64 * (wide + 1):
+                    raise Unsupported("truncated JPEG quantisation table")
+                tables[body[j] & 0x0F] = struct.unpack(">64H" if wide else "64B", raw)
+                j += 1 + len(raw)
         elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if len(body) < 6 or len(body) < 6 + 3 * body[5]:
+                raise Unsupported("truncated JPEG frame header")
             selectors = [body[6 + 3 * k + 2] for k in range(body[5])]
         elif marker == 0xDA:
             break
         i += 2 + length
-    return [tables.get(t, b"") for t in selectors]
+    return [tables.get(t, ()) for t in selectors]
 
 
 def _components(dct, n: int) -> list[np.ndarray]:

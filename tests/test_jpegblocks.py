@@ -350,3 +350,41 @@ def test_an_encoder_that_fails_leaves_a_reencode_and_a_pillow_without_turbo_is_n
     monkeypatch.setattr(jpegblocks, "_pillow_on_turbo", lambda: False)
     out, share = jpegblocks.splice(data, pasted, changed)
     assert share > 0 and cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def _with_16_bit_tables(data: bytes) -> bytes:
+    """``data`` with every quantisation table stored with 16-bit values (Pq = 1), the same values."""
+    out, i = bytearray(data[:2]), 2
+    while True:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            return bytes(out) + data[i:]
+        body = data[i + 4:i + 2 + length]
+        if marker == 0xDB:
+            wide, j = bytearray(), 0
+            while j < len(body):
+                wide += bytes([0x10 | (body[j] & 0x0F)]) + b"".join(v.to_bytes(2, "big") for v in body[j + 1:j + 65])
+                j += 65
+            body = bytes(wide)
+        out += bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+        i += 2 + length
+
+
+def test_tables_stored_16_bits_wide_with_8_bit_values_are_the_same_tables(tmp_path):
+    """libjpeg writes such tables back 8 bits wide: the same values, so the derivative keeps its blocks."""
+    data, px = _real_master()
+    wide = _with_16_bit_tables(data)
+    assert len(wide) > len(data) and np.array_equal(cv2.imdecode(np.frombuffer(wide, np.uint8), cv2.IMREAD_COLOR), px)
+    assert jpegblocks._component_tables(wide) == jpegblocks._component_tables(data)
+    pasted = px.copy()
+    changed = [paste_face(pasted, cv2.resize(px[40:240, 60:260], (512, 512)), np.array([[1.0, 0, -100],
+                                                                                         [0, 1.0, -80]]))]
+    out, share = jpegblocks.splice(wide, pasted, changed)
+    assert share > 0 and jpegblocks._component_tables(out) == jpegblocks._component_tables(wide)
+
+
+@pytest.mark.parametrize("cut", [20, 60, 158, 163])
+def test_marker_segments_that_cannot_be_walked_say_so(cut):
+    data, _ = _real_master()
+    with pytest.raises(jpegblocks.Unsupported):
+        jpegblocks._component_tables(data[:cut] + b"\x00" * 8 + data[cut:])

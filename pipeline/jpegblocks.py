@@ -60,11 +60,10 @@ _SOF_NAMES = {0xC2: "progressive", 0xC3: "lossless", 0xC6: "progressive", 0xC7: 
               0xC5: "hierarchical"}
 
 
-def frame(data: bytes) -> Frame:
-    """Walk the marker segments up to the frame header (no pixels read)."""
-    if data[:2] != b"\xff\xd8":
-        raise Unsupported("not a JPEG file")
-    i, adobe = 2, None
+def _segments(data: bytes):
+    """(marker, body) of each marker segment after SOI, up to the first scan (SOS, not yielded). Raises
+    ``Unsupported`` where the segments cannot be walked."""
+    i = 2
     while i + 4 <= len(data):
         if data[i] != 0xFF:
             raise Unsupported("malformed JPEG marker segments")
@@ -72,20 +71,33 @@ def frame(data: bytes) -> Frame:
         if marker == 0xFF:  # fill byte
             i += 1
             continue
+        if marker == 0xDA:
+            return
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
-        body = data[i + 4:i + 2 + length]
+        yield marker, data[i + 4:i + 2 + length]
+        i += 2 + length
+
+
+def _is_sof(marker: int) -> bool:
+    """A frame header (SOF0-SOF15; not DHT, JPG or DAC, which share the range)."""
+    return 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
+
+
+def frame(data: bytes) -> Frame:
+    """Walk the marker segments up to the frame header (no pixels read)."""
+    if data[:2] != b"\xff\xd8":
+        raise Unsupported("not a JPEG file")
+    adobe = None
+    for marker, body in _segments(data):
         if marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
             adobe = body[11]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        if _is_sof(marker):
             if len(body) < 6:
                 raise Unsupported("truncated JPEG frame header")
             precision, height, width, n = body[0], *struct.unpack(">HH", body[1:5]), body[5]
             comps = body[6:6 + 3 * n]
             sampling = tuple((comps[3 * k + 1] & 0x0F, comps[3 * k + 1] >> 4) for k in range(len(comps) // 3))
             return Frame(marker, precision, height, width, sampling, adobe)
-        if marker == 0xDA:
-            break
-        i += 2 + length
     raise Unsupported("no JPEG frame header")
 
 
@@ -194,16 +206,7 @@ def _component_tables(data: bytes) -> list[tuple[int, ...]]:
     Raises ``Unsupported`` on marker segments that cannot be walked."""
     tables: dict[int, tuple[int, ...]] = {}
     selectors: list[int] = []
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            raise Unsupported("malformed JPEG marker segments")
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        (length,) = struct.unpack(">H", data[i + 2:i + 4])
-        body = data[i + 4:i + 2 + length]
+    for marker, body in _segments(data):
         if marker == 0xDB:
             j = 0
             while j < len(body):
@@ -213,13 +216,10 @@ def _component_tables(data: bytes) -> list[tuple[int, ...]]:
                     raise Unsupported("truncated JPEG quantisation table")
                 tables[body[j] & 0x0F] = struct.unpack(">64H" if wide else "64B", raw)
                 j += 1 + len(raw)
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        elif _is_sof(marker):
             if len(body) < 6 or len(body) < 6 + 3 * body[5]:
                 raise Unsupported("truncated JPEG frame header")
             selectors = [body[6 + 3 * k + 2] for k in range(body[5])]
-        elif marker == 0xDA:
-            break
-        i += 2 + length
     return [tables.get(t, ()) for t in selectors]
 
 

@@ -809,7 +809,7 @@ class Compose:
             note = f"jpeg_mode=blocks not possible ({reason}): re-encoded at quality {o.jpeg_quality}"
         tiff = o.tiff_compression
         if tiff == "master":  # a master in another format (output.format: tiff) gets lzw
-            tiff = (img.tiff_compression if img is not None else None) or "lzw"
+            tiff = img.tiff_compression or "lzw"
         return imageio.encode(pixels, imageio.FORMATS[fmt], o.jpeg_quality, o.webp_quality, o.png_level,
                               tiff), note
 

@@ -4,9 +4,9 @@
 
 The CPU side's largest step is RetinaFace mobile0.25 on the 1,600 px detection copy (~8.2 GFLOP; ~130 ms
 on one core in float32, BENCHMARKS.md). CPUs with AVX512-BF16 or AMX run it about twice as fast under
-``torch.autocast("cpu", dtype=torch.bfloat16)`` (AVX512 without them: emulated, likely no
-faster). This bench measures both halves of that trade on this
-machine (where oneDNN runs bfloat16 at all: natively, or emulated through AVX512): the network's time on
+``torch.autocast("cpu", dtype=torch.bfloat16)`` (AVX512 without them: emulated, likely no faster). This
+bench measures both halves of that trade on this machine (where oneDNN runs bfloat16 at all: natively, or
+emulated through AVX512): the network's time on
 one core (median of 5 interleaved runs, after a warm-up), float32 against bfloat16; and, over every photo
 of ../shared/images (whole/, old/, gray/, identity/, in that order) enlarged so that its detection copy is
 1,600 px (as for a 12 MP master), the faces bfloat16 finds against float32's: photos whose face count
